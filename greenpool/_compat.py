@@ -1,0 +1,206 @@
+"""Concurrency primitives chosen when they are used, not when they are imported.
+
+`gevent.monkey.patch_all()` may run before or after greenpool (or psycopg, or
+peewee) is imported, and the same pool may be used from greenlets and from
+plain OS threads. So nothing here binds to a patched or unpatched module at
+import time: every decision looks at the calling thread when it is made.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable
+
+import greenlet
+
+
+def _original(module: str, name: str) -> Any:
+    """Return the unpatched `module.name`, whatever gevent has patched so far."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original(module, name)
+    return getattr(__import__(module), name)
+
+
+#: A real OS lock. The pool never holds one across I/O or a greenlet switch,
+#: so a real lock is correct for greenlets and threads alike, and the cheapest.
+allocate_lock: Callable[[], Any] = _original("_thread", "allocate_lock")
+get_thread_ident: Callable[[], int] = _original("_thread", "get_ident")
+_real_sleep: Callable[[float], None] = _original("time", "sleep")
+_RealThread: type[threading.Thread] = _original("threading", "Thread")
+
+getcurrent = greenlet.getcurrent
+
+
+_get_hub_if_exists: Callable[[], Any] | None = None
+
+
+def gevent_hub() -> Any | None:
+    """Return the calling thread's gevent hub if greenlets are in use here.
+
+    Greenlets are "in use" when this thread already runs a gevent hub, or when
+    gevent has monkey-patched threads (then every "thread" is a greenlet).
+    Otherwise the caller is a plain thread and must block the OS thread.
+    """
+    global _get_hub_if_exists
+    if _get_hub_if_exists is None:
+        if "gevent" not in sys.modules:
+            return None
+        from gevent._hub_local import get_hub_if_exists
+
+        _get_hub_if_exists = get_hub_if_exists
+    hub = _get_hub_if_exists()
+    if hub is not None:
+        return hub
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        from gevent import get_hub
+
+        return get_hub()
+    return None
+
+
+def sleep(seconds: float) -> None:
+    """Sleep cooperatively under gevent, or block this OS thread otherwise."""
+    if gevent_hub() is not None:
+        import gevent
+
+        gevent.sleep(seconds)
+    else:
+        _real_sleep(seconds)
+
+
+class Executor:
+    """Runs background jobs as greenlets of one hub, or as daemon OS threads.
+
+    Which one is decided once, by the thread that creates the executor
+    (normally the one opening the pool): a pool opened under gevent does its
+    maintenance in greenlets of that hub, even when a job is submitted from
+    another OS thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.hub = gevent_hub()
+        self._hub_thread = get_thread_ident() if self.hub is not None else None
+
+    @property
+    def uses_gevent(self) -> bool:
+        """True if jobs run as greenlets."""
+        return self.hub is not None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` in the background; never blocks the caller."""
+        if self.hub is None:
+            _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
+        elif get_thread_ident() == self._hub_thread:
+            self._spawn(fn, args)
+        else:
+            self.hub.loop.run_callback_threadsafe(self._spawn, fn, args)
+
+    @staticmethod
+    def _spawn(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        import gevent
+
+        gevent.spawn(fn, *args)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep in a background job (greenlet or thread) of this executor.
+
+        Under gevent the timer doesn't keep the hub alive: an open pool must
+        not stop `gevent.wait()` in the application from returning.
+        """
+        if self.hub is None:
+            _real_sleep(seconds)
+        else:
+            import gevent
+
+            gevent.sleep(seconds, ref=False)
+
+
+class GreenWakeup:
+    """A one-shot signal for a greenlet, fired through a hub loop callback.
+
+    The party firing it never switches; a late fire after the waiter gave up
+    is harmless. `slot` carries what the firing party hands over.
+    """
+
+    __slots__ = ("slot", "_hub", "_thread", "_greenlet", "_fired")
+
+    def __init__(self, hub: Any) -> None:
+        self.slot: Any = None
+        self._hub = hub
+        self._thread = get_thread_ident()
+        self._greenlet: Any = None
+        self._fired = False
+
+    def wait(self, timeout: float, handoff: GreenWakeup | None = None) -> bool:
+        """Block this greenlet until fired or `timeout` seconds pass.
+
+        With `handoff` (a wakeup this greenlet has just fired and whose
+        callback hasn't run yet), switch straight to that waiter instead of
+        going through the hub: one switch instead of two per handoff.
+        Exceptions thrown into the greenlet (`gevent.Timeout`,
+        `GreenletExit`) propagate: the caller settles who owns what.
+        """
+        if self._fired:
+            return True
+        timer = self._hub.loop.timer(timeout if timeout > 0 else 0.0)
+        self._greenlet = getcurrent()
+        timer.start(self._expire)
+        try:
+            if handoff is not None and handoff._greenlet is not None:
+                handoff._fired = True
+                return bool(handoff._greenlet.switch(True))
+            return bool(self._hub.switch())
+        finally:
+            self._greenlet = None
+            timer.close()
+
+    def _expire(self) -> None:
+        greenlet = self._greenlet
+        if greenlet is not None:
+            greenlet.switch(False)
+
+    def _wake(self) -> None:
+        self._fired = True
+        greenlet = self._greenlet
+        if greenlet is not None:
+            greenlet.switch(True)
+
+    def fire(self) -> Any:
+        """Wake the waiter; callable from any greenlet or thread.
+
+        Return the loop callback when fired from the waiter's own thread, so
+        that `wait(handoff=...)` may run it early.
+        """
+        if get_thread_ident() == self._thread:
+            return self._hub.loop.run_callback(self._wake)
+        self._hub.loop.run_callback_threadsafe(self._wake)
+        return None
+
+
+class ThreadWakeup:
+    """A one-shot signal for a plain OS thread: a real lock, released once."""
+
+    __slots__ = ("slot", "_lock")
+
+    def __init__(self) -> None:
+        self.slot: Any = None
+        self._lock = allocate_lock()
+        self._lock.acquire()
+
+    def wait(self, timeout: float, handoff: Any = None) -> bool:
+        """Block this thread until fired or `timeout` seconds pass."""
+        return bool(self._lock.acquire(True, timeout if timeout > 0 else 0))
+
+    def fire(self) -> None:
+        """Wake the waiter; callable from any greenlet or thread."""
+        self._lock.release()
+
+
+def new_wakeup() -> GreenWakeup | ThreadWakeup:
+    """A one-shot signal suited to the calling greenlet or thread."""
+    hub = gevent_hub()
+    return ThreadWakeup() if hub is None else GreenWakeup(hub)

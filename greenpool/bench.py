@@ -1,0 +1,1088 @@
+"""Benchmark greenpool against psycopg_pool and no-pool baselines, all under gevent.
+
+Run it as ``python -m greenpool bench`` (see ``--help``). The CLI monkey-patches
+before importing this module; it imports gevent at the top, and psycopg, the
+pools and the embedded server only inside functions, so nothing here binds an
+unpatched object.
+
+Contenders (`CONTENDERS`, in table order):
+
+``greenpool``     `greenpool.ConnectionPool`
+``psycopg_pool``  `psycopg_pool.ConnectionPool`
+``dedicated``     P greenlets each owning one connection: the same driver with
+                  no pool, the upper bound
+``shared``        one connection behind a gevent lock, used by all G greenlets
+
+All use the same connection class and autocommit, so differences come from the
+pools, not the driver. Adding a contender is one class::
+
+    @contender("mypool", storm=True)
+    class MyPool(BorrowingContender):
+        '''One line shown by --list and in the report header.'''
+        def open(self) -> None: ...      # connect config.pool_size connections
+        def borrow(self): ...            # context manager yielding a connection
+        def close(self) -> None: ...
+        # optionally: execute(conn, sql) for a non-psycopg API, stats()
+
+Scenarios (`SCENARIOS`) either give each of G greenlets a fixed number of
+queries (``steady``, ``overhead``, ``scale``), or run them for a fixed time
+(``storm``). ``storm`` measures each pool twice through a slow-connecting TCP
+proxy: with connections expiring every few seconds, and with a long lifetime;
+only the contenders registered with ``storm=True`` take part.
+
+A query's latency runs from asking for a connection to having the result, so
+it includes the wait for the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent import monkey
+
+perf_counter = time.perf_counter
+
+#: Environment variable holding the DSN, as for the test suite.
+DSN_ENV = "GREENPOOL_DSN"
+#: Every contender's connections are opened with these.
+CONNECT_KWARGS: Mapping[str, Any] = {"autocommit": True}
+#: Lifetime of the "no storm" runs: longer than any run.
+CALM_LIFETIME = 3600.0
+#: Pool `timeout` (getconn) and `open(wait=True)` timeout, in seconds.
+POOL_TIMEOUT = 30.0
+#: Bound on closing one contender's pool or connections.
+CLOSE_TIMEOUT = 30.0
+#: After a run's gevent.Timeout, how long the OS-level watchdog waits before
+#: dumping every stack and exiting: it only fires if the gevent hub is blocked
+#: (then no gevent.Timeout can fire and the benchmark would hang forever).
+WATCHDOG_GRACE = 60.0
+
+SLEEP_SQL = "select pg_sleep(0.002)"
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One measured configuration of a scenario; `storm` has two of them."""
+
+    name: str
+    max_lifetime: float
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload: G greenlets sharing P connections, running `sql`.
+
+    Exactly one of `queries_each` (fixed work) and `duration` (fixed time, in
+    seconds) is set. With `storm_lifetime` set the scenario runs twice per
+    contender, with that connection lifetime and with `CALM_LIFETIME`, both
+    through a TCP proxy delaying each new connection by `connect_delay` seconds.
+    """
+
+    name: str
+    greenlets: int
+    pool_size: int
+    sql: str
+    queries_each: int | None = None
+    duration: float | None = None
+    storm_lifetime: float | None = None
+    connect_delay: float = 0.0
+
+    @property
+    def is_storm(self) -> bool:
+        """True for a lifetime-storm scenario (calm vs storm comparison)."""
+        return self.storm_lifetime is not None
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        """The configurations each contender is measured in."""
+        if self.storm_lifetime is None:
+            return (Phase("run", CALM_LIFETIME),)
+        return (Phase("calm", CALM_LIFETIME), Phase("storm", self.storm_lifetime))
+
+    def describe(self) -> str:
+        """One line for the report."""
+        text = f"G={self.greenlets} greenlets, P={self.pool_size} connections, `{self.sql}`"
+        if self.queries_each is not None:
+            total = self.queries_each * self.greenlets
+            text += f", {self.queries_each} queries each ({total} total)"
+        else:
+            text += f", for {self.duration:g} s"
+        if self.storm_lifetime is not None:
+            text += (
+                f"; max_lifetime {self.storm_lifetime:g} s vs {CALM_LIFETIME:g} s,"
+                f" via a proxy delaying connects by {self.connect_delay * 1000:g} ms"
+            )
+        return text
+
+
+_STEADY = Scenario("steady", greenlets=200, pool_size=20, sql=SLEEP_SQL, queries_each=50)
+_STORM = Scenario(
+    "storm",
+    greenlets=300,
+    pool_size=100,
+    sql=SLEEP_SQL,
+    duration=10.0,
+    storm_lifetime=3.0,
+    connect_delay=0.03,
+)
+
+#: name -> (full scenario, --quick scenario)
+SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
+    "steady": (_STEADY, replace(_STEADY, queries_each=5)),
+    "overhead": (
+        replace(_STEADY, name="overhead", sql="select 1"),
+        replace(_STEADY, name="overhead", sql="select 1", queries_each=5),
+    ),
+    "scale": (
+        Scenario("scale", greenlets=2000, pool_size=50, sql=SLEEP_SQL, queries_each=10),
+        Scenario("scale", greenlets=2000, pool_size=50, sql=SLEEP_SQL, queries_each=2),
+    ),
+    "storm": (_STORM, replace(_STORM, duration=3.0, storm_lifetime=1.0)),
+}
+
+
+# ---------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """What to run in one timed (or warm-up) phase, and the latencies seen."""
+
+    sql: str
+    greenlets: int
+    queries_each: int | None
+    duration: float | None
+    latencies: list[float] = field(default_factory=list)
+    _remaining: int = 0
+    _deadline: float = math.inf
+
+    def start(self) -> None:
+        """Start the budget: the clock for fixed-time, the shared count otherwise."""
+        if self.duration is not None:
+            self._deadline = perf_counter() + self.duration
+        else:
+            assert self.queries_each is not None
+            self._remaining = self.queries_each * self.greenlets
+
+    def more(self, done: int) -> bool:
+        """Whether a client greenlet that has run `done` queries runs another."""
+        if self.duration is not None:
+            return perf_counter() < self._deadline
+        assert self.queries_each is not None
+        return done < self.queries_each
+
+    def take(self) -> bool:
+        """Claim one query from the shared budget (for workers that don't map to clients).
+
+        No lock needed: greenlets only switch on I/O, never inside this method.
+        """
+        if self.duration is not None:
+            return perf_counter() < self._deadline
+        if self._remaining <= 0:
+            return False
+        self._remaining -= 1
+        return True
+
+
+def _run_parallel(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run each job in its own greenlet until all return.
+
+    The first failure kills the other greenlets and is raised here; killing
+    the greenlets also happens when this caller is interrupted (its
+    gevent.Timeout), so no client outlives its run.
+    """
+    failures: list[BaseException] = []
+    finished = gevent.event.Event()
+    pending = len(jobs)
+
+    def guarded(job: Callable[[], None]) -> None:
+        nonlocal pending
+        try:
+            job()
+        except gevent.GreenletExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a pool's own gevent.Timeout too
+            failures.append(exc)
+            finished.set()
+        finally:
+            pending -= 1
+            if pending == 0:
+                finished.set()
+
+    if not jobs:
+        return
+    greenlets = [gevent.spawn(guarded, job) for job in jobs]
+    try:
+        finished.wait()
+    finally:
+        gevent.killall(greenlets, block=True, timeout=CLOSE_TIMEOUT)
+    if failures:
+        raise failures[0]
+
+
+# ---------------------------------------------------------------- contenders
+
+
+@dataclass(frozen=True)
+class ContenderConfig:
+    """What a contender factory gets for one run."""
+
+    dsn: str
+    pool_size: int
+    max_lifetime: float
+    #: The psycopg connection class every contender must use.
+    connection_class: type[Any]
+    connect_kwargs: Mapping[str, Any]
+    #: For pools: their getconn timeout and open(wait=True) timeout.
+    timeout: float
+
+
+class Contender(ABC):
+    """One way of giving greenlets database access; one instance per run."""
+
+    def __init__(self, config: ContenderConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def open(self) -> None:
+        """Open `config.pool_size` connections and wait until they are ready."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every connection; called even if `open()` failed halfway."""
+
+    @abstractmethod
+    def drive(self, work: Workload) -> None:
+        """Run `work` to completion, appending each query's latency to it."""
+
+    def execute(self, conn: Any, sql: str) -> None:
+        """Run `sql` on `conn` and fetch the result (psycopg API by default)."""
+        conn.execute(sql).fetchall()
+
+    def reset_stats(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
+        """Forget statistics gathered so far (called after the warm-up)."""
+
+    def stats(self) -> dict[str, Any] | None:
+        """Pool statistics of the timed phase (`get_stats()`), if any."""
+        return None
+
+
+class BorrowingContender(Contender):
+    """A contender lending connections: G client greenlets each borrow per query."""
+
+    @abstractmethod
+    def borrow(self) -> AbstractContextManager[Any]:
+        """A context manager lending a connection for one query."""
+
+    def drive(self, work: Workload) -> None:
+        """Run G client greenlets, each borrowing a connection per query."""
+        sql, record, borrow, execute = work.sql, work.latencies.append, self.borrow, self.execute
+
+        def client() -> None:
+            done = 0
+            while work.more(done):
+                start = perf_counter()
+                with borrow() as conn:
+                    execute(conn, sql)
+                record(perf_counter() - start)
+                done += 1
+
+        _run_parallel([client] * work.greenlets)
+
+
+@dataclass(frozen=True)
+class ContenderSpec:
+    """A registered contender."""
+
+    name: str
+    factory: Callable[[ContenderConfig], Contender]
+    #: Whether it takes part in lifetime-storm scenarios (pools only).
+    storm: bool
+    description: str
+
+
+#: Registered contenders, in report order.
+CONTENDERS: dict[str, ContenderSpec] = {}
+
+
+def contender(
+    name: str, *, storm: bool
+) -> Callable[[Callable[[ContenderConfig], Contender]], Callable[[ContenderConfig], Contender]]:
+    """Class decorator registering a contender factory under `name`.
+
+    `storm` says whether it takes part in lifetime-storm scenarios. The first
+    line of the factory's docstring describes it in the report.
+    """
+
+    def register(
+        factory: Callable[[ContenderConfig], Contender],
+    ) -> Callable[[ContenderConfig], Contender]:
+        doc = (factory.__doc__ or name).strip().splitlines()[0]
+        CONTENDERS[name] = ContenderSpec(name, factory, storm, doc)
+        return factory
+
+    return register
+
+
+def _connect_many(config: ContenderConfig, count: int) -> list[Any]:
+    """Open `count` connections concurrently (closing them all if one fails)."""
+    conns: list[Any] = []
+
+    def connect() -> None:
+        conns.append(config.connection_class.connect(config.dsn, **config.connect_kwargs))
+
+    try:
+        _run_parallel([connect] * count)
+    except BaseException:
+        _close_all(conns)
+        raise
+    return conns
+
+
+def _close_all(conns: Sequence[Any]) -> None:
+    """Close every connection, even if closing one fails; raise the first failure."""
+    failures = []
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception as exc:  # noqa: BLE001 - close the others first
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+class PsycopgStylePool(BorrowingContender):
+    """A pool with `psycopg_pool.ConnectionPool`'s API, opened full (min = max = P)."""
+
+    pool: Any = None
+
+    @abstractmethod
+    def pool_class(self) -> type[Any]:
+        """The pool class; imported here, after the monkey-patch."""
+
+    def open(self) -> None:
+        config = self.config
+        self.pool = self.pool_class()(
+            config.dsn,
+            connection_class=config.connection_class,
+            kwargs=dict(config.connect_kwargs),
+            min_size=config.pool_size,
+            max_size=config.pool_size,
+            max_lifetime=config.max_lifetime,
+            timeout=config.timeout,
+            open=False,
+            name=f"bench-{type(self).__name__}",
+        )
+        self.pool.open(wait=True, timeout=config.timeout)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+    def borrow(self) -> AbstractContextManager[Any]:
+        return self.pool.connection()  # type: ignore[no-any-return]
+
+    def reset_stats(self) -> None:
+        # pop_stats() returns the counters and zeroes them (psycopg_pool API).
+        if self.pool is not None and hasattr(self.pool, "pop_stats"):
+            self.pool.pop_stats()
+
+    def stats(self) -> dict[str, Any] | None:
+        return dict(self.pool.get_stats()) if self.pool is not None else None
+
+
+@contender("greenpool", storm=True)
+class GreenpoolContender(PsycopgStylePool):
+    """greenpool.ConnectionPool."""
+
+    def pool_class(self) -> type[Any]:
+        from greenpool import ConnectionPool
+
+        pool_class: type[Any] = ConnectionPool
+        return pool_class
+
+
+@contender("psycopg_pool", storm=True)
+class PsycopgPoolContender(PsycopgStylePool):
+    """psycopg_pool.ConnectionPool (its worker threads are greenlets once patched)."""
+
+    def pool_class(self) -> type[Any]:
+        import psycopg_pool
+
+        # psycopg_pool binds threading/time objects when imported: imported
+        # before the monkey-patch it would block the hub. Refuse to measure that.
+        bound_sleep = getattr(sys.modules.get("psycopg_pool._acompat"), "sleep", time.sleep)
+        if bound_sleep is not time.sleep:
+            raise RuntimeError(
+                "psycopg_pool was imported before gevent monkey-patching; "
+                "run through `python -m greenpool bench` or `python -m gevent.monkey`"
+            )
+        pool_class: type[Any] = psycopg_pool.ConnectionPool
+        return pool_class
+
+
+@contender("dedicated", storm=False)
+class DedicatedConnections(Contender):
+    """P greenlets each owning a connection, no pool: the upper bound."""
+
+    conns: list[Any]
+
+    def open(self) -> None:
+        self.conns = _connect_many(self.config, self.config.pool_size)
+
+    def close(self) -> None:
+        _close_all(getattr(self, "conns", ()))
+
+    def drive(self, work: Workload) -> None:
+        """P workers pull queries from the shared budget until it is spent.
+
+        The budget is G x queries_each, so the total matches the pools' runs.
+        """
+        sql, record, execute = work.sql, work.latencies.append, self.execute
+
+        def owner(conn: Any) -> None:
+            while work.take():
+                start = perf_counter()
+                execute(conn, sql)
+                record(perf_counter() - start)
+
+        _run_parallel([partial(owner, conn) for conn in self.conns])
+
+
+@contender("shared", storm=False)
+class SharedConnection(BorrowingContender):
+    """One connection behind a gevent lock, used by all G greenlets."""
+
+    conn: Any = None
+
+    def open(self) -> None:
+        # gevent's lock is not FIFO: a greenlet releasing it and asking again
+        # without yielding gets it back. That is what naive code gets, so keep it.
+        self.lock = gevent.lock.BoundedSemaphore(1)
+        (self.conn,) = _connect_many(self.config, 1)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    @contextmanager
+    def borrow(self) -> Iterator[Any]:
+        with self.lock:
+            yield self.conn
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class RunResult:
+    """Figures of one contender in one phase of one round (latencies in ms)."""
+
+    scenario: str
+    phase: str
+    contender: str
+    round: int
+    ok: bool = False
+    error: str | None = None
+    traceback: str | None = None
+    open_s: float | None = None
+    queries: int = 0
+    seconds: float = 0.0
+    qps: float = math.nan
+    mean_ms: float = math.nan
+    p50_ms: float = math.nan
+    p90_ms: float = math.nan
+    p99_ms: float = math.nan
+    p999_ms: float = math.nan
+    max_ms: float = math.nan
+    pool_stats: dict[str, Any] | None = None
+
+
+class RunTimedOut(Exception):
+    """A contender run exceeded its time bound."""
+
+
+def _percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _record_latencies(result: RunResult, latencies: Sequence[float]) -> None:
+    ordered = sorted(latencies)
+    result.queries = len(ordered)
+    result.qps = len(ordered) / result.seconds if result.seconds > 0 else math.nan
+    if ordered:
+        result.mean_ms = statistics.fmean(ordered) * 1000
+        for name, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
+            setattr(result, f"{name}_ms", _percentile(ordered, fraction) * 1000)
+        result.max_ms = ordered[-1] * 1000
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"
+
+
+def run_once(
+    spec: ContenderSpec,
+    scenario: Scenario,
+    phase: Phase,
+    round_no: int,
+    config: ContenderConfig,
+    time_limit: float,
+) -> RunResult:
+    """Open, warm up, time and close one contender; never raises (but Ctrl-C).
+
+    The opening and warm-up are not timed. The whole run is bounded by
+    `time_limit` seconds (a gevent.Timeout), closing by `CLOSE_TIMEOUT`.
+    """
+    result = RunResult(scenario.name, phase.name, spec.name, round_no)
+    instance: Contender | None = None
+    deadline = gevent.Timeout(time_limit)
+    # Last resort if the hub itself is blocked: dump all stacks and exit.
+    faulthandler.dump_traceback_later(time_limit + CLOSE_TIMEOUT + WATCHDOG_GRACE, exit=True)
+    deadline.start()
+    try:
+        instance = spec.factory(config)
+        started = perf_counter()
+        instance.open()
+        result.open_s = perf_counter() - started
+
+        # Warm-up: every connection serves a couple of queries, untimed.
+        warmup = Workload(scenario.sql, min(scenario.greenlets, scenario.pool_size), 2, None)
+        warmup.start()
+        instance.drive(warmup)
+        instance.reset_stats()
+
+        work = Workload(scenario.sql, scenario.greenlets, scenario.queries_each, scenario.duration)
+        work.start()
+        started = perf_counter()
+        instance.drive(work)
+        result.seconds = perf_counter() - started
+        _record_latencies(result, work.latencies)
+        result.pool_stats = instance.stats()
+        result.ok = True
+    except gevent.Timeout as exc:
+        if exc is not deadline:
+            result.error = _describe_error(exc)
+        else:
+            result.error = f"timed out after {time_limit:g} s (--timeout)"
+        result.traceback = traceback.format_exc()
+    except Exception as exc:  # noqa: BLE001 - a failing contender must not stop the others
+        result.error = _describe_error(exc)
+        result.traceback = traceback.format_exc()
+    finally:
+        deadline.close()
+        if instance is not None:
+            _close_bounded(instance, result)
+        faulthandler.cancel_dump_traceback_later()
+    return result
+
+
+def _close_bounded(instance: Contender, result: RunResult) -> None:
+    """Close `instance` within `CLOSE_TIMEOUT`; a failure there fails the run."""
+    try:
+        with gevent.Timeout(CLOSE_TIMEOUT, RunTimedOut(f"close took over {CLOSE_TIMEOUT:g} s")):
+            instance.close()
+    except Exception as exc:  # noqa: BLE001 - report, keep benchmarking
+        if result.ok:
+            result.ok = False
+            result.error = f"closing: {_describe_error(exc)}"
+            result.traceback = traceback.format_exc()
+        else:
+            result.error = f"{result.error}; closing also failed: {_describe_error(exc)}"
+
+
+# ---------------------------------------------------------------- summaries
+
+
+@dataclass
+class Summary:
+    """Medians over the successful rounds of one contender in one phase."""
+
+    contender: str
+    phase: str
+    rounds_ok: int
+    rounds: int
+    qps: float = math.nan
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    max_ms: float = math.nan
+    #: Connections the pool opened during the timed phase (`connections_num`).
+    new_connections: float = math.nan
+    errors: list[str] = field(default_factory=list)
+
+
+def summarize(results: Sequence[RunResult], contender_name: str, phase: str) -> Summary:
+    """Median q/s and latencies of `contender_name` in `phase` over its rounds."""
+    mine = [r for r in results if r.contender == contender_name and r.phase == phase]
+    good = [r for r in mine if r.ok]
+    summary = Summary(contender_name, phase, len(good), len(mine))
+    summary.errors = [f"round {r.round}: {r.error}" for r in mine if not r.ok]
+    if good:
+        summary.qps = statistics.median(r.qps for r in good)
+        summary.p50_ms = statistics.median(r.p50_ms for r in good)
+        summary.p99_ms = statistics.median(r.p99_ms for r in good)
+        summary.max_ms = statistics.median(r.max_ms for r in good)
+        opened = [r.pool_stats["connections_num"] for r in good if r.pool_stats and "connections_num" in r.pool_stats]
+        if opened:
+            summary.new_connections = statistics.median(opened)
+    return summary
+
+
+def _fmt(value: float, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain text table: first column left-aligned, the others right-aligned.
+
+    A row with a single cell (an error) spans the rest of the line.
+    """
+    widths = [len(h) for h in headers]
+    widths[0] = max([widths[0], *(len(row[0]) for row in rows)])
+    for row in rows:
+        if len(row) == len(headers):
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [row[0].ljust(widths[0])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _row_note(summary: Summary) -> str:
+    if summary.rounds_ok == summary.rounds:
+        return ""
+    return f"{summary.rounds_ok}/{summary.rounds} rounds ok"
+
+
+def report_fixed(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> str:
+    """Table of a fixed-work scenario, relative to `dedicated` and the FIFO ideal."""
+    summaries = {name: summarize(results, name, "run") for name in names}
+    base = summaries.get("dedicated")
+    base_qps = base.qps if base else math.nan
+    # A fair FIFO pool makes each query wait for G/P queries ahead of it.
+    ideal_ms = scenario.greenlets / scenario.pool_size * base.p50_ms if base is not None else math.nan
+    headers = [
+        "contender",
+        "q/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "q/s vs dedicated",
+        "p99 vs FIFO ideal",
+        "",
+    ]
+    rows = []
+    for name, s in summaries.items():
+        if s.rounds_ok == 0:
+            rows.append([name, f"ERROR {s.errors[0] if s.errors else ''}"])
+            continue
+        vs_ideal = "-" if name == "dedicated" else _fmt(_ratio(s.p99_ms, ideal_ms), ".2f", "x")
+        rows.append(
+            [
+                name,
+                _fmt(s.qps, ".0f"),
+                _fmt(s.p50_ms, ".2f"),
+                _fmt(s.p99_ms, ".2f"),
+                _fmt(s.max_ms, ".2f"),
+                _fmt(_ratio(s.qps, base_qps), ".2f", "x"),
+                vs_ideal,
+                _row_note(s),
+            ]
+        )
+    lines = [_table(headers, rows)]
+    if math.isnan(ideal_ms):
+        lines.append("FIFO ideal p99: unknown (needs a successful `dedicated` run)")
+    else:
+        assert base is not None
+        lines.append(
+            f"FIFO ideal p99 = G/P x dedicated median latency = {scenario.greenlets}/"
+            f"{scenario.pool_size} x {base.p50_ms:.2f} ms = {ideal_ms:.1f} ms"
+        )
+    lines += _error_lines(summaries.values())
+    return "\n".join(lines)
+
+
+def report_storm(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> str:
+    """Table of a storm scenario: each pool's storm figures relative to its calm ones."""
+    headers = [
+        "contender",
+        "calm q/s",
+        "storm q/s",
+        "storm/calm q/s",
+        "calm p99 ms",
+        "storm p99 ms",
+        "calm max ms",
+        "storm max ms",
+        "storm/calm max",
+        "storm new conns",
+        "",
+    ]
+    rows = []
+    all_summaries: list[Summary] = []
+    for name in names:
+        calm = summarize(results, name, "calm")
+        storm = summarize(results, name, "storm")
+        all_summaries += [calm, storm]
+        if calm.rounds_ok == 0 and storm.rounds_ok == 0:
+            rows.append([name, f"ERROR {(calm.errors or storm.errors or [''])[0]}"])
+            continue
+        notes = [f"{p}: {_row_note(s)}" for p, s in (("calm", calm), ("storm", storm)) if _row_note(s)]
+        rows.append(
+            [
+                name,
+                _fmt(calm.qps, ".0f"),
+                _fmt(storm.qps, ".0f"),
+                _fmt(_ratio(storm.qps, calm.qps), ".2f"),
+                _fmt(calm.p99_ms, ".1f"),
+                _fmt(storm.p99_ms, ".1f"),
+                _fmt(calm.max_ms, ".1f"),
+                _fmt(storm.max_ms, ".1f"),
+                _fmt(_ratio(storm.max_ms, calm.max_ms), ".2f", "x"),
+                _fmt(storm.new_connections, ".0f"),
+                "; ".join(notes),
+            ]
+        )
+    legend = "storm new conns: connections the pool opened during the timed storm phase (from get_stats())"
+    return "\n".join([_table(headers, rows), legend, *_error_lines(all_summaries)])
+
+
+def _error_lines(summaries: Iterable[Summary]) -> list[str]:
+    lines: list[str] = []
+    for s in summaries:
+        phase = "" if s.phase == "run" else f" ({s.phase})"
+        for error in s.errors:
+            line = f"  {s.contender}{phase} failed, {error}"
+            if line not in lines:  # e.g. one proxy failure seen by every run
+                lines.append(line)
+    return lines
+
+
+def summaries_for_json(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Median figures of every contender and phase, as plain dicts."""
+    return [asdict(summarize(results, name, phase.name)) for name in names for phase in scenario.phases]
+
+
+# ---------------------------------------------------------------- environment
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What every run shares: server, connection class, limits."""
+
+    dsn: str
+    dsn_source: str
+    connection_class: type[Any]
+    connection_class_name: str
+    run_timeout: float
+
+
+def resolve_dsn(explicit: str | None) -> tuple[str, str]:
+    """The DSN to use and where it came from: --dsn, $GREENPOOL_DSN or embedded."""
+    if explicit:
+        return explicit, "--dsn"
+    if os.environ.get(DSN_ENV):
+        return os.environ[DSN_ENV], f"${DSN_ENV}"
+    from greenpool.embedded import resolve_dsn as embedded_dsn
+
+    return embedded_dsn(None, DSN_ENV), "embedded throw-away pgserver"
+
+
+def resolve_connection_class() -> tuple[type[Any], str]:
+    """greenpool's gevent-aware connection class if importable, else psycopg's."""
+    try:
+        from greenpool.pgconn import GeventConnection
+    except Exception as exc:  # noqa: BLE001 - any import problem means: fall back
+        import psycopg
+
+        return psycopg.Connection, (
+            f"psycopg.Connection (greenpool.pgconn.GeventConnection unavailable: {_describe_error(exc)})"
+        )
+    return GeventConnection, "greenpool.pgconn.GeventConnection"
+
+
+def _masked(dsn: str) -> str:
+    """The DSN without its password, for printing and JSON."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - never fail on printing
+        return "(unparsable DSN)"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo("", **params)
+
+
+def _tcp_target(dsn: str) -> tuple[str, int]:
+    """Host and port of the server, for the storm proxy (TCP only)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("hostaddr") or params.get("host") or os.environ.get("PGHOST") or "")
+    if not host or host.startswith("/") or "," in host:
+        raise ValueError(f"storm needs a single TCP host in the DSN, got host={host!r}")
+    port = int(str(params.get("port") or os.environ.get("PGPORT") or 5432))
+    return host, port
+
+
+def server_info(env: Environment) -> dict[str, Any]:
+    """Version and connection limits of the server, read once."""
+    with env.connection_class.connect(env.dsn, **CONNECT_KWARGS) as conn:
+        version, max_conn, clients = conn.execute(
+            "select current_setting('server_version'), current_setting('max_connections')::int,"
+            " (select count(*) from pg_stat_activity"
+            "  where backend_type = 'client backend' and pid <> pg_backend_pid())"
+        ).fetchone()
+    return {"version": version, "max_connections": max_conn, "client_connections": clients}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for dist in ("gevent", "psycopg", "psycopg-binary", "psycopg-pool", "peewee"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _load() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Environment) -> list[RunResult]:
+    """All rounds of one scenario; contenders (and phases) alternate between rounds."""
+    proxy = None
+    dsn = env.dsn
+    results: list[RunResult] = []
+    if scenario.is_storm:
+        try:
+            from greenpool.proxy import Proxy
+
+            host, port = _tcp_target(env.dsn)
+            proxy = Proxy(host, port, connect_delay=scenario.connect_delay)
+            proxy.start()
+            dsn = proxy.dsn(env.dsn)
+        except Exception as exc:  # noqa: BLE001 - the other scenarios still run
+            if proxy is not None:
+                proxy.stop()
+            error = f"proxy: {_describe_error(exc)}"
+            print(f"  {error}", flush=True)
+            return [
+                RunResult(
+                    scenario.name,
+                    phase.name,
+                    name,
+                    1,
+                    error=error,
+                    traceback=traceback.format_exc(),
+                )
+                for name in names
+                for phase in scenario.phases
+            ]
+    try:
+        for round_no in range(1, rounds + 1):
+            # Rotate the order so no contender always runs first (cold caches,
+            # load from the previous run) or always last.
+            shift = (round_no - 1) % len(names)
+            order = [*names[shift:], *names[:shift]]
+            phases = scenario.phases if round_no % 2 else scenario.phases[::-1]
+            for name in order:
+                for phase in phases:
+                    config = ContenderConfig(
+                        dsn=dsn,
+                        pool_size=scenario.pool_size,
+                        max_lifetime=phase.max_lifetime,
+                        connection_class=env.connection_class,
+                        connect_kwargs=CONNECT_KWARGS,
+                        timeout=POOL_TIMEOUT,
+                    )
+                    limit = env.run_timeout + (scenario.duration or 0.0)
+                    result = run_once(CONTENDERS[name], scenario, phase, round_no, config, limit)
+                    results.append(result)
+                    _print_progress(result, rounds)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+    return results
+
+
+def _print_progress(result: RunResult, rounds: int) -> None:
+    phase = "" if result.phase == "run" else f" {result.phase}"
+    head = f"  round {result.round}/{rounds} {result.contender}{phase}:"
+    if result.ok:
+        print(
+            f"{head} {result.qps:.0f} q/s, p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f}"
+            f" max {result.max_ms:.2f} ms ({result.queries} queries in {result.seconds:.2f} s,"
+            f" open {result.open_s:.2f} s)",
+            flush=True,
+        )
+    else:
+        print(f"{head} FAILED {result.error}", flush=True)
+
+
+def _selected(requested: Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+    if not requested:
+        return list(known)
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    # Keep the registry order, drop duplicates.
+    return [name for name in known if name in requested]
+
+
+def _write_json(path: str, document: dict[str, Any]) -> None:
+    # NaN is not JSON: write null instead.
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(clean(document), out, indent=2, default=str)
+        out.write("\n")
+    os.replace(tmp, path)
+
+
+def print_catalogue(quick: bool) -> None:
+    """Print the scenarios (full or --quick sizes) and the registered contenders."""
+    print("scenarios:")
+    for name, sizes in SCENARIOS.items():
+        print(f"  {name:<14} {sizes[1 if quick else 0].describe()}")
+    print("contenders:")
+    for spec in CONTENDERS.values():
+        print(f"  {spec.name:<14} {spec.description}{'' if spec.storm else ' (not in storm)'}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by the ``bench`` CLI options; exit status.
+
+    The status is 1 if any contender run failed, so a smoke run can gate CI.
+    """
+    if not monkey.is_module_patched("socket"):
+        # Called from Python rather than the CLI: patch now, late but needed.
+        monkey.patch_all()
+    if getattr(args, "list", False):
+        print_catalogue(quick=args.quick)
+        return 0
+    scenario_names = _selected(args.scenario, list(SCENARIOS), "scenario")
+    contender_names = _selected(args.contender, list(CONTENDERS), "contender")
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+
+    load_start = _load()
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} ({os.cpu_count()} CPUs)")
+    versions = _versions()
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+    dsn, dsn_source = resolve_dsn(args.dsn)
+    conn_class, conn_class_name = resolve_connection_class()
+    env = Environment(dsn, dsn_source, conn_class, conn_class_name, args.timeout)
+    server = server_info(env)
+    print(
+        f"server: PostgreSQL {server['version']} at {_masked(dsn)} ({dsn_source});"
+        f" max_connections {server['max_connections']},"
+        f" {server['client_connections']} client connections open"
+    )
+    import psycopg.waiting
+
+    print(f"connection class (all contenders): {conn_class_name}")
+    wait_name = getattr(psycopg.waiting.wait, "__name__", repr(psycopg.waiting.wait))
+    print(f"psycopg default wait function: {wait_name} (unused by gevent-aware classes)")
+    print(f"rounds: {rounds}{' (quick)' if args.quick else ''}; contenders:")
+    for name in contender_names:
+        spec = CONTENDERS[name]
+        print(f"  {name:<14} {spec.description}{'' if spec.storm else ' (not in storm)'}")
+
+    document: dict[str, Any] = {
+        "meta": {
+            "argv": sys.argv,
+            "quick": args.quick,
+            "rounds": rounds,
+            "dsn": _masked(dsn),
+            "dsn_source": dsn_source,
+            "server": server,
+            "connection_class": conn_class_name,
+            "versions": versions,
+            "cpus": os.cpu_count(),
+            "load_start": load_start,
+        },
+        "scenarios": {},
+    }
+    failed = False
+    for scenario_name in scenario_names:
+        scenario = SCENARIOS[scenario_name][1 if args.quick else 0]
+        names = [n for n in contender_names if CONTENDERS[n].storm or not scenario.is_storm]
+        print(f"\n== {scenario.name}: {scenario.describe()}", flush=True)
+        if not names:
+            print("  (no selected contender takes part)")
+            continue
+        if scenario.is_storm and scenario.pool_size + server["client_connections"] >= server["max_connections"]:
+            print(
+                f"  warning: P={scenario.pool_size} plus {server['client_connections']} open connections"
+                f" is at or over max_connections={server['max_connections']}: replacements may be refused"
+            )
+        results = run_scenario(scenario, names, rounds, env)
+        failed |= any(not r.ok for r in results)
+        report = report_storm if scenario.is_storm else report_fixed
+        print()
+        print(report(scenario, results, names), flush=True)
+        document["scenarios"][scenario.name] = {
+            "scenario": asdict(scenario),
+            "contenders": names,
+            "runs": [asdict(r) for r in results],
+            "medians": summaries_for_json(scenario, results, names),
+        }
+        if args.json:
+            _write_json(args.json, document)  # after each scenario: keep partial results
+
+    load_end = _load()
+    print(f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    document["meta"]["load_end"] = load_end
+    if args.json:
+        _write_json(args.json, document)
+        print(f"figures written to {args.json}")
+    return 1 if failed else 0

@@ -1,0 +1,914 @@
+"""The pool engine: connections made by hooks, lent to greenlets and threads.
+
+The engine knows no driver. An adapter subclasses `Pool` and implements the
+connection hooks (`_open_connection`, `_close_connection`, `_status`,
+`_clean`, `_ping`); everything else lives here:
+
+- Idle connections sit in *segments*, each with its own lock. A caller starts
+  at its own segment (so a greenlet tends to get back the connection it used
+  last) and steals from the others. A caller that finds nothing joins one FIFO
+  queue and is handed the next connection that comes back or is created.
+- No lock is held across a hook, a network operation or a greenlet switch:
+  slots are reserved under a lock, connections are made, checked, cleaned and
+  closed outside it.
+- A background *housekeeper* keeps `min_size` connections, replaces the ones
+  nearing their (randomized) lifetime before they expire, closes idle surplus
+  and reports leaks. All connecting and closing happens in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import traceback
+from collections import deque
+from time import monotonic
+from typing import Any, Callable, Generic, TypeVar, Union
+
+from . import errors
+from ._compat import Executor, GreenWakeup, ThreadWakeup, allocate_lock, getcurrent, new_wakeup, sleep
+from .stats import WaitTimes
+
+logger = logging.getLogger("greenpool")
+
+C = TypeVar("C")
+
+# Slot states.
+IDLE, OUT, GONE = "idle", "out", "gone"
+
+# What `_status()` says of a connection.
+OK, DIRTY, BROKEN = 0, 1, 2
+
+# Reconnection backoff while connects fail: from first to max delay, doubling.
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 1.0
+
+
+class Slot(Generic[C]):
+    """A pooled connection and its bookkeeping."""
+
+    __slots__ = (
+        "conn",
+        "created_at",
+        "expire_at",
+        "last_used",
+        "taken_at",
+        "state",
+        "segment",
+        "replacing",
+        "stack",
+        "leak_reported",
+    )
+
+    def __init__(self, conn: C, now: float, lifetime: float) -> None:
+        self.conn = conn
+        self.created_at = now
+        self.expire_at = now + lifetime
+        self.last_used = now
+        self.taken_at = now
+        self.state = IDLE
+        self.segment: _Segment | None = None
+        # A replacement has been reserved for this connection.
+        self.replacing = False
+        self.stack: list[traceback.FrameSummary] | None = None
+        self.leak_reported = False
+
+    def retire(self) -> None:
+        """Close this connection as soon as it is not in use."""
+        self.expire_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.state} {self.conn!r}>"
+
+
+class _Segment:
+    """A shard of idle connections with its own lock."""
+
+    __slots__ = ("lock", "idle")
+
+    def __init__(self) -> None:
+        self.lock = allocate_lock()
+        self.idle: list[Slot[Any]] = []
+
+
+# A waiting request is a wakeup (`GreenWakeup` or `ThreadWakeup`) whose `slot`
+# goes from None to either a handed slot or `_CANCELLED`, under the pool lock,
+# exactly once: that is the accept handshake. A connection is never handed to
+# a request that gave up, and a request that gave up never loses one handed
+# to it.
+_Request = Union[GreenWakeup, ThreadWakeup]
+_CANCELLED = object()
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if number < 0 or (number == 0 and not allow_zero) or number != number:
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def _check_callable(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {value!r}")
+
+
+class Pool(Generic[C]):
+    """A driver-agnostic pool of connections for greenlets and threads.
+
+    Adapters subclass it and implement the connection hooks. See the README
+    for the meaning and default of each parameter.
+    """
+
+    # Adapters replace these with their driver-flavoured subclasses.
+    PoolTimeout: type[errors.PoolTimeout] = errors.PoolTimeout
+    PoolClosed: type[errors.PoolClosed] = errors.PoolClosed
+    TooManyRequests: type[errors.TooManyRequests] = errors.TooManyRequests
+
+    _num_pool = 0
+
+    #: Keep returned connections for reuse; a "null" pool closes them.
+    _retain_idle = True
+
+    def __init__(
+        self,
+        *,
+        min_size: int = 4,
+        max_size: int | None = None,
+        name: str | None = None,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 60 * 60.0,
+        lifetime_jitter: float = 0.1,
+        max_idle: float = 10 * 60.0,
+        reconnect_timeout: float = 5 * 60.0,
+        reconnect_failed: Callable[[Any], None] | None = None,
+        num_workers: int = 3,
+        segments: int = 4,
+        check: Callable[[C], None] | None = None,
+        check_idle: float = 0.0,
+        leak_threshold: float | None = None,
+    ) -> None:
+        self._min_size, self._max_size = self._check_size(min_size, max_size)
+        self.timeout = _check_positive("timeout", timeout)
+        if not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ValueError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
+        self.max_waiting = max_waiting
+        self.max_lifetime = _check_positive("max_lifetime", max_lifetime, allow_zero=False)
+        self.lifetime_jitter = _check_positive("lifetime_jitter", lifetime_jitter)
+        if not self.lifetime_jitter < 1:
+            raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
+        self.max_idle = _check_positive("max_idle", max_idle, allow_zero=False)
+        self.reconnect_timeout = _check_positive("reconnect_timeout", reconnect_timeout)
+        _check_callable("reconnect_failed", reconnect_failed)
+        self._reconnect_failed = reconnect_failed
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+        self.num_workers = num_workers
+        if not isinstance(segments, int) or segments < 1:
+            raise ValueError(f"segments must be an int >= 1, got {segments!r}")
+        _check_callable("check", check)
+        self._check = check
+        self.check_idle = _check_positive("check_idle", check_idle)
+        if leak_threshold is not None:
+            leak_threshold = _check_positive("leak_threshold", leak_threshold, allow_zero=False)
+        self.leak_threshold = leak_threshold
+
+        if not name:
+            Pool._num_pool += 1
+            name = f"pool-{Pool._num_pool}"
+        self.name = name
+
+        self._lock = allocate_lock()
+        self._segments = [_Segment() for _ in range(segments)]
+        self._waiters: deque[_Request] = deque()
+        self._nwaiting = 0  # requests in _waiters not cancelled
+        self._slots: set[Slot[C]] = set()  # live connections
+        # Reserved connects: None to grow, or the Slot being replaced.
+        self._todo: deque[Slot[C] | None] = deque()
+        self._connecting = 0  # connector jobs running
+        self._failing_since: float | None = None
+        self._last_error: BaseException | None = None
+        self._reconnect_reported = False
+        self._connect_ewma = 0.05  # seconds, seeds replacement lead times
+        # (greenlet, request, loop callback) of the last handoff, see _acquire_queued
+        self._handoff: tuple[Any, Any, Any] | None = None
+
+        self._opened = False
+        self._closed = True
+        self._executor: Executor | None = None
+
+        self._wait_times = WaitTimes()
+        self._reset_counters()
+
+    # -- hooks an adapter implements -------------------------------------
+
+    def _open_connection(self) -> C:
+        """Make a new connection (network I/O; never called under a lock)."""
+        raise NotImplementedError
+
+    def _close_connection(self, conn: C) -> None:
+        """Close a connection (may do network I/O)."""
+        raise NotImplementedError
+
+    def _status(self, conn: C) -> int:
+        """Cheap local test, no I/O: `OK`, `DIRTY` (needs `_clean()`) or `BROKEN`."""
+        raise NotImplementedError
+
+    def _clean(self, conn: C) -> None:
+        """Bring a returned connection back to a reusable state, or raise."""
+
+    def _ping(self, conn: C) -> None:
+        """Round trip to the server; raise if the connection is unusable."""
+
+    # -- sizes and state -------------------------------------------------
+
+    @staticmethod
+    def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
+        if max_size is None:
+            max_size = min_size
+        for pname, value in (("min_size", min_size), ("max_size", max_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{pname} must be an int, got {value!r}")
+        if min_size < 0:
+            raise ValueError(f"min_size must be >= 0, got {min_size}")
+        if max_size < min_size:
+            raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
+        if max_size == 0:
+            raise ValueError("max_size must be > 0")
+        return min_size, max_size
+
+    @property
+    def min_size(self) -> int:
+        """Connections the pool keeps open even when idle."""
+        return self._min_size
+
+    @property
+    def max_size(self) -> int:
+        """Most connections the pool lends at once."""
+        return self._max_size
+
+    @property
+    def closed(self) -> bool:
+        """True if the pool is closed (or not opened yet)."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__qualname__} {self.name!r} at 0x{id(self):x}>"
+
+    # -- open, wait, close -----------------------------------------------
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Open the pool and start filling it in the background.
+
+        With `wait`, block until `min_size` connections are ready (see
+        `wait()`). Opening an open pool is a no-op; a closed pool can't
+        be reopened.
+        """
+        with self._lock:
+            if self._closed and self._opened:
+                raise self.PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
+            starting = self._closed
+            if starting:
+                self._executor = Executor(f"{self.name}-worker")
+                self._closed = False
+                self._opened = True
+        if starting:
+            self._executor.submit(self._housekeeper)
+            self._fill()
+        if wait:
+            self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until `min_size` connections are ready.
+
+        Close the pool and raise `PoolTimeout`, with the last connection
+        error, if it isn't ready within `timeout` seconds.
+        """
+        self._check_open()
+        timeout = _check_positive("timeout", timeout)
+        deadline = monotonic() + timeout
+        step = 0.001
+        while len(self._slots) < self._min_size:
+            if self._closed:
+                raise self.PoolClosed(f"the pool {self.name!r} is closed")
+            if monotonic() >= deadline:
+                self.close()
+                raise self.PoolTimeout(
+                    f"pool initialization incomplete after {timeout} sec"
+                    + self._error_suffix()
+                ) from self._last_error
+            sleep(step)
+            step = min(step * 2, 0.05)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: fail waiting and future requests with `PoolClosed`.
+
+        Idle connections are closed now; lent ones when they come back.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiting = [req for req in self._waiters if req.slot is None]
+            self._waiters.clear()
+            self._nwaiting = 0
+            self._todo.clear()
+            for req in waiting:
+                req.slot = _CANCELLED
+        for req in waiting:
+            req.fire()
+        for slot in self._take_all_idle():
+            self._discard(slot, close_now=True)
+
+    def __enter__(self: Any) -> Any:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            state = "closed" if self._opened else "not open yet"
+            raise self.PoolClosed(f"the pool {self.name!r} is {state}")
+
+    # -- checkout --------------------------------------------------------
+
+    def _pop_idle(self) -> Slot[C] | None:
+        """Take an idle connection, own segment first; no global lock."""
+        segments = self._segments
+        n = len(segments)
+        start = hash(getcurrent()) % n
+        for i in range(n):
+            seg = segments[(start + i) % n]
+            if seg.idle:
+                with seg.lock:
+                    if seg.idle:
+                        return seg.idle.pop()
+        return None
+
+    def acquire(self, timeout: float | None = None) -> Slot[C]:
+        """Lend a connection's slot; wait up to `timeout` (default `self.timeout`).
+
+        Raise `PoolTimeout` if none is available in time, `TooManyRequests`
+        if `max_waiting` requests already wait, `PoolClosed` if closed.
+        """
+        if self._closed:
+            self._check_open()
+        self.requests_num += 1
+        now = monotonic()
+        # Don't overtake queued requests: FIFO fairness.
+        if not self._nwaiting:
+            slot = self._pop_idle()
+            while slot is not None:
+                if self._usable(slot, now):
+                    return self._lend(slot, now)
+                slot = self._pop_idle()
+        if timeout is None:
+            timeout = self.timeout
+        return self._acquire_queued(now, now + timeout, timeout)
+
+    def _acquire_queued(self, start: float, deadline: float, timeout: float) -> Slot[C]:
+        while True:
+            req = self._enqueue()
+            self._fill()
+            for seg in self._segments:
+                if seg.idle:
+                    self._rebalance()
+                    break
+            handoff = self._handoff
+            if handoff is not None and handoff[0] is getcurrent():
+                # This greenlet just handed a connection to a waiter and now
+                # blocks itself: run that waiter directly, skip the hub.
+                self._handoff = None
+                callback = handoff[2]
+                if callback.pending:
+                    callback.stop()
+                    handoff = handoff[1]
+                else:
+                    handoff = None
+            else:
+                handoff = None
+            try:
+                req.wait(deadline - monotonic(), handoff)
+            except BaseException:
+                # Killed or timed out from outside while waiting: keep a
+                # connection handed to us in the meantime for the others.
+                slot = self._cancel(req)
+                if slot is not None:
+                    self._release(slot)
+                self.requests_errors += 1
+                raise
+            slot = req.slot
+            if slot is None or slot is _CANCELLED:
+                slot = self._cancel(req)
+            now = monotonic()
+            waited = now - start
+            if slot is None:
+                self._wait_times.add(waited)
+                self.requests_wait_ms += int(waited * 1000)
+                self.requests_errors += 1
+                self._check_open()
+                raise self.PoolTimeout(
+                    f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
+                ) from self._last_error
+            if self._usable(slot, now):
+                self._wait_times.add(waited)
+                self.requests_wait_ms += int(waited * 1000)
+                return self._lend(slot, now)
+
+    def _enqueue(self) -> _Request:
+        req = new_wakeup()
+        with self._lock:
+            self._check_open()
+            if self.max_waiting and self._nwaiting >= self.max_waiting:
+                self.requests_errors += 1
+                raise self.TooManyRequests(
+                    f"the pool {self.name!r} has already {self._nwaiting} requests waiting"
+                )
+            if self._failing_since is not None and not self._slots:
+                # The database is unreachable and nothing can come back:
+                # fail fast with the driver's error instead of a long wait.
+                self.requests_errors += 1
+                raise self.PoolTimeout(
+                    f"the pool {self.name!r} has no connection" + self._error_suffix()
+                ) from self._last_error
+            self._waiters.append(req)
+            self._nwaiting += 1
+        self.requests_queued += 1
+        return req
+
+    def _cancel(self, req: _Request) -> Slot[C] | None:
+        """Settle the handshake: return the handed slot, or mark cancelled."""
+        with self._lock:
+            slot = req.slot
+            if slot is None:
+                req.slot = _CANCELLED
+                self._nwaiting -= 1
+                return None
+        return None if slot is _CANCELLED else slot
+
+    def _usable(self, slot: Slot[C], now: float) -> bool:
+        """Local checks (and the `check` callback) before lending a slot."""
+        if now >= slot.expire_at:
+            self._discard(slot)
+            return False
+        if self._status(slot.conn) == BROKEN:
+            self.connections_lost += 1
+            self._discard(slot)
+            return False
+        if self._check is not None and now - slot.last_used >= self.check_idle:
+            slot.state = OUT
+            try:
+                self._check(slot.conn)
+            except Exception as ex:
+                logger.info("connection failed check in %r: %s", self.name, ex)
+                self.connections_lost += 1
+                self._discard(slot)
+                return False
+            except BaseException:
+                slot.taken_at = now
+                self.release(slot)
+                raise
+        return True
+
+    def _lend(self, slot: Slot[C], now: float) -> Slot[C]:
+        slot.state = OUT
+        slot.taken_at = now
+        if self.leak_threshold is not None:
+            slot.stack = traceback.extract_stack()[:-3]
+            slot.leak_reported = False
+        return slot
+
+    # -- checkin ---------------------------------------------------------
+
+    def release(self, slot: Slot[C]) -> None:
+        """Take back a lent slot: clean it if needed, then reuse or retire it."""
+        if slot.state != OUT:
+            raise ValueError(f"can't return {slot.conn!r} to pool {self.name!r}: it is not lent")
+        slot.state = IDLE
+        now = monotonic()
+        self._usage += now - slot.taken_at
+        status = self._status(slot.conn)
+        if status == OK and now < slot.expire_at and not self._closed:
+            slot.last_used = now
+            self._release(slot)
+        elif self._closed:
+            self._discard(slot, close_now=True)
+        elif status == BROKEN:
+            self.returns_bad += 1
+            logger.warning("discarding closed connection returned to %r: %s", self.name, slot.conn)
+            self._discard(slot)
+        elif status == DIRTY:
+            self.returns_reset += 1
+            assert self._executor is not None
+            self._executor.submit(self._clean_then_release, slot)
+        else:
+            self._discard(slot)
+
+    def _clean_then_release(self, slot: Slot[C]) -> None:
+        try:
+            self._clean(slot.conn)
+        except Exception as ex:
+            logger.warning("discarding connection that failed reset in %r: %s", self.name, ex)
+            self.returns_bad += 1
+            self._discard(slot)
+            return
+        slot.last_used = monotonic()
+        if slot.last_used >= slot.expire_at:
+            self._discard(slot)
+        else:
+            self._release(slot)
+
+    def _release(self, slot: Slot[C]) -> None:
+        """Hand a good slot to the first waiter, or park it idle."""
+        if self._nwaiting:
+            req = self._hand_to_waiter(slot)
+            if req is not None:
+                callback = req.fire()
+                if callback is not None:
+                    self._handoff = (getcurrent(), req, callback)
+                return
+        if self._closed or not self._retain_idle:
+            self._discard(slot, close_now=self._closed)
+            return
+        slot.state = IDLE
+        segments = self._segments
+        seg = slot.segment = segments[hash(getcurrent()) % len(segments)]
+        with seg.lock:
+            seg.idle.append(slot)
+        # Re-check after publishing: a request may have queued meanwhile
+        # (it re-checks the segments after queuing, so one of us sees it).
+        if self._nwaiting:
+            self._rebalance()
+        elif self._closed:
+            for idle in self._take_all_idle():
+                self._discard(idle, close_now=True)
+
+    def _hand_to_waiter(self, slot: Slot[C]) -> _Request | None:
+        with self._lock:
+            waiters = self._waiters
+            while waiters:
+                req = waiters.popleft()
+                if req.slot is None:
+                    slot.state = OUT
+                    req.slot = slot
+                    self._nwaiting -= 1
+                    return req
+        return None
+
+    def _rebalance(self) -> None:
+        """Hand idle connections to waiting requests."""
+        handed = []
+        with self._lock:
+            while self._nwaiting:
+                slot = None
+                for seg in self._segments:
+                    if seg.idle:
+                        with seg.lock:
+                            if seg.idle:
+                                slot = seg.idle.pop()
+                                break
+                if slot is None:
+                    break
+                while True:
+                    req = self._waiters.popleft()
+                    if req.slot is None:
+                        break
+                slot.state = OUT
+                req.slot = slot
+                self._nwaiting -= 1
+                handed.append(req)
+        for req in handed:
+            req.fire()
+
+    def _take_all_idle(self) -> list[Slot[C]]:
+        taken: list[Slot[C]] = []
+        for seg in self._segments:
+            with seg.lock:
+                taken.extend(seg.idle)
+                seg.idle.clear()
+        return taken
+
+    def _take_idle(self, slot: Slot[C]) -> bool:
+        """Take a specific slot out of its segment if it is still idle there."""
+        seg = slot.segment
+        if seg is None or slot.state != IDLE:
+            return False
+        with seg.lock:
+            try:
+                seg.idle.remove(slot)
+            except ValueError:
+                return False
+        return True
+
+    # -- discarding and connecting ---------------------------------------
+
+    def _discard(self, slot: Slot[C], close_now: bool = False) -> None:
+        """Forget a slot, close its connection, and refill if needed."""
+        if slot.state == GONE:
+            return
+        slot.state = GONE
+        with self._lock:
+            self._slots.discard(slot)
+        if close_now or self._executor is None:
+            self._close_quietly(slot.conn)
+        else:
+            self._executor.submit(self._close_quietly, slot.conn)
+        self._fill()
+
+    def _close_quietly(self, conn: C) -> None:
+        try:
+            self._close_connection(conn)
+        except Exception as ex:
+            logger.debug("error closing connection in %r: %s", self.name, ex)
+
+    def _fill(self) -> None:
+        """Reserve connects up to `min_size`, and for waiters up to `max_size`."""
+        pending = len(self._todo) + self._connecting
+        size = len(self._slots) + pending
+        if size >= self._min_size and (size >= self._max_size or self._nwaiting <= pending):
+            return  # nothing to do: the common case, decided without the lock
+        with self._lock:
+            if self._closed:
+                return
+            pending = len(self._todo) + self._connecting
+            size = len(self._slots) + pending
+            want = max(
+                self._min_size - size,
+                min(self._nwaiting - pending, self._max_size - size),
+            )
+            self._todo.extend([None] * want)
+        self._start_connectors()
+
+    def _start_connectors(self) -> None:
+        with self._lock:
+            if self._closed or not self._todo:
+                return
+            limit = 1 if self._failing_since is not None else self.num_workers
+            n = max(0, min(len(self._todo), limit - self._connecting))
+            self._connecting += n
+        assert self._executor is not None
+        for _ in range(n):
+            self._executor.submit(self._connector)
+
+    def _connector(self) -> None:
+        """Background job: make the reserved connections, retrying on failure."""
+        delay = _BACKOFF_FIRST
+        replaces: Slot[C] | None = None
+        reserved = False  # holding a reservation popped from _todo
+        try:
+            while True:
+                with self._lock:
+                    limit = 1 if self._failing_since is not None else self.num_workers
+                    if self._closed or not self._todo or self._connecting > limit:
+                        self._connecting -= 1
+                        return
+                    replaces = self._todo.popleft()
+                    reserved = True
+                t0 = monotonic()
+                try:
+                    self.connections_num += 1
+                    conn = self._open_connection()
+                except Exception as ex:
+                    self.connections_errors += 1
+                    with self._lock:
+                        self._todo.appendleft(replaces)
+                        reserved = False
+                    self._connect_failed(ex, t0)
+                    assert self._executor is not None
+                    self._executor.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, _BACKOFF_MAX)
+                    continue
+                reserved = False
+                elapsed = monotonic() - t0
+                self.connections_ms += int(elapsed * 1000)
+                self._connect_ewma += (elapsed - self._connect_ewma) * 0.2
+                delay = _BACKOFF_FIRST
+                recovered = self._failing_since is not None
+                if recovered:
+                    logger.warning("pool %r reconnected", self.name)
+                    self._failing_since = None
+                    self._reconnect_reported = False
+                self._add_connection(conn, replaces)
+                if recovered:
+                    self._start_connectors()
+        except BaseException:
+            with self._lock:
+                if reserved and not self._closed:
+                    self._todo.appendleft(replaces)
+                self._connecting -= 1
+            raise
+
+    def _connect_failed(self, ex: Exception, t0: float) -> None:
+        logger.warning("error connecting in %r: %s", self.name, ex)
+        self._last_error = ex
+        if self._failing_since is None:
+            self._failing_since = t0
+        with self._lock:
+            if self._slots:
+                return
+            # Nothing alive can come back to the waiters: fail them now.
+            failed = [req for req in self._waiters if req.slot is None]
+            self._waiters.clear()
+            self._nwaiting = 0
+            for req in failed:
+                req.slot = _CANCELLED
+        for req in failed:
+            req.fire()
+
+    def _add_connection(self, conn: C, replaces: Slot[C] | None) -> None:
+        now = monotonic()
+        lifetime = self.max_lifetime * (1.0 - self.lifetime_jitter * random.random())
+        slot = Slot(conn, now, lifetime)
+        slot.state = OUT
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._slots.add(slot)
+        if closed:
+            self._close_quietly(conn)
+            return
+        if replaces is not None:
+            replaces.retire()
+            if self._take_idle(replaces):
+                self._discard(replaces)
+        self._release(slot)
+
+    def _error_suffix(self) -> str:
+        if self._failing_since is None or self._last_error is None:
+            return ""
+        return f": {type(self._last_error).__name__}: {self._last_error}"
+
+    # -- housekeeping ----------------------------------------------------
+
+    def _tick(self) -> float:
+        return min(1.0, max(0.05, min(self.max_lifetime, self.max_idle) / 20))
+
+    def _housekeeper(self) -> None:
+        """Background job: periodic maintenance until the pool closes."""
+        executor = self._executor
+        assert executor is not None
+        while not self._closed:
+            executor.sleep(self._tick())
+            if self._closed:
+                break
+            try:
+                self._housekeep(monotonic())
+            except Exception:
+                logger.exception("housekeeping failed in %r", self.name)
+
+    def _housekeep(self, now: float) -> None:
+        self._replace_expiring(now)
+        self._shrink_idle(now)
+        if self.leak_threshold is not None:
+            self._report_leaks(now)
+        if (
+            self._failing_since is not None
+            and not self._reconnect_reported
+            and now - self._failing_since >= self.reconnect_timeout
+        ):
+            self._reconnect_reported = True
+            logger.warning(
+                "reconnection attempts in pool %r failing for %s sec", self.name, self.reconnect_timeout
+            )
+            if self._reconnect_failed is not None:
+                self._reconnect_failed(self)
+        self._fill()
+
+    def _replace_expiring(self, now: float) -> None:
+        """Start replacements early enough that connections never expire.
+
+        Earliest deadline first: with `num_workers` parallel connects of
+        about `_connect_ewma` seconds each, the i-th connection to expire
+        must have its replacement started `(i // num_workers + 1)` connect
+        times (plus a tick) before it expires.
+        """
+        if self._failing_since is not None:
+            return
+        with self._lock:
+            candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
+            backlog = sum(1 for s in self._todo if s is not None)
+        candidates.sort(key=lambda s: s.expire_at)
+        lead = self._tick() + self._connect_ewma
+        due = []
+        for i, slot in enumerate(candidates):
+            batches = (i + backlog) // self.num_workers + 1
+            if slot.expire_at - lead - self._connect_ewma * batches > now:
+                break
+            due.append(slot)
+        if not due:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            for slot in due:
+                slot.replacing = True
+                self._todo.append(slot)
+        self._start_connectors()
+
+    def _shrink_idle(self, now: float) -> None:
+        surplus = len(self._slots) - self._min_size
+        if surplus <= 0:
+            return
+        for seg in self._segments:
+            for slot in list(seg.idle):
+                if surplus <= 0:
+                    return
+                if now - slot.last_used >= self.max_idle and self._take_idle(slot):
+                    logger.info("closing connection idle for %s sec in %r", self.max_idle, self.name)
+                    surplus -= 1
+                    self._discard(slot)
+
+    def _report_leaks(self, now: float) -> None:
+        threshold = self.leak_threshold
+        assert threshold is not None
+        for slot in list(self._slots):
+            if slot.state == OUT and not slot.leak_reported and now - slot.taken_at >= threshold:
+                slot.leak_reported = True
+                where = "".join(traceback.format_list(slot.stack or []))
+                logger.warning(
+                    "connection %r lent by %r for %.1f sec (leak_threshold=%s), taken at:\n%s",
+                    slot.conn,
+                    self.name,
+                    now - slot.taken_at,
+                    threshold,
+                    where,
+                )
+
+    # -- maintenance API -------------------------------------------------
+
+    def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the pool's size limits at runtime."""
+        min_size, max_size = self._check_size(min_size, max_size)
+        with self._lock:
+            self._min_size, self._max_size = min_size, max_size
+        self._fill()
+
+    def drain(self) -> None:
+        """Replace every connection: idle ones now, lent ones on return."""
+        with self._lock:
+            for slot in self._slots:
+                slot.retire()
+        for slot in self._take_all_idle():
+            self._discard(slot)
+
+    def check(self) -> None:
+        """Ping every idle connection now; discard and replace broken ones."""
+        self._check_open()
+        for slot in self._take_all_idle():
+            slot.state = OUT
+            try:
+                self._ping(slot.conn)
+            except Exception as ex:
+                logger.warning("discarding broken connection in %r: %s", self.name, ex)
+                self.connections_lost += 1
+                self._discard(slot)
+            else:
+                slot.last_used = monotonic()
+                self._release(slot)
+
+    # -- stats -----------------------------------------------------------
+
+    _COUNTERS = (
+        "requests_num",
+        "requests_queued",
+        "requests_wait_ms",
+        "requests_errors",
+        "returns_bad",
+        "returns_reset",
+        "connections_num",
+        "connections_ms",
+        "connections_errors",
+        "connections_lost",
+    )
+
+    def _reset_counters(self) -> None:
+        for key in self._COUNTERS:
+            setattr(self, key, 0)
+        self._usage = 0.0  # seconds connections spent lent
+
+    def get_stats(self) -> dict[str, int]:
+        """Return counters (psycopg_pool's keys) and immediate measures."""
+        stats = {key: getattr(self, key) for key in self._COUNTERS}
+        stats["usage_ms"] = int(self._usage * 1000)
+        stats.update(self._wait_times.percentiles(self.requests_num, self.requests_queued))
+        stats.update(
+            pool_min=self._min_size,
+            pool_max=self._max_size,
+            pool_size=len(self._slots) + len(self._todo) + self._connecting,
+            pool_available=sum(len(seg.idle) for seg in self._segments),
+            requests_waiting=self._nwaiting,
+        )
+        return stats
+
+    def pop_stats(self) -> dict[str, int]:
+        """Return the stats, then reset the counters and wait-time window."""
+        stats = self.get_stats()
+        self._reset_counters()
+        self._wait_times.clear()
+        return stats

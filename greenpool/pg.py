@@ -1,0 +1,329 @@
+"""psycopg 3 pools on the greenpool engine: drop-ins for psycopg_pool's.
+
+`ConnectionPool` takes psycopg_pool's constructor parameters with the same
+defaults, has the same methods and raises the same errors (subclasses of
+`psycopg.OperationalError` and, when psycopg_pool is installed, of its error
+classes too, so existing `except psycopg_pool.PoolTimeout` keeps working).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from time import monotonic
+from typing import Any, Callable, Generic, TypeVar, Union
+
+import psycopg
+from psycopg import errors as e
+from psycopg.pq import TransactionStatus
+
+from . import errors
+from .engine import BROKEN, DIRTY, OK, Pool
+from .pgconn import GeventConnection
+
+logger = logging.getLogger("greenpool")
+
+CT = TypeVar("CT", bound="psycopg.Connection[Any]")
+
+ConninfoParam = Union[str, Callable[[], str]]
+KwargsParam = Union[dict[str, Any], Callable[[], dict[str, Any]]]
+
+try:
+    import psycopg_pool as _psycopg_pool
+
+    _COMPAT: dict[str, tuple[type, ...]] = {
+        name: (getattr(_psycopg_pool, name),) for name in ("PoolTimeout", "PoolClosed", "TooManyRequests")
+    }
+except ImportError:  # pragma: no cover - psycopg_pool is optional
+    _COMPAT = {name: (e.OperationalError,) for name in ("PoolTimeout", "PoolClosed", "TooManyRequests")}
+
+
+class PoolTimeout(errors.PoolTimeout, *_COMPAT["PoolTimeout"]):  # type: ignore[misc]
+    """The pool couldn't provide a connection in acceptable time."""
+
+
+class PoolClosed(errors.PoolClosed, *_COMPAT["PoolClosed"]):  # type: ignore[misc]
+    """Attempt to get a connection from a closed pool."""
+
+
+class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # type: ignore[misc]
+    """Too many requests in the queue waiting for a connection from the pool."""
+
+
+_IDLE = TransactionStatus.IDLE
+_UNKNOWN = TransactionStatus.UNKNOWN
+_ACTIVE = TransactionStatus.ACTIVE
+
+_UNLIMITED = 2**31 - 1
+
+#: Seconds allowed to cancel and drain a query interrupted mid-flight.
+CANCEL_TIMEOUT = 5.0
+
+
+class ConnectionPool(Pool[CT], Generic[CT]):
+    """A pool of psycopg connections, drop-in for `psycopg_pool.ConnectionPool`.
+
+    Parameters are psycopg_pool's, with the same defaults, plus the engine's
+    `lifetime_jitter`, `segments`, `check_idle` and `leak_threshold` (see the
+    README). `connection_class` defaults to `GeventConnection`, which behaves
+    as `psycopg.Connection` outside gevent and cooperates with gevent inside.
+    """
+
+    PoolTimeout = PoolTimeout
+    PoolClosed = PoolClosed
+    TooManyRequests = TooManyRequests
+
+    def __init__(
+        self,
+        conninfo: ConninfoParam = "",
+        *,
+        connection_class: type[CT] = GeventConnection,  # type: ignore[assignment]
+        kwargs: KwargsParam | None = None,
+        min_size: int = 4,
+        max_size: int | None = None,
+        open: bool | None = None,
+        configure: Callable[[CT], None] | None = None,
+        check: Callable[[CT], None] | None = None,
+        reset: Callable[[CT], None] | None = None,
+        name: str | None = None,
+        close_returns: bool = False,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 60 * 60.0,
+        max_idle: float = 10 * 60.0,
+        reconnect_timeout: float = 5 * 60.0,
+        reconnect_failed: Callable[[Any], None] | None = None,
+        num_workers: int = 3,
+        lifetime_jitter: float = 0.1,
+        segments: int = 4,
+        check_idle: float = 0.0,
+        leak_threshold: float | None = None,
+    ) -> None:
+        if not (isinstance(conninfo, str) or callable(conninfo)):
+            raise TypeError(f"conninfo must be a string or a callable, got {conninfo!r}")
+        if not (isinstance(connection_class, type) and issubclass(connection_class, psycopg.Connection)):
+            raise TypeError(f"connection_class must be a psycopg.Connection subclass, got {connection_class!r}")
+        if kwargs is not None and not (isinstance(kwargs, dict) or callable(kwargs)):
+            raise TypeError(f"kwargs must be a dict or a callable, got {kwargs!r}")
+        for pname, value in (("configure", configure), ("reset", reset)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{pname} must be callable or None, got {value!r}")
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+        self.connection_class = connection_class
+        self._configure = configure
+        self._reset = reset
+        self.close_returns = close_returns
+        super().__init__(
+            min_size=min_size,
+            max_size=max_size,
+            name=name,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            max_lifetime=max_lifetime,
+            lifetime_jitter=lifetime_jitter,
+            max_idle=max_idle,
+            reconnect_timeout=reconnect_timeout,
+            reconnect_failed=reconnect_failed,
+            num_workers=num_workers,
+            segments=segments,
+            check=check,
+            check_idle=check_idle,
+            leak_threshold=leak_threshold,
+        )
+        self._open_implicit = open is None
+        if open is None or open:
+            self.open()
+
+    # -- engine hooks ----------------------------------------------------
+
+    def _open_connection(self) -> CT:
+        conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
+        kwargs = self.kwargs() if callable(self.kwargs) else (self.kwargs or {})
+        conn = self.connection_class.connect(conninfo, **kwargs)
+        conn._pool = None
+        if self._configure is not None:
+            try:
+                self._configure(conn)
+                status = conn.pgconn.transaction_status
+                if status != _IDLE:
+                    raise e.ProgrammingError(
+                        f"connection left in status {TransactionStatus(status).name}"
+                        f" by configure function {self._configure}: discarded"
+                    )
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _close_connection(self, conn: CT) -> None:
+        conn._pool = None
+        conn.close()
+
+    def _status(self, conn: CT) -> int:
+        status = conn.pgconn.transaction_status
+        if status == _IDLE:
+            return DIRTY if self._reset is not None else OK
+        return BROKEN if status == _UNKNOWN else DIRTY
+
+    def _clean(self, conn: CT) -> None:
+        status = conn.pgconn.transaction_status
+        if status == _ACTIVE:
+            # A query interrupted mid-flight (gevent.Timeout, a kill): stop it
+            # on the server, then read the rest of its results.
+            logger.warning("cancelling the query of a connection returned busy to %r", self.name)
+            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+            conn.wait(_drain(conn.pgconn), timeout=CANCEL_TIMEOUT)
+            status = conn.pgconn.transaction_status
+        if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            logger.warning("rolling back returned connection: %s", conn)
+            conn.rollback()
+        if self._reset is not None:
+            self._reset(conn)
+        status = conn.pgconn.transaction_status
+        if status != _IDLE:
+            raise e.ProgrammingError(
+                f"connection left in status {TransactionStatus(status).name} after reset: discarded"
+            )
+
+    def _ping(self, conn: CT) -> None:
+        self.check_connection(conn)
+
+    # -- psycopg_pool API ------------------------------------------------
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Open the pool and fill it in the background (see `wait()`)."""
+        super().open(wait=wait, timeout=timeout)
+
+    def __enter__(self) -> ConnectionPool[CT]:
+        self._open_implicit = False
+        self.open()
+        return self
+
+    def connection(self, timeout: float | None = None) -> _Lease[CT]:
+        """Context manager lending a connection, returned on exit.
+
+        The connection's own context applies: commit on success, roll back
+        on error. Wait up to `timeout` (default `self.timeout`) seconds.
+        """
+        return _Lease(self, timeout)
+
+    def getconn(self, timeout: float | None = None) -> CT:
+        """Lend a connection; you must give it back with `putconn()`."""
+        if self._open_implicit:
+            self._open_implicit = False
+            warnings.warn(
+                f"the default for the {type(self).__name__} 'open' parameter will become 'False'"
+                " in a future release. Please use open={True|False} explicitly, or use the pool"
+                f" as context manager using: `with {type(self).__name__}(...) as pool: ...`",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if timeout is not None:
+            if timeout < 0:
+                raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        slot = self.acquire(timeout)
+        conn = slot.conn
+        conn._pool = self
+        conn._pool_slot = slot
+        return conn
+
+    def putconn(self, conn: CT) -> None:
+        """Give back a connection obtained with `getconn()`."""
+        pool = getattr(conn, "_pool", None)
+        if pool is not self:
+            where = f"it comes from pool {pool.name!r}" if pool else "it doesn't come from any pool"
+            raise ValueError(f"can't return connection to pool {self.name!r}, {where}: {conn}")
+        slot = conn._pool_slot
+        conn._pool = None
+        self.release(slot)
+
+    @staticmethod
+    def check_connection(conn: CT) -> None:
+        """Verify with a round trip that `conn` works; raise if it doesn't.
+
+        Usable as the `check` callback, like psycopg_pool's.
+        """
+        if conn.autocommit:
+            conn.execute("")
+        else:
+            conn.autocommit = True
+            try:
+                conn.execute("")
+            finally:
+                try:
+                    conn.autocommit = False
+                except Exception:
+                    pass
+
+    def reconnect_failed(self) -> None:
+        """Called when reconnection failed for longer than `reconnect_timeout`."""
+        if self._reconnect_failed is not None:
+            self._reconnect_failed(self)
+
+
+class _Lease(Generic[CT]):
+    """`pool.connection()`: a class, not a generator, to keep the hot path short."""
+
+    __slots__ = ("_pool", "_timeout", "_conn")
+
+    def __init__(self, pool: ConnectionPool[CT], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def __enter__(self) -> CT:
+        self._conn = conn = self._pool.getconn(self._timeout)
+        return conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        conn = self._conn
+        try:
+            # Commit/rollback like `with conn:`; on an idle connection outside
+            # pipeline mode there is nothing to do, so skip the round of locks.
+            if exc_type is not None or conn.pgconn.transaction_status != _IDLE or conn._pipeline:
+                conn.__exit__(exc_type, exc, tb)
+        finally:
+            self._pool.putconn(conn)
+
+
+def _drain(pgconn: Any) -> Any:
+    """A psycopg generator reading results until the connection is idle."""
+    from psycopg.generators import fetch_many
+
+    yield from fetch_many(pgconn)
+
+
+class NullConnectionPool(ConnectionPool[CT]):
+    """A pool that keeps no idle connection: drop-in for psycopg_pool's.
+
+    Each request opens a connection (in the background) and each return
+    closes it, unless a request is waiting for it. `max_size` bounds how many
+    exist at once; `min_size` must be 0.
+    """
+
+    _retain_idle = False
+
+    def __init__(self, conninfo: ConninfoParam = "", *, min_size: int = 0, **kwargs: Any) -> None:
+        super().__init__(conninfo, min_size=min_size, **kwargs)
+
+    @staticmethod
+    def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
+        if min_size != 0:
+            raise ValueError(f"min_size must be 0 for a NullConnectionPool, got {min_size!r}")
+        if max_size is None or max_size == 0:
+            max_size = _UNLIMITED
+        return Pool._check_size(min_size, max_size)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Check that a connection can be made within `timeout`, then close it."""
+        self._check_open()
+        deadline = monotonic() + timeout
+        try:
+            conn = self._open_connection()
+        except Exception as ex:
+            self.close()
+            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec: {ex}") from ex
+        self._close_connection(conn)
+        if monotonic() > deadline:
+            self.close()
+            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")

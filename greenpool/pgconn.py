@@ -1,0 +1,171 @@
+"""A psycopg 3 connection that waits through gevent's hub.
+
+psycopg picks its wait function and its connection lock when it is imported:
+imported before `gevent.monkey.patch_all()` (or never patched), every query
+blocks the whole hub in C (psycopg issues #527, #536). `GeventConnection`
+decides at each wait instead: in a thread running a gevent hub it runs
+psycopg's non-blocking generators on hub I/O watchers; elsewhere it behaves
+exactly like `psycopg.Connection`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import errors as e
+from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
+from psycopg.waiting import Ready
+
+from ._compat import allocate_lock, gevent_hub
+
+_READY = {int(r): r for r in Ready}
+
+
+def _green_wait(hub: Any, gen: Any, fileno: int | None, timeout: float | None) -> Any:
+    """Consume a psycopg generator on hub I/O watchers; return its result.
+
+    With `fileno` the generator yields wait states for that fd (queries);
+    with None it yields `(fd, state)` pairs (connect, cancel).
+    """
+    if timeout:
+        from gevent import Timeout
+
+        with Timeout(timeout, e._WaitTimeout("wait timeout expired")):
+            return _green_wait(hub, gen, fileno, None)
+    try:
+        step = next(gen)
+    except StopIteration as ex:
+        return ex.value
+    io = hub.loop.io
+    wait = hub.wait
+    try:
+        while True:
+            fd, state = step if fileno is None else (fileno, step)
+            watcher = io(fd, state)
+            try:
+                wait(watcher)
+            finally:
+                watcher.close()
+            step = gen.send(_READY[state])
+    except StopIteration as ex:
+        return ex.value
+
+
+class _HybridLock:
+    """psycopg's per-connection lock, cooperative when taken under gevent.
+
+    psycopg binds `threading.Lock` at import: a real lock held across a
+    query's wait would freeze the hub if another greenlet wanted it.
+    """
+
+    __slots__ = ("_real", "_green")
+
+    def __init__(self) -> None:
+        self._real = allocate_lock()
+        self._green: Any = None
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Acquire; greenlets wait on the hub, threads block."""
+        if self._real.acquire(False):
+            return True
+        if not blocking:
+            return False
+        hub = gevent_hub()
+        if hub is None:
+            return bool(self._real.acquire(True, timeout))
+        # Contended under gevent: poll cooperatively. Contention on a
+        # connection lock means misuse (two greenlets on one connection),
+        # so simplicity beats latency here.
+        import gevent
+
+        deadline = None if timeout < 0 else hub.loop.now() + timeout
+        while not self._real.acquire(False):
+            if deadline is not None and hub.loop.now() >= deadline:
+                return False
+            gevent.sleep(0.001)
+        return True
+
+    def release(self) -> None:
+        """Release the lock."""
+        self._real.release()
+
+    def locked(self) -> bool:
+        """True if held."""
+        return bool(self._real.locked())
+
+
+class GeventConnection(psycopg.Connection[Any]):
+    """A `psycopg.Connection` whose waits cooperate with gevent.
+
+    Under a gevent hub every wait (connect, query, cancel) yields to the hub
+    whether or not `monkey.patch_all()` ran, or ran before psycopg was
+    imported. In a thread without a hub it is a plain `psycopg.Connection`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = _HybridLock()  # type: ignore[assignment]
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[override]
+        """Connect like `psycopg.Connection.connect()`, cooperatively under gevent."""
+        hub = gevent_hub()
+        if hub is None:
+            return super().connect(conninfo, **kwargs)
+        options = {
+            key: kwargs.pop(key)
+            for key in ("autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory")
+            if key in kwargs
+        }
+        params = cls._get_connection_params(conninfo, **kwargs)
+        timeout = timeout_from_conninfo(params)
+        failures: list[e.Error] = []
+        conn = None
+        for attempt in conninfo_attempts(params):
+            try:
+                gen = cls._connect_gen(make_conninfo("", **attempt))
+                conn = _green_wait(hub, gen, None, timeout)
+                break
+            except e._WaitTimeout:
+                failures.append(e.ConnectionTimeout("connection timeout expired"))
+            except e.Error as ex:
+                failures.append(ex)
+        if conn is None:
+            raise failures[-1].with_traceback(None)
+        conn._autocommit = bool(options.get("autocommit", False))
+        if options.get("row_factory"):
+            conn.row_factory = options["row_factory"]
+        if options.get("cursor_factory"):
+            conn.cursor_factory = options["cursor_factory"]
+        if options.get("context"):
+            from psycopg.adapt import AdaptersMap
+
+            conn._adapters = AdaptersMap(options["context"].adapters)
+        conn.prepare_threshold = options.get("prepare_threshold", 5)
+        return conn
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        """Consume a generator on this connection, through the hub if any."""
+        hub = gevent_hub()
+        if hub is None:
+            return super().wait(gen, interval, timeout)
+        return _green_wait(hub, gen, self.pgconn.socket, timeout)
+
+    def cancel_safe(self, *, timeout: float = 30.0) -> None:
+        """Cancel the running query on the server, cooperatively under gevent."""
+        hub = gevent_hub()
+        if hub is None or not psycopg.capabilities.has_cancel_safe():
+            return super().cancel_safe(timeout=timeout)
+        if not self._should_cancel():
+            return
+        try:
+            _green_wait(hub, self._cancel_gen(), None, timeout or None)
+        except e._WaitTimeout:
+            raise e.CancellationTimeout("cancellation timeout expired") from None

@@ -1,0 +1,421 @@
+"""Pool-logic unit tests of the engine with a fake in-memory driver.
+
+These check the engine's own rules (validation, FIFO handoff, the accept
+handshake, lifetimes, replacement, shrinking, failure handling) in
+isolation. Everything a user runs against a server is tested against the
+real PostgreSQL in the test_pg_* modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+
+import gevent
+import pytest
+
+from greenpool import errors
+from greenpool.engine import BROKEN, DIRTY, OK, Pool
+
+
+class FakeConn:
+    """A pretend connection: a number, a state and a closed flag."""
+
+    ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        self.id = next(self.ids)
+        self.status = OK
+        self.closed = False
+        self.cleaned = 0
+
+
+class FakePool(Pool[FakeConn]):
+    """The engine over FakeConn, with a configurable connect delay/failure."""
+
+    def __init__(self, *, connect_delay: float = 0.0, **kwargs: object) -> None:
+        self.connect_delay = connect_delay
+        self.fail_connect: Exception | None = None
+        self.opened: list[FakeConn] = []
+        self.closed_conns: list[FakeConn] = []
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def _open_connection(self) -> FakeConn:
+        if self.connect_delay:
+            gevent.sleep(self.connect_delay)
+        if self.fail_connect is not None:
+            raise self.fail_connect
+        conn = FakeConn()
+        self.opened.append(conn)
+        return conn
+
+    def _close_connection(self, conn: FakeConn) -> None:
+        conn.closed = True
+        self.closed_conns.append(conn)
+
+    def _status(self, conn: FakeConn) -> int:
+        return BROKEN if conn.closed else conn.status
+
+    def _clean(self, conn: FakeConn) -> None:
+        gevent.sleep(0.01)
+        conn.cleaned += 1
+        conn.status = OK
+
+
+def make_pool(**kwargs: object) -> FakePool:
+    pool = FakePool(**kwargs)
+    pool.open(wait=True, timeout=5)
+    return pool
+
+
+@pytest.fixture
+def pool():
+    p = make_pool(min_size=2, max_size=2, timeout=2)
+    yield p
+    p.close()
+
+
+# -- validation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"min_size": -1}, "min_size"),
+        ({"min_size": 4, "max_size": 2}, "max_size"),
+        ({"min_size": 0, "max_size": 0}, "max_size"),
+        ({"min_size": 1.5}, "min_size"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": "soon"}, "timeout"),
+        ({"max_lifetime": 0}, "max_lifetime"),
+        ({"max_lifetime": -5}, "max_lifetime"),
+        ({"max_idle": -1}, "max_idle"),
+        ({"lifetime_jitter": 1.0}, "lifetime_jitter"),
+        ({"lifetime_jitter": -0.1}, "lifetime_jitter"),
+        ({"reconnect_timeout": -1}, "reconnect_timeout"),
+        ({"max_waiting": -1}, "max_waiting"),
+        ({"num_workers": 0}, "num_workers"),
+        ({"segments": 0}, "segments"),
+        ({"check": 42}, "check"),
+        ({"reconnect_failed": "x"}, "reconnect_failed"),
+        ({"check_idle": -1}, "check_idle"),
+        ({"leak_threshold": 0}, "leak_threshold"),
+    ],
+)
+def test_bad_input_names_the_parameter(kwargs, param):
+    with pytest.raises((ValueError, TypeError), match=param):
+        FakePool(**kwargs)
+
+
+def test_closed_pool_refuses_everything(pool):
+    slot = pool.acquire()
+    pool.close()
+    with pytest.raises(errors.PoolClosed):
+        pool.acquire()
+    with pytest.raises(errors.PoolClosed):
+        pool.open()
+    pool.release(slot)  # a lent connection comes back and is closed
+    assert slot.conn.closed
+
+
+def test_not_open_yet():
+    p = FakePool(min_size=1)
+    with pytest.raises(errors.PoolClosed, match="not open"):
+        p.acquire()
+
+
+def test_release_twice_is_an_error_and_pool_stays_intact(pool):
+    slot = pool.acquire()
+    pool.release(slot)
+    with pytest.raises(ValueError, match="not lent"):
+        pool.release(slot)
+    slots = [pool.acquire(), pool.acquire()]
+    assert len({s.conn.id for s in slots}) == 2
+    for s in slots:
+        pool.release(s)
+
+
+# -- waiting ----------------------------------------------------------------
+
+
+def test_timeout_when_exhausted(pool):
+    held = [pool.acquire(), pool.acquire()]
+    t0 = time.monotonic()
+    with pytest.raises(errors.PoolTimeout):
+        pool.acquire(timeout=0.2)
+    assert 0.15 < time.monotonic() - t0 < 2
+    for s in held:
+        pool.release(s)
+    assert pool.get_stats()["requests_errors"] == 1
+
+
+def test_waiters_are_served_in_fifo_order(pool):
+    held = [pool.acquire(), pool.acquire()]
+    order: list[int] = []
+
+    def waiter(i: int) -> None:
+        slot = pool.acquire()
+        order.append(i)
+        gevent.sleep(0.001)
+        pool.release(slot)
+
+    greenlets = []
+    for i in range(10):
+        greenlets.append(gevent.spawn(waiter, i))
+        gevent.sleep(0.001)  # queue them in a known order
+    for s in held:
+        pool.release(s)
+    gevent.joinall(greenlets, timeout=5, raise_error=True)
+    assert order == list(range(10))
+
+
+def test_max_waiting():
+    p = make_pool(min_size=1, max_size=1, max_waiting=2, timeout=2)
+    held = p.acquire()
+    waiters = [gevent.spawn(lambda: p.release(p.acquire())) for _ in range(2)]
+    gevent.sleep(0.01)
+    with pytest.raises(errors.TooManyRequests):
+        p.acquire()
+    p.release(held)
+    gevent.joinall(waiters, timeout=5, raise_error=True)
+    p.close()
+
+
+@pytest.mark.parametrize("how", ["kill", "timeout"])
+def test_interrupted_waiters_never_swallow_connections(pool, how):
+    held = [pool.acquire(), pool.acquire()]
+
+    def waiter() -> None:
+        if how == "timeout":
+            with gevent.Timeout(0.05, False):
+                pool.release(pool.acquire())
+        else:
+            pool.release(pool.acquire())
+
+    greenlets = [gevent.spawn(waiter) for _ in range(10)]
+    gevent.sleep(0.02)
+    if how == "kill":
+        # Return a connection and kill its receiver before it runs: the
+        # handshake must hand it on, not lose it.
+        pool.release(held.pop())
+        gevent.killall(greenlets)
+    else:
+        gevent.joinall(greenlets, timeout=5)
+        pool.release(held.pop())
+    pool.release(held.pop())
+    stats = pool.get_stats()
+    assert stats["pool_available"] == 2
+    assert stats["requests_waiting"] == 0
+    both = [pool.acquire(timeout=0.1), pool.acquire(timeout=0.1)]
+    assert len({s.conn.id for s in both}) == 2
+
+
+def test_affinity_returns_a_greenlets_own_connection():
+    p = make_pool(min_size=8, max_size=8, segments=4)
+    first = p.acquire()
+    p.release(first)
+    assert p.acquire().conn is first.conn
+    p.close()
+
+
+# -- lifetimes and maintenance ----------------------------------------------
+
+
+def test_lifetimes_are_jittered_within_range():
+    p = make_pool(min_size=50, max_size=50, max_lifetime=100, lifetime_jitter=0.3)
+    lifetimes = [s.expire_at - s.created_at for s in p._slots]
+    assert all(70 <= life <= 100 for life in lifetimes)
+    assert max(lifetimes) - min(lifetimes) > 10  # spread, not a cohort
+    p.close()
+
+
+def test_connections_are_replaced_before_they_expire():
+    p = make_pool(min_size=5, max_size=5, max_lifetime=0.6, lifetime_jitter=0.2)
+    first = {s.conn.id for s in p._slots}
+    expired_seen = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        slot = p.acquire(timeout=1)
+        if time.monotonic() >= slot.expire_at:
+            expired_seen += 1
+        gevent.sleep(0.005)
+        p.release(slot)
+    assert not first & {s.conn.id for s in p._slots}  # all replaced
+    assert expired_seen == 0
+    assert p.get_stats()["requests_queued"] == 0  # nobody ever waited for it
+    p.close()
+
+
+def test_idle_surplus_is_closed_after_max_idle():
+    p = make_pool(min_size=1, max_size=4, max_idle=0.3)
+    held = [p.acquire() for _ in range(4)]
+    for s in held:
+        p.release(s)
+    assert p.get_stats()["pool_size"] == 4
+    deadline = time.monotonic() + 3
+    while p.get_stats()["pool_size"] > 1 and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert p.get_stats()["pool_size"] == 1
+    p.close()
+
+
+def test_dirty_connections_are_cleaned_in_the_background(pool):
+    slot = pool.acquire()
+    slot.conn.status = DIRTY
+    t0 = time.monotonic()
+    pool.release(slot)
+    assert time.monotonic() - t0 < 0.005  # the caller doesn't pay for it
+    gevent.sleep(0.05)
+    assert slot.conn.cleaned == 1
+    assert pool.get_stats()["returns_reset"] == 1
+    assert pool.get_stats()["pool_available"] == 2
+
+
+def test_broken_connections_are_replaced(pool):
+    slot = pool.acquire()
+    slot.conn.closed = True
+    pool.release(slot)
+    gevent.sleep(0.05)
+    stats = pool.get_stats()
+    assert stats["returns_bad"] == 1
+    assert stats["pool_size"] == 2
+    assert slot.conn not in [s.conn for s in pool._slots]
+
+
+def test_no_lock_across_a_slow_connect():
+    p = make_pool(min_size=2, max_size=4, connect_delay=0.0)
+    p.connect_delay = 0.3
+    p.resize(4, 4)  # two connects start in the background
+    gevent.sleep(0.01)
+    assert p._connecting == 2
+    slowest = 0.0
+    t_start = time.monotonic()
+    for _ in range(50):
+        t0 = time.monotonic()
+        slot = p.acquire(timeout=1)
+        gevent.sleep(0)
+        p.release(slot)
+        slowest = max(slowest, time.monotonic() - t0)
+    assert time.monotonic() - t_start < 0.2  # all done while connects run
+    assert slowest < 0.05
+    assert p._connecting == 2
+    p.wait(timeout=2)
+    p.close()
+
+
+def test_connect_failures_fail_fast_and_recover():
+    p = make_pool(min_size=1, max_size=1)
+    slot = p.acquire()
+    p.fail_connect = OSError("connection refused (fake)")
+    slot.conn.closed = True
+    p.release(slot)  # broken: replaced... but connects fail
+    gevent.sleep(0.05)
+    t0 = time.monotonic()
+    with pytest.raises(errors.PoolTimeout, match="connection refused"):
+        p.acquire(timeout=5)
+    assert time.monotonic() - t0 < 1  # fail fast, not after 5 s
+    assert p.get_stats()["connections_errors"] >= 1
+    p.fail_connect = None
+    deadline = time.monotonic() + 3
+    while True:  # back within one backoff period
+        try:
+            slot = p.acquire(timeout=5)
+            break
+        except errors.PoolTimeout:
+            assert time.monotonic() < deadline
+            gevent.sleep(0.05)
+    assert slot.conn.closed is False
+    p.close()
+
+
+def test_reconnect_failed_callback():
+    called = []
+    p = FakePool(min_size=1, reconnect_timeout=0.2, reconnect_failed=called.append)
+    p.fail_connect = OSError("down")
+    p.open()
+    deadline = time.monotonic() + 3
+    while not called and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert called == [p]
+    p.close()
+
+
+def test_wait_reports_the_connection_error():
+    p = FakePool(min_size=1)
+    p.fail_connect = OSError("no route to fake host")
+    p.open()
+    with pytest.raises(errors.PoolTimeout, match="no route to fake host"):
+        p.wait(timeout=0.3)
+    assert p.closed
+
+
+def test_leaks_are_logged_with_the_taking_stack(caplog):
+    p = make_pool(min_size=1, max_size=1, leak_threshold=0.1, max_lifetime=2)
+    caplog.set_level(logging.WARNING, logger="greenpool")
+
+    def leaky_function() -> None:
+        p.acquire()
+
+    leaky_function()
+    deadline = time.monotonic() + 3
+    while "leak_threshold" not in caplog.text and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert "leaky_function" in caplog.text
+    p.close()
+
+
+def test_drain_replaces_everything(pool):
+    before = {s.conn.id for s in pool._slots}
+    held = pool.acquire()
+    pool.drain()
+    pool.release(held)
+    pool.wait(timeout=2)
+    assert not before & {s.conn.id for s in pool._slots}
+
+
+def test_resize_grows_the_pool(pool):
+    pool.resize(4, 6)
+    pool.wait(timeout=2)
+    assert pool.get_stats()["pool_size"] == 4
+    assert pool.max_size == 6
+
+
+# -- plain threads ----------------------------------------------------------
+
+
+def test_plain_threads_share_the_pool():
+    p = FakePool(min_size=4, max_size=4, timeout=10)
+    p.open(wait=True)
+    errors_seen: list[BaseException] = []
+    in_use = set()
+    peak = [0]
+    guard = threading.Lock()
+
+    def worker() -> None:
+        try:
+            for _ in range(200):
+                slot = p.acquire()
+                with guard:
+                    assert slot.conn.id not in in_use
+                    in_use.add(slot.conn.id)
+                    peak[0] = max(peak[0], len(in_use))
+                time.sleep(0.0001)
+                with guard:
+                    in_use.discard(slot.conn.id)
+                p.release(slot)
+        except BaseException as ex:  # pragma: no cover - reported below
+            errors_seen.append(ex)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors_seen
+    assert peak[0] <= 4
+    stats = p.get_stats()
+    assert stats["pool_available"] == 4
+    assert stats["requests_num"] == 16 * 200
+    p.close()

@@ -1,0 +1,1040 @@
+"""Black-box parity: `greenpool.ConnectionPool` behaves like `psycopg_pool.ConnectionPool`.
+
+Every scenario here runs against a real PostgreSQL, once with psycopg_pool's
+class and once with greenpool's (and with the Null pools where they are
+relevant), and asserts the same observable behaviour. The pools are driven
+from the plain pytest thread, with no gevent hub: greenpool then works with
+OS threads, like psycopg_pool.
+
+Intended differences, asserted as such:
+
+- Errors: greenpool's `PoolTimeout`/`PoolClosed`/`TooManyRequests` are
+  subclasses of `psycopg.OperationalError` *and* of psycopg_pool's classes, so
+  `except psycopg_pool.PoolTimeout` catches both pools' errors.
+- Stats: psycopg_pool omits counters that are zero; greenpool always includes
+  every counter, plus `returns_reset` and wait-time percentiles
+  (`requests_wait_p50_us`, ...). Values are compared with `.get(key, 0)`.
+- Unreachable database: greenpool puts the driver's error message in the
+  `PoolTimeout` text, and when a connect has failed and no connection is
+  alive, `getconn()` fails fast with `PoolTimeout` instead of waiting for the
+  full timeout (psycopg_pool waits the full timeout, then says nothing about
+  the cause). A greenpool `NullConnectionPool.wait()` fails on the first
+  failed connect instead of retrying until the timeout.
+- Constructor validation: greenpool validates more parameters than
+  psycopg_pool (negative timeouts, `lifetime_jitter`, non-callable callbacks,
+  non-int sizes). Those checks are tested on greenpool only.
+- Cleaning a returned connection (rollback, `reset`) happens in the background
+  in both pools when `reset` is set; greenpool also rolls back in the
+  background, psycopg_pool inline. Tests wait for the pool to settle.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import greenpool
+from greenpool import pg as gp
+
+GREEN = greenpool.ConnectionPool
+GREEN_NULL = greenpool.NullConnectionPool
+PS = psycopg_pool.ConnectionPool
+PS_NULL = psycopg_pool.NullConnectionPool
+
+POOLS = [pytest.param(PS, id="psycopg_pool"), pytest.param(GREEN, id="greenpool")]
+NULL_POOLS = [pytest.param(PS_NULL, id="psycopg_pool-null"), pytest.param(GREEN_NULL, id="greenpool-null")]
+ALL_POOLS = POOLS + NULL_POOLS
+
+#: Every test must end well within this (seconds); a hang fails the test.
+TEST_DEADLINE = 60
+
+#: The counters psycopg_pool documents (it omits those that are zero).
+PSYCOPG_POOL_STATS = {
+    "pool_min",
+    "pool_max",
+    "pool_size",
+    "pool_available",
+    "requests_waiting",
+    "requests_num",
+    "requests_queued",
+    "requests_wait_ms",
+    "requests_errors",
+    "usage_ms",
+    "returns_bad",
+    "connections_num",
+    "connections_ms",
+    "connections_errors",
+    "connections_lost",
+}
+
+
+class DeadlineExceeded(BaseException):
+    """Raised in the main thread when a test overruns TEST_DEADLINE."""
+
+
+@pytest.fixture(autouse=True)
+def _deadline() -> Iterator[None]:
+    """Fail (rather than hang) a test that overruns; hard-exit as a last resort."""
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise DeadlineExceeded(f"test still running after {TEST_DEADLINE} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
+    faulthandler.dump_traceback_later(TEST_DEADLINE * 3, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def _no_gevent_hub() -> None:
+    """These tests drive the pools from a plain thread.
+
+    A gevent hub left in the main thread by an in-process gevent test would
+    make greenpool treat this thread as a greenlet thread; drop it.
+    """
+    gevent_hub_local = sys.modules.get("gevent._hub_local")
+    if gevent_hub_local is not None:
+        hub = gevent_hub_local.get_hub_if_exists()
+        if hub is not None:
+            hub.destroy(destroy_loop=True)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def is_green(cls: type) -> bool:
+    return issubclass(cls, gp.ConnectionPool)
+
+
+def is_null(cls: type) -> bool:
+    return issubclass(cls, (PS_NULL, GREEN_NULL))
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
+        time.sleep(0.01)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def monitor(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A plain autocommit psycopg connection, outside any pool."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def table(monitor: psycopg.Connection[Any]) -> Iterator[str]:
+    """A fresh table `(x int)`, dropped at teardown."""
+    name = unique("gp_parity")
+    monitor.execute(f"create table {name} (x int)")
+    yield name
+    monitor.execute(f"drop table if exists {name}")
+
+
+@pytest.fixture
+def make_pool(pg_dsn: str) -> Iterator[Callable[..., Any]]:
+    """`make_pool(cls, **kwargs)`: a pool on `pg_dsn` (not opened unless
+    `open=True`), with a unique `application_name`; closed at teardown."""
+    pools: list[Any] = []
+
+    def factory(cls: type, conninfo: str | None = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("open", False)
+        app = unique("gp_pool")
+        kwargs.setdefault("kwargs", {"application_name": app})
+        pool = cls(pg_dsn if conninfo is None else conninfo, **kwargs)
+        pool.test_app_name = app
+        pools.append(pool)
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool.close()
+
+
+def backends(monitor: psycopg.Connection[Any], app: str) -> set[int]:
+    """Server pids of the connections with application_name `app`."""
+    rows = monitor.execute("select pid from pg_stat_activity where application_name = %s", (app,)).fetchall()
+    return {pid for (pid,) in rows}
+
+
+def terminate(monitor: psycopg.Connection[Any], pid: int) -> None:
+    """Kill a backend and wait until the server has let it go."""
+    assert monitor.execute("select pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    wait_until(
+        lambda: not monitor.execute("select 1 from pg_stat_activity where pid = %s", (pid,)).fetchone(),
+        what=f"backend {pid} to exit",
+    )
+
+
+def count_rows(monitor: psycopg.Connection[Any], table: str) -> int:
+    row = monitor.execute(f"select count(*) from {table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
+    """Wait until `available` connections are idle and nobody waits."""
+    return wait_until(
+        lambda: (lambda s: s if s.get("pool_available", 0) == available and not s.get("requests_waiting") else None)(
+            pool.get_stats()
+        ),
+        timeout,
+        f"pool_available == {available}",
+    )
+
+
+def hold_all(pool: Any, n: int) -> list[Any]:
+    return [pool.getconn(timeout=5) for _ in range(n)]
+
+
+def sizes(cls: type, min_size: int, max_size: int) -> dict[str, int]:
+    """Size arguments; a null pool's min_size is always 0."""
+    return {"min_size": 0 if is_null(cls) else min_size, "max_size": max_size}
+
+
+def pid_of(conn: Any) -> int:
+    return int(conn.info.backend_pid)
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A local port bound but not listening: connects get ECONNREFUSED."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    yield int(sock.getsockname()[1])
+    sock.close()
+
+
+# --------------------------------------------------------------------------
+# Transactions and checkout
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_connection_commits_on_success_rolls_back_on_error(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], table: str
+) -> None:
+    pool = make_pool(cls, **sizes(cls, 1, 2))
+    pool.open(wait=True, timeout=10)
+
+    with pool.connection() as conn:
+        conn.execute(f"insert into {table} values (1)")
+    assert count_rows(monitor, table) == 1
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with pool.connection() as conn:
+            conn.execute(f"insert into {table} values (2)")
+            raise Boom()
+    assert count_rows(monitor, table) == 1
+    assert monitor.execute(f"select array_agg(x) from {table}").fetchone() == ([1],)
+
+    # The pool still works after the error.
+    with pool.connection() as conn:
+        assert conn.execute("select 42").fetchone() == (42,)
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_getconn_putconn(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 2, 2))
+    pool.open(wait=True, timeout=10)
+    conn = pool.getconn()
+    assert conn.execute("select 1").fetchone() == (1,)
+    conn.commit()
+    pool.putconn(conn)
+    if is_null(cls):
+        # A null pool closes returned connections nobody waits for
+        # (greenpool closes it in the background).
+        wait_until(lambda: conn.closed, what="the returned connection to be closed")
+    else:
+        settle(pool, 2)
+        assert not conn.closed
+    again = pool.getconn()
+    assert again.execute("select 2").fetchone() == (2,)
+    pool.putconn(again)
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_pool_is_context_manager(cls: type, pg_dsn: str) -> None:
+    with cls(pg_dsn, **sizes(cls, 1, 2), open=False) as pool:
+        assert not pool.closed
+        with pool.connection() as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    assert pool.closed
+    with pytest.raises(psycopg_pool.PoolClosed):
+        pool.getconn()
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_min_size_connections_after_open_wait(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    pool = make_pool(cls, min_size=3, max_size=5)
+    pool.open(wait=True, timeout=10)
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 3
+    assert stats["pool_available"] == 3
+    assert len(backends(monitor, pool.test_app_name)) == 3
+    conns = hold_all(pool, 3)
+    try:
+        assert len({pid_of(c) for c in conns}) == 3
+        # Nothing new was needed for those three.
+        assert pool.get_stats()["connections_num"] == 3
+    finally:
+        for c in conns:
+            pool.putconn(c)
+
+
+# --------------------------------------------------------------------------
+# Limits: timeout, max_waiting
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_timeout_when_exhausted(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 1, 1), timeout=0.3)
+    pool.open(wait=True, timeout=10)
+    held = pool.getconn()
+    try:
+        for kwargs in ({}, {"timeout": 0.3}):  # the pool's timeout, then an explicit one
+            t0 = time.monotonic()
+            with pytest.raises(psycopg_pool.PoolTimeout) as info:
+                pool.getconn(**kwargs)
+            elapsed = time.monotonic() - t0
+            assert 0.25 <= elapsed < 2.0, elapsed
+            assert isinstance(info.value, psycopg.OperationalError)
+            if is_green(cls):
+                assert isinstance(info.value, greenpool.PoolTimeout)
+        with pytest.raises(psycopg_pool.PoolTimeout):
+            with pool.connection(timeout=0.1):
+                pass
+    finally:
+        pool.putconn(held)
+    with pool.connection(timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    stats = pool.get_stats()
+    assert stats["requests_errors"] == 3
+    assert stats.get("requests_waiting", 0) == 0
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_max_waiting_raises_too_many_requests(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 1, 1), max_waiting=2)
+    pool.open(wait=True, timeout=10)
+    held = pool.getconn()
+    results: list[Any] = []
+
+    def waiter() -> None:
+        try:
+            with pool.connection(timeout=10) as conn:
+                results.append(conn.execute("select 1").fetchone())
+        except BaseException as ex:  # pragma: no cover - reported below
+            results.append(ex)
+
+    threads = [threading.Thread(target=waiter, daemon=True) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: pool.get_stats().get("requests_waiting") == 2, what="2 queued requests")
+        t0 = time.monotonic()
+        with pytest.raises(psycopg_pool.TooManyRequests) as info:
+            pool.getconn(timeout=10)
+        assert time.monotonic() - t0 < 1.0, "TooManyRequests must not wait"
+        assert isinstance(info.value, psycopg.OperationalError)
+        if is_green(cls):
+            assert isinstance(info.value, greenpool.TooManyRequests)
+    finally:
+        pool.putconn(held)
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert results == [(1,), (1,)]
+    assert pool.get_stats()["requests_errors"] == 1
+
+
+# --------------------------------------------------------------------------
+# Misuse: wrong putconn, closed pool
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_putconn_foreign_connection(cls: type, make_pool: Callable[..., Any], pg_dsn: str) -> None:
+    pool = make_pool(cls, **sizes(cls, 1, 1))
+    other = make_pool(cls, **sizes(cls, 1, 1))
+    pool.open(wait=True, timeout=10)
+    other.open(wait=True, timeout=10)
+
+    # A connection of another pool.
+    foreign = other.getconn()
+    with pytest.raises(ValueError, match="pool"):
+        pool.putconn(foreign)
+    assert foreign.execute("select 1").fetchone() == (1,)
+    foreign.commit()
+    other.putconn(foreign)  # still returnable to its own pool
+
+    # A connection of no pool.
+    with psycopg.connect(pg_dsn) as plain:
+        with pytest.raises(ValueError, match="pool"):
+            pool.putconn(plain)
+        assert not plain.closed
+
+    # Both pools intact: each still lends its single connection.
+    for p in (pool, other):
+        with p.connection(timeout=5) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        stats = p.get_stats()
+        assert stats.get("returns_bad", 0) == 0
+        if not is_null(cls):
+            settle(p, 1)
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_putconn_twice(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 2, 2))
+    pool.open(wait=True, timeout=10)
+    conn = pool.getconn()
+    pool.putconn(conn)
+    with pytest.raises(ValueError):
+        pool.putconn(conn)
+    # Pool intact: not returned twice, both connections distinct and working.
+    if not is_null(cls):
+        settle(pool, 2)
+    a, b = hold_all(pool, 2)
+    try:
+        assert a is not b
+        assert pid_of(a) != pid_of(b)
+        assert a.execute("select 1").fetchone() == b.execute("select 1").fetchone() == (1,)
+        with pytest.raises(psycopg_pool.PoolTimeout):
+            pool.getconn(timeout=0.2)
+    finally:
+        pool.putconn(a)
+        pool.putconn(b)
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_use_before_open_and_after_close(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 1, 1))
+    with pytest.raises(psycopg_pool.PoolClosed):
+        pool.getconn()
+    pool.open(wait=True, timeout=10)
+    pool.open()  # opening an open pool is a no-op
+    with pool.connection() as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    pool.close()
+    pool.close()  # idempotent
+    assert pool.closed
+    with pytest.raises(psycopg_pool.PoolClosed) as info:
+        pool.getconn()
+    assert isinstance(info.value, psycopg.OperationalError)
+    if is_green(cls):
+        assert isinstance(info.value, greenpool.PoolClosed)
+    with pytest.raises(psycopg_pool.PoolClosed):
+        with pool.connection():
+            pass
+    # A closed pool can't be reopened.
+    with pytest.raises(psycopg_pool.PoolClosed):
+        pool.open()
+    with pytest.raises(psycopg_pool.PoolClosed):
+        pool.open(wait=True, timeout=1)
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_close_fails_waiting_requests_and_closes_lent_on_return(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, min_size=1, max_size=1)
+    pool.open(wait=True, timeout=10)
+    held = pool.getconn()
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            pool.getconn(timeout=10)
+        except BaseException as ex:
+            errors.append(ex)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    wait_until(lambda: pool.get_stats().get("requests_waiting") == 1, what="a queued request")
+    pool.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], psycopg_pool.PoolClosed), errors
+    pool.putconn(held)
+    wait_until(lambda: held.closed, what="the lent connection to be closed on return")
+
+
+# --------------------------------------------------------------------------
+# Callbacks: configure, reset, check
+# --------------------------------------------------------------------------
+
+
+def _tag(conn: Any) -> str:
+    row = conn.execute("select current_setting('greenpool.tag', true)").fetchone()
+    conn.commit()
+    return row[0] or ""
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_configure_applied_to_each_new_connection(cls: type, make_pool: Callable[..., Any]) -> None:
+    configured: list[Any] = []
+
+    def configure(conn: Any) -> None:
+        conn.execute("select set_config('greenpool.tag', 'configured', false)")
+        conn.commit()
+        configured.append(conn)
+
+    pool = make_pool(cls, **sizes(cls, 2, 4), configure=configure)
+    pool.open(wait=True, timeout=10)
+    conns = hold_all(pool, 4)  # 2 from open, 2 more made on demand
+    try:
+        for conn in conns:
+            assert any(conn is c for c in configured)
+            assert _tag(conn) == "configured"
+    finally:
+        for conn in conns:
+            pool.putconn(conn)
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_configure_leaving_a_transaction_discards_the_connection(cls: type, make_pool: Callable[..., Any]) -> None:
+    def configure(conn: Any) -> None:
+        conn.execute("select 1")  # opens a transaction, never committed
+
+    pool = make_pool(cls, min_size=1, configure=configure)
+    with pytest.raises(psycopg_pool.PoolTimeout):
+        pool.open(wait=True, timeout=1.0)
+    assert pool.closed
+
+
+# A null pool only resets a connection it hands to a waiter (psycopg_pool
+# closes the others right away), so `reset` is tested on the pools proper.
+@pytest.mark.parametrize("cls", POOLS)
+def test_reset_called_on_return(cls: type, make_pool: Callable[..., Any]) -> None:
+    resets: list[Any] = []
+
+    def reset(conn: Any) -> None:
+        conn.execute("reset greenpool.tag")
+        conn.commit()
+        resets.append(conn)
+
+    pool = make_pool(cls, min_size=1, max_size=1, reset=reset)
+    pool.open(wait=True, timeout=10)
+    conn = pool.getconn()
+    pid = pid_of(conn)
+    conn.execute("select set_config('greenpool.tag', 'dirty', false)")
+    conn.commit()
+    pool.putconn(conn)
+    wait_until(lambda: len(resets) == 1, what="reset to be called")
+    assert resets[0] is conn
+    with pool.connection(timeout=5) as again:
+        assert pid_of(again) == pid  # the same connection, reset
+        assert _tag(again) == ""
+    wait_until(lambda: len(resets) == 2, what="reset to be called on the second return")
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_check_callback_replaces_failing_connection(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    checked: list[int] = []
+
+    def check(conn: Any) -> None:
+        checked.append(pid_of(conn))
+        cls.check_connection(conn)
+
+    pool = make_pool(cls, min_size=2, max_size=2, check=check)
+    pool.open(wait=True, timeout=10)
+    pids = {pid_of(c) for c in _hold_and_return(pool, 2)}
+    assert len(pids) == 2
+    checked.clear()
+    victim = min(pids)
+    terminate(monitor, victim)
+
+    conns = hold_all(pool, 2)
+    try:
+        lent = {pid_of(c) for c in conns}
+        assert victim not in lent
+        assert len(lent) == 2
+        for c in conns:
+            assert c.execute("select 1").fetchone() == (1,)
+            c.commit()
+    finally:
+        for c in conns:
+            pool.putconn(c)
+    assert victim in checked  # the check saw the dead connection...
+    assert len(checked) >= 3  # ...and the replacement was checked too
+    assert pool.get_stats()["connections_lost"] == 1
+
+
+def _hold_and_return(pool: Any, n: int) -> list[Any]:
+    conns = hold_all(pool, n)
+    for c in conns:
+        pool.putconn(c)
+    return conns
+
+
+# --------------------------------------------------------------------------
+# Returned connections in a bad state
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_returned_in_transaction_is_rolled_back(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], table: str
+) -> None:
+    pool = make_pool(cls, min_size=1, max_size=1)
+    pool.open(wait=True, timeout=10)
+
+    conn = pool.getconn()
+    conn.execute(f"insert into {table} values (1)")
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    pool.putconn(conn)
+    settle(pool, 1)
+    assert count_rows(monitor, table) == 0
+
+    # INERROR too.
+    conn = pool.getconn()
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        conn.execute("select * from no_such_table_gp")
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    pool.putconn(conn)
+    settle(pool, 1)
+
+    with pool.connection(timeout=5) as again:
+        assert again is conn  # kept, not replaced
+        assert again.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert again.execute(f"select count(*) from {table}").fetchone() == (0,)
+    stats = pool.get_stats()
+    assert stats.get("returns_bad", 0) == 0
+    assert stats["connections_num"] == 1
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_returned_closed_is_replaced(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 2, 2))
+    pool.open(wait=True, timeout=10)
+    conn = pool.getconn()
+    conn.close()
+    pool.putconn(conn)
+    if not is_null(cls):
+        settle(pool, 2)
+    stats = pool.get_stats()
+    assert stats["returns_bad"] == 1
+    conns = hold_all(pool, 2)
+    try:
+        assert all(c is not conn and not c.closed for c in conns)
+        assert [c.execute("select 1").fetchone() for c in conns] == [(1,), (1,)]
+    finally:
+        for c in conns:
+            pool.putconn(c)
+    if not is_null(cls):
+        assert pool.get_stats()["connections_num"] == 3
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_terminated_backend_discarded_by_check(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    pool = make_pool(cls, min_size=2, max_size=2)
+    pool.open(wait=True, timeout=10)
+    pids = {pid_of(c) for c in _hold_and_return(pool, 2)}
+    victim = min(pids)
+    terminate(monitor, victim)
+
+    pool.check()
+    settle(pool, 2)
+    assert pool.get_stats()["connections_lost"] == 1
+    conns = hold_all(pool, 2)
+    try:
+        lent = {pid_of(c) for c in conns}
+        assert victim not in lent and len(lent) == 2
+        assert lent - pids  # a new backend replaced the dead one
+        for c in conns:
+            assert c.execute("select 1").fetchone() == (1,)
+            c.commit()
+    finally:
+        for c in conns:
+            pool.putconn(c)
+    assert backends(monitor, pool.test_app_name) == lent
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_terminated_backend_discarded_on_return(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    pool = make_pool(cls, **sizes(cls, 2, 2))
+    pool.open(wait=True, timeout=10)
+    with pytest.raises(psycopg.OperationalError):
+        with pool.connection() as conn:
+            victim = pid_of(conn)
+            terminate(monitor, victim)
+            conn.execute("select 1")
+    assert conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN
+    if not is_null(cls):
+        settle(pool, 2)
+    assert pool.get_stats()["returns_bad"] == 1
+    conns = hold_all(pool, 2)
+    try:
+        assert victim not in {pid_of(c) for c in conns}
+        assert [c.execute("select 1").fetchone() for c in conns] == [(1,), (1,)]
+    finally:
+        for c in conns:
+            pool.putconn(c)
+
+
+# --------------------------------------------------------------------------
+# Maintenance: resize, drain
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_resize(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
+    pool = make_pool(cls, min_size=1, max_size=1)
+    pool.open(wait=True, timeout=10)
+
+    pool.resize(3, 4)
+    assert (pool.min_size, pool.max_size) == (3, 4)
+    stats = settle(pool, 3)
+    assert (stats["pool_min"], stats["pool_max"], stats["pool_size"]) == (3, 4, 3)
+    conns = hold_all(pool, 4)  # the 4th is made on demand, up to the new max
+    try:
+        assert len({pid_of(c) for c in conns}) == 4
+        with pytest.raises(psycopg_pool.PoolTimeout):
+            pool.getconn(timeout=0.2)
+    finally:
+        for c in conns:
+            pool.putconn(c)
+
+    pool.resize(2)  # max_size defaults to min_size
+    assert (pool.min_size, pool.max_size) == (2, 2)
+    stats = pool.get_stats()
+    assert (stats["pool_min"], stats["pool_max"]) == (2, 2)
+
+    # Bad sizes are refused and leave the pool as it was.
+    with pytest.raises(ValueError, match="min_size"):
+        pool.resize(-1)
+    with pytest.raises(ValueError, match="max_size"):
+        pool.resize(3, 2)
+    assert (pool.min_size, pool.max_size) == (2, 2)
+    with pool.connection(timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("cls", NULL_POOLS)
+def test_resize_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, max_size=1)
+    pool.open(wait=True, timeout=10)
+    pool.resize(0, 3)
+    assert (pool.min_size, pool.max_size) == (0, 3)
+    with pytest.raises(ValueError, match="min_size"):
+        pool.resize(1, 3)
+    conns = hold_all(pool, 3)
+    try:
+        assert len({pid_of(c) for c in conns}) == 3
+    finally:
+        for c in conns:
+            pool.putconn(c)
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_drain_replaces_connections(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    pool = make_pool(cls, min_size=3, max_size=3)
+    pool.open(wait=True, timeout=10)
+    before = {pid_of(c) for c in _hold_and_return(pool, 3)}
+    assert len(before) == 3
+    settle(pool, 3)
+
+    lent = pool.getconn()
+    pool.drain()
+    settle(pool, 2)  # the idle ones are replaced now...
+    assert not lent.closed
+    assert lent.execute("select 1").fetchone() == (1,)
+    lent.commit()
+    pool.putconn(lent)  # ...the lent one when it comes back
+    wait_until(lambda: lent.closed, what="the drained lent connection to be closed")
+    settle(pool, 3)
+
+    after = {pid_of(c) for c in _hold_and_return(pool, 3)}
+    assert len(after) == 3
+    assert not after & before
+    wait_until(lambda: backends(monitor, pool.test_app_name) == after, what="old backends to be gone")
+
+
+# --------------------------------------------------------------------------
+# max_size while connections expire
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_max_size_holds_while_lent_connections_expire(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    """`max_size` caps the connections lent at once, even past max_lifetime.
+
+    Both connections of a max_size=2 pool are held past their max_lifetime;
+    a third request must time out (psycopg_pool: expired connections are
+    replaced only when they come back), and the server never sees more than
+    max_size backends of the pool.
+    """
+    extra = {"lifetime_jitter": 0.0} if is_green(cls) else {}
+    pool = make_pool(cls, min_size=2, max_size=2, max_lifetime=1.0, **extra)
+    pool.open(wait=True, timeout=10)
+    a, b = hold_all(pool, 2)
+    first = {pid_of(a), pid_of(b)}
+    try:
+        peak = 0
+        deadline = time.monotonic() + 1.6
+        while time.monotonic() < deadline:
+            peak = max(peak, len(backends(monitor, pool.test_app_name)))
+            time.sleep(0.05)
+        try:
+            third = pool.getconn(timeout=0.3)
+        except psycopg_pool.PoolTimeout:
+            third = None
+        else:
+            pool.putconn(third)
+        assert third is None, "a third connection was lent by a max_size=2 pool"
+        assert peak <= 2, f"{peak} backends open for a max_size=2 pool"
+    finally:
+        pool.putconn(a)
+        pool.putconn(b)
+    # The expired connections are replaced once back.
+    settle(pool, 2)
+    after = {pid_of(c) for c in _hold_and_return(pool, 2)}
+    assert not after & first
+
+
+# --------------------------------------------------------------------------
+# Stats
+# --------------------------------------------------------------------------
+
+
+def _stats_workload(pool: Any, monitor: psycopg.Connection[Any]) -> None:
+    """The same deterministic workload for both pools (min_size=max_size=2)."""
+    for _ in range(3):  # 3 requests served at once
+        with pool.connection() as conn:
+            conn.execute("select 1")
+    a, b = hold_all(pool, 2)  # 2 requests
+    with pytest.raises(psycopg_pool.PoolTimeout):  # 1 request, queued, failed
+        pool.getconn(timeout=0.3)
+    a.close()
+    pool.putconn(a)  # 1 bad return -> 1 new connection
+    pool.putconn(b)
+    settle(pool, 2)
+    victim = pid_of(_hold_and_return(pool, 2)[0])  # 2 requests
+    terminate(monitor, victim)
+    pool.check()  # 1 connection lost -> 1 new connection
+    settle(pool, 2)
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_stats_keys_and_values(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    pool = make_pool(cls, min_size=2, max_size=2)
+    pool.open(wait=True, timeout=10)
+    _stats_workload(pool, monitor)
+    stats = pool.get_stats()
+
+    assert all(isinstance(v, int) for v in stats.values()), stats
+    if is_green(cls):
+        # greenpool always reports every psycopg_pool counter, even when zero.
+        assert PSYCOPG_POOL_STATS <= set(stats), PSYCOPG_POOL_STATS - set(stats)
+    else:
+        assert set(stats) <= PSYCOPG_POOL_STATS, set(stats) - PSYCOPG_POOL_STATS
+    expected = {
+        "pool_min": 2,
+        "pool_max": 2,
+        "pool_size": 2,
+        "pool_available": 2,
+        "requests_waiting": 0,
+        "requests_num": 8,
+        "requests_queued": 1,
+        "requests_errors": 1,
+        "returns_bad": 1,
+        "connections_num": 4,
+        "connections_errors": 0,
+        "connections_lost": 1,
+    }
+    assert {k: stats.get(k, 0) for k in expected} == expected
+    assert stats["requests_wait_ms"] >= 250  # the 0.3 s timed-out request
+    assert stats["usage_ms"] >= 0 and stats["connections_ms"] >= 0
+
+    popped = pool.pop_stats()
+    assert {k: popped.get(k, 0) for k in expected} == expected
+    after = pool.get_stats()
+    # Counters restart from zero; measures (pool_*) are still there.
+    for key in PSYCOPG_POOL_STATS - {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}:
+        assert after.get(key, 0) == 0, (key, after)
+    assert (after["pool_min"], after["pool_max"], after["pool_size"], after["pool_available"]) == (2, 2, 2, 2)
+
+
+@pytest.mark.parametrize("cls", NULL_POOLS)
+def test_stats_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, max_size=1)
+    pool.open(wait=True, timeout=10)
+    held = pool.getconn()
+    with pytest.raises(psycopg_pool.PoolTimeout):
+        pool.getconn(timeout=0.2)
+    pool.putconn(held)
+    stats = pool.get_stats()
+    assert stats["pool_min"] == 0 and stats["pool_max"] == 1
+    assert stats["requests_num"] == 2
+    assert stats["requests_errors"] == 1
+    assert stats.get("requests_waiting", 0) == 0
+
+
+# --------------------------------------------------------------------------
+# Constructor validation
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", POOLS)
+@pytest.mark.parametrize(
+    "kwargs, exc, param",
+    [
+        ({"min_size": -1}, ValueError, "min_size"),
+        ({"min_size": 4, "max_size": 2}, ValueError, "max_size"),
+        ({"num_workers": 0}, ValueError, "num_workers"),
+    ],
+)
+def test_bad_constructor_input(cls: type, pg_dsn: str, kwargs: dict[str, Any], exc: type, param: str) -> None:
+    with pytest.raises(exc, match=param):
+        cls(pg_dsn, open=False, **kwargs)
+
+
+@pytest.mark.parametrize("cls", NULL_POOLS)
+def test_bad_constructor_input_null_pool(cls: type, pg_dsn: str) -> None:
+    with pytest.raises(ValueError, match="min_size"):
+        cls(pg_dsn, min_size=1, open=False)
+
+
+# psycopg_pool doesn't validate these (it accepts negative timeouts, any
+# jitter, non-callable callbacks and fails later, or never): greenpool only.
+@pytest.mark.parametrize("cls", [pytest.param(GREEN, id="greenpool"), pytest.param(GREEN_NULL, id="greenpool-null")])
+@pytest.mark.parametrize(
+    "kwargs, exc, param",
+    [
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"max_lifetime": -1}, ValueError, "max_lifetime"),
+        ({"max_lifetime": 0}, ValueError, "max_lifetime"),
+        ({"max_idle": -5}, ValueError, "max_idle"),
+        ({"reconnect_timeout": -1}, ValueError, "reconnect_timeout"),
+        ({"lifetime_jitter": 1.0}, ValueError, "lifetime_jitter"),
+        ({"lifetime_jitter": -0.1}, ValueError, "lifetime_jitter"),
+        ({"max_waiting": -1}, ValueError, "max_waiting"),
+        ({"max_size": "4"}, TypeError, "max_size"),
+        ({"timeout": "soon"}, TypeError, "timeout"),
+        ({"configure": "not callable"}, TypeError, "configure"),
+        ({"check": 42}, TypeError, "check"),
+        ({"reset": object()}, TypeError, "reset"),
+        ({"reconnect_failed": "x"}, TypeError, "reconnect_failed"),
+        ({"kwargs": ["not", "a", "dict"]}, TypeError, "kwargs"),
+        ({"connection_class": dict}, TypeError, "connection_class"),
+    ],
+)
+def test_bad_constructor_input_greenpool_only(
+    cls: type, pg_dsn: str, kwargs: dict[str, Any], exc: type, param: str
+) -> None:
+    with pytest.raises(exc, match=param):
+        cls(pg_dsn, open=True, **kwargs)
+
+
+def test_bad_min_size_type_greenpool_only(pg_dsn: str) -> None:
+    with pytest.raises(TypeError, match="min_size"):
+        GREEN(pg_dsn, min_size=2.5, open=False)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# Unreachable or wrong database
+# --------------------------------------------------------------------------
+
+
+def _bad_dsns(pg_dsn: str, refused_port: int) -> dict[str, tuple[str, str]]:
+    """name -> (dsn, a fragment of the driver's error message)."""
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    unreachable = psycopg.conninfo.make_conninfo(
+        "", **{**params, "host": "127.0.0.1", "port": str(refused_port), "connect_timeout": "5"}
+    )
+    wrong_db = psycopg.conninfo.make_conninfo("", **{**params, "dbname": "greenpool_no_such_db"})
+    return {
+        "unreachable": (unreachable, "Connection refused"),
+        "wrong_dbname": (wrong_db, 'database "greenpool_no_such_db" does not exist'),
+    }
+
+
+@pytest.mark.parametrize("which", ["unreachable", "wrong_dbname"])
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_open_wait_bad_database_raises_pool_timeout(
+    cls: type, make_pool: Callable[..., Any], pg_dsn: str, refused_port: int, which: str
+) -> None:
+    dsn, message = _bad_dsns(pg_dsn, refused_port)[which]
+    pool = make_pool(cls, dsn, **sizes(cls, 1, 1))
+    t0 = time.monotonic()
+    with pytest.raises(psycopg_pool.PoolTimeout) as info:
+        pool.open(wait=True, timeout=2)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3.5, elapsed
+    if not is_null(cls):
+        assert elapsed >= 1.9, elapsed  # retried until the timeout
+    assert pool.closed
+    if is_green(cls):
+        # Intended difference: greenpool tells why.
+        assert message in str(info.value)
+        assert isinstance(info.value.__cause__, psycopg.OperationalError)
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_getconn_while_database_unreachable(
+    cls: type, make_pool: Callable[..., Any], pg_dsn: str, refused_port: int
+) -> None:
+    """Intended difference: with no connection alive and connects failing,
+    greenpool fails fast (with the driver's error); psycopg_pool waits the
+    whole timeout."""
+    dsn, message = _bad_dsns(pg_dsn, refused_port)["unreachable"]
+    pool = make_pool(cls, dsn, min_size=1, timeout=1.5)
+    pool.open()
+    if is_green(cls):
+        wait_until(lambda: pool.get_stats()["connections_errors"] >= 1, what="a failed connect")
+    else:
+        time.sleep(0.3)
+    t0 = time.monotonic()
+    with pytest.raises(psycopg_pool.PoolTimeout) as info:
+        pool.getconn()
+    elapsed = time.monotonic() - t0
+    if is_green(cls):
+        assert elapsed < 0.5, elapsed
+        assert message in str(info.value)
+    else:
+        assert 1.4 <= elapsed < 3.0, elapsed
