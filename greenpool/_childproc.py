@@ -8,10 +8,11 @@ one command per line to the child's stdin and reads one reply per line
 (or the parent dying) tells the child to clean up and exit.
 
 The parent side must behave identically in a plain process and in one that
-gevent has monkey-patched -- possibly *after* the child was started. So every
-blocking primitive used here is fetched through :func:`original`, and the
-pipes are raw file descriptors we own rather than ``Popen``'s file objects
-(gevent's ``Popen`` would hand back cooperative, non-blocking ones). The
+gevent has monkey-patched -- possibly *after* the child was started. So the
+blocking primitives used to talk to the child (poll, read, write, the lock)
+are fetched through :func:`original`, and the pipes are raw file descriptors
+we own rather than ``Popen``'s file objects (gevent's ``Popen`` would hand
+back cooperative, non-blocking ones). The
 price is that a command blocks the whole gevent hub for its round trip, which
 is a few hundred microseconds; in exchange, two greenlets can never interleave
 halves of a request/reply exchange.
@@ -171,8 +172,7 @@ class LineChild:
             chunk = read(self._out, 65536)
             if not chunk:
                 raise self._error(
-                    f"{self._what} (pid {self.pid}) exited unexpectedly "
-                    f"(exit status {self._proc.poll()})"
+                    f"{self._what} (pid {self.pid}) exited unexpectedly (exit status {self._proc.poll()})"
                 )
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")

@@ -32,6 +32,8 @@ _RealThread: type[threading.Thread] = _original("threading", "Thread")
 
 getcurrent = greenlet.getcurrent
 
+INFINITY = float("inf")
+
 
 _get_hub_if_exists: Callable[[], Any] | None = None
 
@@ -146,9 +148,11 @@ class GreenWakeup:
         """
         if self._fired:
             return True
-        timer = self._hub.loop.timer(timeout if timeout > 0 else 0.0)
+        # An infinite timeout (Peewee's timeout=0, "wait forever") arms no timer.
+        timer = self._hub.loop.timer(max(timeout, 0.0)) if timeout != INFINITY else None
         self._greenlet = getcurrent()
-        timer.start(self._expire)
+        if timer is not None:
+            timer.start(self._expire)
         try:
             if handoff is not None and handoff._greenlet is not None:
                 handoff._fired = True
@@ -156,7 +160,8 @@ class GreenWakeup:
             return bool(self._hub.switch())
         finally:
             self._greenlet = None
-            timer.close()
+            if timer is not None:
+                timer.close()
 
     def _expire(self) -> None:
         greenlet = self._greenlet
@@ -193,7 +198,9 @@ class ThreadWakeup:
 
     def wait(self, timeout: float, handoff: Any = None) -> bool:
         """Block this thread until fired or `timeout` seconds pass."""
-        return bool(self._lock.acquire(True, timeout if timeout > 0 else 0))
+        if timeout == INFINITY:
+            return bool(self._lock.acquire())
+        return bool(self._lock.acquire(True, max(timeout, 0.0)))
 
     def fire(self) -> None:
         """Wake the waiter; callable from any greenlet or thread."""

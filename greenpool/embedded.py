@@ -125,8 +125,7 @@ def _pgserver_dir() -> Path:
     bin_dir = pkg / "pginstall" / "bin"
     if not (bin_dir / "postgres").exists() or not (bin_dir / "initdb").exists():
         raise RuntimeError(
-            f"pgserver at {pkg} does not contain pginstall/bin/postgres and initdb; "
-            f"reinstall it with: {_INSTALL_HINT}"
+            f"pgserver at {pkg} does not contain pginstall/bin/postgres and initdb; reinstall it with: {_INSTALL_HINT}"
         )
     return pkg
 
@@ -153,7 +152,11 @@ def _start_server() -> _EmbeddedServer:
     logger.info(
         "started embedded PostgreSQL %s on 127.0.0.1:%d in %.2fs (directory %s, supervisor pid %d%s%s); "
         "it is stopped and deleted when this process exits",
-        server.version, server.port, time.monotonic() - started, server.base_dir, child.pid,
+        server.version,
+        server.port,
+        time.monotonic() - started,
+        server.base_dir,
+        child.pid,
         f", running as {run_as!r}" if run_as else "",
         f", from a copy of the binaries that {run_as!r} could not reach" if binaries == "copy" else "",
     )
@@ -261,17 +264,13 @@ class _Runner:
 
     def run(self, args: list[str], log: Path) -> None:
         with open(log, "ab") as out:
-            result = subprocess.run(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **self.kwargs
-            )
+            result = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **self.kwargs)
         if result.returncode != 0:
             raise RuntimeError(f"{Path(args[0]).name} failed (exit {result.returncode}):\n{_tail(log)}")
 
     def popen(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            return subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **self.kwargs
-            )
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **self.kwargs)
 
 
 def _tail(path: Path, size: int = 3000) -> str:
@@ -365,8 +364,7 @@ def _start_postgres(pkg: Path, base: Path) -> _Started:
     # -N: no fsync of the new cluster (it is thrown away anyway); --locale=C:
     # deterministic, and immune to a LANG naming a locale that isn't installed.
     runner.run(
-        [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-         "-E", "UTF8", "--locale=C", "-N"],
+        [str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-N"],
         log,
     )
     version = (data / "PG_VERSION").read_text().strip()

@@ -190,6 +190,7 @@ class Pool(Generic[C]):
         # Reserved connects: None to grow, or the Slot being replaced.
         self._todo: deque[Slot[C] | None] = deque()
         self._connecting = 0  # connector jobs running
+        self._inflight = 0  # reservations taken from _todo, being connected
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._reconnect_reported = False
@@ -351,11 +352,13 @@ class Pool(Generic[C]):
                         return seg.idle.pop()
         return None
 
-    def acquire(self, timeout: float | None = None) -> Slot[C]:
+    def acquire(self, timeout: float | None = None, *, fail_if_full: bool = False) -> Slot[C]:
         """Lend a connection's slot; wait up to `timeout` (default `self.timeout`).
 
         Raise `PoolTimeout` if none is available in time, `TooManyRequests`
-        if `max_waiting` requests already wait, `PoolClosed` if closed.
+        if `max_waiting` requests already wait (or, with `fail_if_full`, if
+        no connection is idle and the pool can't grow for this request),
+        `PoolClosed` if closed. `timeout` may be `math.inf`.
         """
         if self._closed:
             self._check_open()
@@ -370,11 +373,11 @@ class Pool(Generic[C]):
                 slot = self._pop_idle()
         if timeout is None:
             timeout = self.timeout
-        return self._acquire_queued(now, now + timeout, timeout)
+        return self._acquire_queued(now, now + timeout, timeout, fail_if_full)
 
-    def _acquire_queued(self, start: float, deadline: float, timeout: float) -> Slot[C]:
+    def _acquire_queued(self, start: float, deadline: float, timeout: float, fail_if_full: bool) -> Slot[C]:
         while True:
-            req = self._enqueue()
+            req = self._enqueue(fail_if_full)
             self._fill()
             for seg in self._segments:
                 if seg.idle:
@@ -421,7 +424,7 @@ class Pool(Generic[C]):
                 self.requests_wait_ms += int(waited * 1000)
                 return self._lend(slot, now)
 
-    def _enqueue(self) -> _Request:
+    def _enqueue(self, fail_if_full: bool) -> _Request:
         req = new_wakeup()
         with self._lock:
             self._check_open()
@@ -430,6 +433,11 @@ class Pool(Generic[C]):
                 raise self.TooManyRequests(
                     f"the pool {self.name!r} has already {self._nwaiting} requests waiting"
                 )
+            # Each request ahead of this one takes a pending connect or the
+            # next returned connection; what's left of max_size is ours.
+            if fail_if_full and len(self._slots) + self._nwaiting >= self._max_size:
+                self.requests_errors += 1
+                raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
             if self._failing_since is not None and not self._slots:
                 # The database is unreachable and nothing can come back:
                 # fail fast with the driver's error instead of a long wait.
@@ -629,14 +637,14 @@ class Pool(Generic[C]):
 
     def _fill(self) -> None:
         """Reserve connects up to `min_size`, and for waiters up to `max_size`."""
-        pending = len(self._todo) + self._connecting
+        pending = len(self._todo) + self._inflight
         size = len(self._slots) + pending
         if size >= self._min_size and (size >= self._max_size or self._nwaiting <= pending):
             return  # nothing to do: the common case, decided without the lock
         with self._lock:
             if self._closed:
                 return
-            pending = len(self._todo) + self._connecting
+            pending = len(self._todo) + self._inflight
             size = len(self._slots) + pending
             want = max(
                 self._min_size - size,
@@ -670,6 +678,7 @@ class Pool(Generic[C]):
                         return
                     replaces = self._todo.popleft()
                     reserved = True
+                    self._inflight += 1
                 t0 = monotonic()
                 try:
                     self.connections_num += 1
@@ -678,13 +687,13 @@ class Pool(Generic[C]):
                     self.connections_errors += 1
                     with self._lock:
                         self._todo.appendleft(replaces)
+                        self._inflight -= 1
                         reserved = False
                     self._connect_failed(ex, t0)
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, _BACKOFF_MAX)
                     continue
-                reserved = False
                 elapsed = monotonic() - t0
                 self.connections_ms += int(elapsed * 1000)
                 self._connect_ewma += (elapsed - self._connect_ewma) * 0.2
@@ -694,13 +703,16 @@ class Pool(Generic[C]):
                     logger.warning("pool %r reconnected", self.name)
                     self._failing_since = None
                     self._reconnect_reported = False
+                reserved = False  # _add_connection settles the reservation
                 self._add_connection(conn, replaces)
                 if recovered:
                     self._start_connectors()
         except BaseException:
             with self._lock:
-                if reserved and not self._closed:
-                    self._todo.appendleft(replaces)
+                if reserved:
+                    self._inflight -= 1
+                    if not self._closed:
+                        self._todo.appendleft(replaces)
                 self._connecting -= 1
             raise
 
@@ -727,6 +739,7 @@ class Pool(Generic[C]):
         slot = Slot(conn, now, lifetime)
         slot.state = OUT
         with self._lock:
+            self._inflight -= 1
             closed = self._closed
             if not closed:
                 self._slots.add(slot)
@@ -842,6 +855,40 @@ class Pool(Generic[C]):
 
     # -- maintenance API -------------------------------------------------
 
+    def discard(self, slot: Slot[C]) -> None:
+        """Close a lent connection instead of returning it; a new one may replace it."""
+        if slot.state != OUT:
+            raise ValueError(f"can't discard {slot.conn!r} from pool {self.name!r}: it is not lent")
+        self._discard(slot)
+
+    def close_idle(self) -> int:
+        """Close every idle connection now; return how many."""
+        idle = self._take_all_idle()
+        for slot in idle:
+            self._discard(slot)
+        return len(idle)
+
+    def close_lent(self, older_than: float) -> list[Slot[C]]:
+        """Close connections lent more than `older_than` seconds ago, in use or not.
+
+        Their borrowers' next use fails; returning them is then a no-op for
+        the caller to handle. Return the slots closed.
+        """
+        cutoff = monotonic() - older_than
+        with self._lock:
+            stale = [s for s in self._slots if s.state == OUT and s.taken_at <= cutoff]
+        for slot in stale:
+            self._discard(slot)
+        return stale
+
+    def forget_all(self) -> None:
+        """Drop every connection without closing it (e.g. in a forked child)."""
+        self._take_all_idle()
+        with self._lock:
+            for slot in self._slots:
+                slot.state = GONE
+            self._slots.clear()
+
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size limits at runtime."""
         min_size, max_size = self._check_size(min_size, max_size)
@@ -900,7 +947,7 @@ class Pool(Generic[C]):
         stats.update(
             pool_min=self._min_size,
             pool_max=self._max_size,
-            pool_size=len(self._slots) + len(self._todo) + self._connecting,
+            pool_size=len(self._slots) + len(self._todo) + self._inflight,
             pool_available=sum(len(seg.idle) for seg in self._segments),
             requests_waiting=self._nwaiting,
         )

@@ -19,7 +19,7 @@ from psycopg.pq import TransactionStatus
 
 from . import errors
 from .engine import BROKEN, DIRTY, OK, Pool
-from .pgconn import GeventConnection
+from .pgconn import GeventConnection, settle
 
 logger = logging.getLogger("greenpool")
 
@@ -52,12 +52,8 @@ class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # t
 
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
-_ACTIVE = TransactionStatus.ACTIVE
 
 _UNLIMITED = 2**31 - 1
-
-#: Seconds allowed to cancel and drain a query interrupted mid-flight.
-CANCEL_TIMEOUT = 5.0
 
 
 class ConnectionPool(Pool[CT], Generic[CT]):
@@ -167,24 +163,15 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         return BROKEN if status == _UNKNOWN else DIRTY
 
     def _clean(self, conn: CT) -> None:
-        status = conn.pgconn.transaction_status
-        if status == _ACTIVE:
-            # A query interrupted mid-flight (gevent.Timeout, a kill): stop it
-            # on the server, then read the rest of its results.
-            logger.warning("cancelling the query of a connection returned busy to %r", self.name)
-            conn.cancel_safe(timeout=CANCEL_TIMEOUT)
-            conn.wait(_drain(conn.pgconn), timeout=CANCEL_TIMEOUT)
-            status = conn.pgconn.transaction_status
-        if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            logger.warning("rolling back returned connection: %s", conn)
-            conn.rollback()
+        settle(conn)
         if self._reset is not None:
             self._reset(conn)
-        status = conn.pgconn.transaction_status
-        if status != _IDLE:
-            raise e.ProgrammingError(
-                f"connection left in status {TransactionStatus(status).name} after reset: discarded"
-            )
+            status = conn.pgconn.transaction_status
+            if status != _IDLE:
+                raise e.ProgrammingError(
+                    f"connection left in status {TransactionStatus(status).name}"
+                    f" by reset function {self._reset}: discarded"
+                )
 
     def _ping(self, conn: CT) -> None:
         self.check_connection(conn)
@@ -284,13 +271,6 @@ class _Lease(Generic[CT]):
                 conn.__exit__(exc_type, exc, tb)
         finally:
             self._pool.putconn(conn)
-
-
-def _drain(pgconn: Any) -> Any:
-    """A psycopg generator reading results until the connection is idle."""
-    from psycopg.generators import fetch_many
-
-    yield from fetch_many(pgconn)
 
 
 class NullConnectionPool(ConnectionPool[CT]):

@@ -10,14 +10,21 @@ exactly like `psycopg.Connection`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
 from psycopg import errors as e
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
+from psycopg.pq import TransactionStatus
 from psycopg.waiting import Ready
 
 from ._compat import allocate_lock, gevent_hub
+
+logger = logging.getLogger("greenpool")
+
+#: Seconds allowed to cancel and drain a query interrupted mid-flight.
+CANCEL_TIMEOUT = 5.0
 
 _READY = {int(r): r for r in Ready}
 
@@ -169,3 +176,32 @@ class GeventConnection(psycopg.Connection[Any]):
             _green_wait(hub, self._cancel_gen(), None, timeout or None)
         except e._WaitTimeout:
             raise e.CancellationTimeout("cancellation timeout expired") from None
+
+
+def settle(conn: psycopg.Connection[Any]) -> None:
+    """Bring a returned connection back to IDLE, or raise if it can't be.
+
+    A query interrupted mid-flight (`gevent.Timeout`, a killed greenlet)
+    leaves the connection ACTIVE: cancel it on the server and read the rest
+    of its results, so it neither runs on orphaned nor blocks the next
+    command (psycopg #1198). Then roll back any open transaction.
+    """
+    status = conn.pgconn.transaction_status
+    if status == TransactionStatus.ACTIVE:
+        logger.warning("cancelling the query of a connection returned busy: %s", conn)
+        conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        conn.wait(_drain(conn.pgconn), timeout=CANCEL_TIMEOUT)
+        status = conn.pgconn.transaction_status
+    if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        logger.info("rolling back returned connection: %s", conn)
+        conn.rollback()
+    status = conn.pgconn.transaction_status
+    if status != TransactionStatus.IDLE:
+        raise e.ProgrammingError(f"connection left in status {TransactionStatus(status).name}: discarded")
+
+
+def _drain(pgconn: Any) -> Any:
+    """A psycopg generator reading results until the connection is idle."""
+    from psycopg.generators import fetch_many
+
+    yield from fetch_many(pgconn)

@@ -251,9 +251,12 @@ class Proxy:
         child = LineChild(
             "greenpool.proxy",
             [
-                "--target-host", self.target_host,
-                "--target-port", str(self.target_port),
-                "--connect-delay", repr(self._connect_delay),
+                "--target-host",
+                self.target_host,
+                "--target-port",
+                str(self.target_port),
+                "--connect-delay",
+                repr(self._connect_delay),
             ],
             what="proxy",
         )
@@ -426,9 +429,7 @@ class _Relay:
         transport.pause_reading()
         self.server.relays.add(self)
         self.server.accepted += 1
-        self.connect_task = asyncio.get_running_loop().create_task(
-            self._connect_upstream(self.server.connect_delay)
-        )
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect_upstream(self.server.connect_delay))
 
     async def _connect_upstream(self, delay: float) -> None:
         import asyncio
@@ -659,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # interactive use: Ctrl-C is a normal way out
         return 130
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -228,9 +228,7 @@ def run_python(request: pytest.FixtureRequest) -> Callable[..., subprocess.Compl
             else:
                 child_env[key] = value
         # Same greenpool as this process, installed or not.
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
-        )
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p)
         return subprocess.run(
             [sys.executable, "-c", code],
             env=child_env,

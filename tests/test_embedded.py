@@ -120,9 +120,13 @@ def test_embedded_server_under_gevent(run_python: RunPython, when: str) -> None:
         code = patch + _REPORT
     else:
         # Started in a plain process, stopped at exit in a patched one.
-        code = _REPORT + patch + textwrap.dedent("""
+        code = (
+            _REPORT
+            + patch
+            + textwrap.dedent("""
             import gevent
             gevent.joinall([gevent.spawn(embedded.embedded_dsn) for _ in range(3)], raise_error=True)
         """)
+        )
     info = _run_embedded(run_python, code)
     assert _gone(info["dir"], info["supervisor"], 5)

@@ -711,6 +711,92 @@ def test_terminated_backend_discarded_on_return(
             pool.putconn(c)
 
 
+@pytest.mark.parametrize("cls", POOLS)
+def test_close_returns(cls: type, make_pool: Callable[..., Any]) -> None:
+    """With close_returns=True, conn.close() gives the connection back."""
+    pool = make_pool(cls, min_size=1, max_size=1, close_returns=True)
+    pool.open(wait=True, timeout=10)
+    conn = pool.getconn()
+    pid = pid_of(conn)
+    conn.close()
+    assert not conn.closed
+    settle(pool, 1)
+    with pool.connection(timeout=5) as again:
+        assert pid_of(again) == pid
+    stats = pool.get_stats()
+    assert stats.get("returns_bad", 0) == 0 and stats["connections_num"] == 1
+
+
+# --------------------------------------------------------------------------
+# Connection parameters
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_conninfo_and_kwargs_callables(
+    cls: type, make_pool: Callable[..., Any], pg_dsn: str, monitor: psycopg.Connection[Any]
+) -> None:
+    app = unique("gp_callable")
+    calls: list[str] = []
+
+    def conninfo() -> str:
+        calls.append("conninfo")
+        return pg_dsn
+
+    def kwargs() -> dict[str, Any]:
+        calls.append("kwargs")
+        return {"application_name": app}
+
+    pool = make_pool(cls, conninfo, kwargs=kwargs, **sizes(cls, 1, 2))
+    pool.open(wait=True, timeout=10)
+    conns = hold_all(pool, 2)
+    try:
+        assert backends(monitor, app) == {pid_of(c) for c in conns}
+    finally:
+        for c in conns:
+            pool.putconn(c)
+    assert calls.count("conninfo") >= 2 and calls.count("kwargs") >= 2
+
+
+class _MyConnection(psycopg.Connection[Any]):
+    pass
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_connection_class(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, connection_class=_MyConnection, **sizes(cls, 1, 1))
+    pool.open(wait=True, timeout=10)
+    with pool.connection() as conn:
+        assert type(conn) is _MyConnection
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_greenpool_default_connection_class_is_a_psycopg_connection(make_pool: Callable[..., Any]) -> None:
+    """greenpool's default class is GeventConnection, a psycopg.Connection
+    (psycopg_pool's default is psycopg.Connection itself)."""
+    pool = make_pool(GREEN, min_size=1)
+    pool.open(wait=True, timeout=10)
+    with pool.connection() as conn:
+        assert isinstance(conn, greenpool.GeventConnection)
+        assert isinstance(conn, psycopg.Connection)
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_reconnect_failed_called(cls: type, make_pool: Callable[..., Any], pg_dsn: str, refused_port: int) -> None:
+    called = threading.Event()
+    seen: list[Any] = []
+
+    def reconnect_failed(pool: Any) -> None:
+        seen.append(pool)
+        called.set()
+
+    dsn, _ = _bad_dsns(pg_dsn, refused_port)["unreachable"]
+    pool = make_pool(cls, dsn, min_size=1, reconnect_timeout=0.5, reconnect_failed=reconnect_failed)
+    pool.open()
+    assert called.wait(10), "reconnect_failed not called"
+    assert seen[0] is pool
+
+
 # --------------------------------------------------------------------------
 # Maintenance: resize, drain
 # --------------------------------------------------------------------------
@@ -818,14 +904,17 @@ def test_max_size_holds_while_lent_connections_expire(
         while time.monotonic() < deadline:
             peak = max(peak, len(backends(monitor, pool.test_app_name)))
             time.sleep(0.05)
+        problems = []
         try:
             third = pool.getconn(timeout=0.3)
         except psycopg_pool.PoolTimeout:
-            third = None
+            pass
         else:
+            problems.append(f"a third connection (pid {pid_of(third)}) was lent while 2 were held")
             pool.putconn(third)
-        assert third is None, "a third connection was lent by a max_size=2 pool"
-        assert peak <= 2, f"{peak} backends open for a max_size=2 pool"
+        if peak > 2:
+            problems.append(f"{peak} backends of the pool were open at once")
+        assert not problems, f"max_size=2 exceeded: {'; '.join(problems)}"
     finally:
         pool.putconn(a)
         pool.putconn(b)

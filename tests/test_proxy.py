@@ -205,7 +205,10 @@ def test_cli() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "greenpool.proxy", "--target-host", "127.0.0.1", "--target-port", "9"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
@@ -395,6 +398,9 @@ def test_dsn_rewrite(dsn_parser: str) -> None:
             if dsn_parser == "psycopg":
                 params = psycopg.conninfo.conninfo_to_dict(rewritten)
                 assert params == {
-                    "host": "127.0.0.1", "port": str(proxy.port), "user": "u",
-                    "dbname": "my db", "application_name": "x",
+                    "host": "127.0.0.1",
+                    "port": str(proxy.port),
+                    "user": "u",
+                    "dbname": "my db",
+                    "application_name": "x",
                 }

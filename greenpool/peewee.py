@@ -1,0 +1,503 @@
+"""Peewee: pooled databases on the greenpool engine, drop-ins for `playhouse.pool`.
+
+`class MyDB(PooledDatabase, PostgresqlDatabase)` works as with peewee's
+mixin, and the ready classes keep playhouse's names. Differences that matter:
+
+- Each greenlet (or thread) has its own connection state, whatever the import
+  order: peewee's `threading.local` state, bound before `monkey.patch_all()`,
+  would make every greenlet share one connection.
+- No lock is held around connecting, probing, rolling back or closing;
+  connects happen in the background and waiters are served first come,
+  first served.
+- `stale_timeout` is a randomized lifetime and stale connections are replaced
+  before they expire, never closed inline by an unlucky checkout.
+- A connection is probed (`SELECT 1` / `ping`) at checkout only when idle for
+  `check_idle` seconds or more, outside any lock.
+- A greenlet that ends holding a connection gives it back (rolled back, or
+  its query cancelled on the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import peewee
+from gevent.local import local as greenlet_local
+from playhouse.pool import MaxConnectionsExceeded
+
+from . import errors
+from ._compat import getcurrent
+from .engine import BROKEN, DIRTY, OK, Pool, Slot
+
+logger = logging.getLogger("greenpool.peewee")
+
+__all__ = [
+    "MaxConnectionsExceeded",
+    "PooledDatabase",
+    "PooledMySQLDatabase",
+    "PooledPostgresqlDatabase",
+    "PooledPostgresqlExtDatabase",
+    "PooledPsycopg3Database",
+    "PooledSqliteDatabase",
+]
+
+_UNLIMITED = 2**31 - 1
+
+#: Seconds a request waits for a new connection when `timeout=None` (which
+#: only means "don't wait for a connection in use by someone else").
+CONNECT_WAIT = 30.0
+
+
+def _number(name: str, value: Any) -> float | None:
+    """Peewee accepts numbers as strings (they come from URLs): parse them."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or None, got {value!r}")
+    if value < 0 or value != value:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+class _ConnectionState(peewee._ConnectionState, greenlet_local):  # type: ignore[misc]
+    """Peewee's per-connection state, local to each greenlet (and thread)."""
+
+
+class _DatabasePool(Pool[Any]):
+    """The engine, its hooks calling one peewee database's."""
+
+    def __init__(self, db: PooledDatabase, **kwargs: Any) -> None:
+        self._db = db
+        super().__init__(check=self._probe, **kwargs)
+
+    def _open_connection(self) -> Any:
+        return self._db._connect_raw()
+
+    def _close_connection(self, conn: Any) -> None:
+        self._db._close_raw(conn)
+
+    def _status(self, conn: Any) -> int:
+        return self._db._conn_status(conn)
+
+    def _clean(self, conn: Any) -> None:
+        if not self._db._can_reuse(conn):
+            raise errors.PoolError("connection can't be reused")
+
+    def _ping(self, conn: Any) -> None:
+        self._probe(conn)
+
+    def _probe(self, conn: Any) -> None:
+        if self._db._is_closed(conn):
+            raise errors.PoolError("connection is closed")
+
+
+class PooledDatabase:
+    """Mixin making a peewee `Database` class pooled, like `playhouse.pool`'s.
+
+    `max_connections` (None or 0: unlimited), `stale_timeout` (seconds, the
+    most a connection lives, randomized by `lifetime_jitter`; None: forever)
+    and `timeout` (None: fail at once when every connection is in use; 0:
+    wait forever; > 0: wait that long) mean what they mean in peewee and
+    accept strings. The engine's options come as keyword-only arguments.
+    """
+
+    def __init__(
+        self,
+        database: Any,
+        max_connections: int | str | None = 20,
+        stale_timeout: float | str | None = None,
+        timeout: float | str | None = None,
+        *,
+        min_connections: int = 0,
+        lifetime_jitter: float = 0.1,
+        max_idle: float = 10 * 60.0,
+        check_idle: float = 0.5,
+        segments: int = 4,
+        num_workers: int = 3,
+        leak_threshold: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        max_size = self._max_size(max_connections, min_connections)
+        self._pool = _DatabasePool(
+            self,
+            min_size=min_connections,
+            max_size=max_size,
+            timeout=CONNECT_WAIT,
+            max_lifetime=self._lifetime(stale_timeout),
+            lifetime_jitter=lifetime_jitter,
+            max_idle=max_idle,
+            check_idle=check_idle,
+            segments=segments,
+            num_workers=num_workers,
+            leak_threshold=leak_threshold,
+            name=f"{type(self).__name__}-{id(self):x}",
+        )
+        self._wait_timeout = self._wait(timeout)
+        self._lent: dict[int, tuple[Slot[Any], Any, Any]] = {}
+        super().__init__(database, **kwargs)  # type: ignore[call-arg]
+        if self.thread_safe:  # type: ignore[attr-defined]
+            # Greenlet-local state makes peewee's database lock pointless; a
+            # real lock taken before patch_all() would freeze the hub.
+            self._state = _ConnectionState()
+            self._lock = peewee._NoopLock()
+
+    @staticmethod
+    def _max_size(max_connections: Any, min_connections: int) -> int:
+        value = _number("max_connections", max_connections)
+        if not value:
+            return max(_UNLIMITED, min_connections)
+        if value != int(value):
+            raise ValueError(f"max_connections must be a whole number, got {max_connections!r}")
+        if value < min_connections:
+            raise ValueError(f"max_connections ({max_connections!r}) must be >= min_connections ({min_connections})")
+        return int(value)
+
+    @staticmethod
+    def _lifetime(stale_timeout: Any) -> float:
+        value = _number("stale_timeout", stale_timeout)
+        if value == 0:
+            raise ValueError("stale_timeout must be > 0 or None (no limit), got 0")
+        return math.inf if value is None else value
+
+    @staticmethod
+    def _wait(timeout: Any) -> float | None:
+        value = _number("timeout", timeout)
+        return math.inf if value == 0 else value
+
+    def init(
+        self,
+        database: Any,
+        max_connections: int | str | None = None,
+        stale_timeout: float | str | None = None,
+        timeout: float | str | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        """Reconfigure the database; pool options given here replace the old ones."""
+        super().init(database, **connect_kwargs)  # type: ignore[misc]
+        if max_connections is not None:
+            self._pool.resize(self._pool.min_size, self._max_size(max_connections, self._pool.min_size))
+        if stale_timeout is not None:
+            self._pool.max_lifetime = self._lifetime(stale_timeout)
+        if timeout is not None:
+            self._wait_timeout = self._wait(timeout)
+
+    @property
+    def pool(self) -> Pool[Any]:
+        """The greenpool engine behind this database (stats, sizes)."""
+        return self._pool
+
+    def pool_stats(self) -> dict[str, int]:
+        """The engine's `get_stats()`: psycopg_pool's keys plus wait percentiles."""
+        return self._pool.get_stats()
+
+    # -- peewee's connection hooks --------------------------------------
+
+    def _connect(self) -> Any:
+        pool = self._pool
+        if pool.closed:
+            pool.open()
+        wait = self._wait_timeout
+        try:
+            slot = pool.acquire(CONNECT_WAIT if wait is None else wait, fail_if_full=wait is None)
+        except errors.TooManyRequests:
+            raise MaxConnectionsExceeded("Exceeded maximum connections.") from None
+        except errors.PoolTimeout as ex:
+            if isinstance(ex.__cause__, Exception) and not isinstance(ex.__cause__, errors.PoolError):
+                raise ex.__cause__ from None  # the database is down: the driver's error
+            raise MaxConnectionsExceeded("Max connections exceeded, timed out attempting to connect.") from None
+        owner = getcurrent()
+        # A gevent greenlet that ends without closing gives its connection back.
+        link = getattr(owner, "rawlink", None)
+        on_exit = None
+        if link is not None:
+            on_exit = self._owner_ended_callback(slot)
+            link(on_exit)
+        self._lent[id(slot.conn)] = (slot, owner, on_exit)
+        return slot.conn
+
+    def _owner_ended_callback(self, slot: Slot[Any]) -> Any:
+        def owner_ended(greenlet: Any) -> None:
+            entry = self._lent.get(id(slot.conn))
+            if entry is None or entry[0] is not slot:
+                return
+            del self._lent[id(slot.conn)]
+            logger.warning("%r ended holding a connection of %r: returning it", greenlet, self._pool.name)
+            self._pool.release(slot)
+
+        return owner_ended
+
+    def _forget_lent(self, conn: Any) -> Slot[Any] | None:
+        entry = self._lent.pop(id(conn), None)
+        if entry is None:
+            return None
+        slot, owner, on_exit = entry
+        if on_exit is not None:
+            owner.unlink(on_exit)
+        return slot
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        slot = self._forget_lent(conn)
+        if slot is None:
+            logger.debug("connection %s not in use, ignoring close", id(conn))
+        elif close_conn:
+            self._pool.discard(slot)
+        else:
+            self._pool.release(slot)
+
+    def _connect_raw(self) -> Any:
+        return super()._connect()  # type: ignore[misc]
+
+    def _close_raw(self, conn: Any) -> None:
+        try:
+            super()._close(conn)  # type: ignore[misc]
+        except Exception:
+            logger.debug("error closing connection %s", id(conn), exc_info=True)
+
+    # -- backend hooks (peewee's names where peewee has them) ------------
+
+    def _conn_status(self, conn: Any) -> int:
+        """Cheap local check, no I/O: `OK`, `DIRTY` (roll back) or `BROKEN`."""
+        return OK
+
+    def _is_closed(self, conn: Any) -> bool:
+        """Round-trip probe at checkout of a connection idle `check_idle` or more."""
+        return False
+
+    def _can_reuse(self, conn: Any) -> bool:
+        """Roll back a returned connection; False if it can't be reused."""
+        return True
+
+    # -- playhouse.pool's API --------------------------------------------
+
+    def manual_close(self) -> bool | None:
+        """Close the calling greenlet's connection instead of returning it."""
+        if self.is_closed():  # type: ignore[attr-defined]
+            return False
+        conn = self.connection()  # type: ignore[attr-defined]
+        slot = self._forget_lent(conn)
+        self.close()  # type: ignore[attr-defined]
+        if slot is not None:
+            self._pool.discard(slot)
+        return None
+
+    def close_idle(self) -> None:
+        """Close every connection not in use."""
+        self._pool.close_idle()
+
+    def close_stale(self, age: float = 600) -> int:
+        """Close connections checked out more than `age` seconds ago, even in use."""
+        stale = self._pool.close_lent(age)
+        for slot in stale:
+            self._forget_lent(slot.conn)
+        return len(stale)
+
+    def close_all(self) -> None:
+        """Close every connection, idle or in use (in use ones break)."""
+        self.close()  # type: ignore[attr-defined]
+        self.close_idle()
+        self.close_stale(0)
+
+    def dispose(self) -> None:
+        """Forget every connection without closing them (after a fork)."""
+        super().dispose()  # type: ignore[misc]
+        self._pool.forget_all()
+        self._lent.clear()
+
+
+# -- backends ----------------------------------------------------------------
+
+
+class _PooledPostgresqlDatabase(PooledDatabase):
+    """PostgreSQL through psycopg 3, waiting through gevent when in use."""
+
+    def init(self, database: Any, **kwargs: Any) -> None:
+        """As `PooledDatabase.init`; psycopg 3 is always the driver."""
+        kwargs["prefer_psycopg3"] = True
+        super().init(database, **kwargs)
+        adapter = self._adapter  # type: ignore[attr-defined]
+        adapter.__class__ = _gevent_adapter(type(adapter))
+
+    def _conn_status(self, conn: Any) -> int:
+        status = conn.pgconn.transaction_status
+        if status == 0:  # IDLE
+            return OK
+        return BROKEN if status == 4 else DIRTY  # 4: UNKNOWN
+
+    def _is_closed(self, conn: Any) -> bool:
+        return bool(conn.closed) or bool(self._adapter.is_connection_closed(conn))  # type: ignore[attr-defined]
+
+    def _can_reuse(self, conn: Any) -> bool:
+        from .pgconn import settle
+
+        try:
+            settle(conn)
+        except Exception as ex:
+            logger.warning("discarding connection: %s", ex)
+            return False
+        return True
+
+
+_ADAPTERS: dict[type, type] = {}
+
+
+def _gevent_adapter(base: type) -> type:
+    """A peewee psycopg 3 adapter class that connects with `GeventConnection`."""
+    if base in _ADAPTERS or base in _ADAPTERS.values():
+        return _ADAPTERS.get(base, base)
+
+    def connect(self: Any, db: Any, **params: Any) -> Any:
+        from .pgconn import GeventConnection
+
+        if db._encoding:
+            params.setdefault("client_encoding", db._encoding)
+        if db.database.startswith("postgresql://"):
+            params.setdefault("conninfo", db.database)
+        else:
+            params.setdefault("dbname", db.database)
+        conninfo = params.pop("conninfo", "")
+        return GeventConnection.connect(conninfo, **params)
+
+    _ADAPTERS[base] = adapter = type(f"Gevent{base.__name__}", (base,), {"connect": connect})
+    return adapter
+
+
+class PooledPostgresqlDatabase(_PooledPostgresqlDatabase, peewee.PostgresqlDatabase):
+    """Pooled `PostgresqlDatabase` (psycopg 3)."""
+
+
+def _postgres_ext() -> tuple[type, type]:
+    from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
+
+    return PostgresqlExtDatabase, Psycopg3Database
+
+
+_PostgresqlExtDatabase, _Psycopg3Database = _postgres_ext()
+
+
+class PooledPostgresqlExtDatabase(_PooledPostgresqlDatabase, _PostgresqlExtDatabase):  # type: ignore[misc, valid-type]
+    """Pooled `playhouse.postgres_ext.PostgresqlExtDatabase` (psycopg 3)."""
+
+
+class PooledPsycopg3Database(_PooledPostgresqlDatabase, _Psycopg3Database):  # type: ignore[misc, valid-type]
+    """Pooled `playhouse.postgres_ext.Psycopg3Database`."""
+
+
+class _PooledMySQLDatabase(PooledDatabase):
+    """MySQL/MariaDB through pymysql.
+
+    pymysql is pure Python on the `socket` module: under gevent it cooperates
+    only once `monkey.patch_all()` has run (before or after import).
+    """
+
+    def _conn_status(self, conn: Any) -> int:
+        if not getattr(conn, "open", True):
+            return BROKEN
+        if getattr(conn, "_greenpool_busy", False):
+            return DIRTY  # a query was interrupted mid-flight
+        server_status = getattr(conn, "server_status", 0) or 0
+        return DIRTY if server_status & 1 else OK  # SERVER_STATUS_IN_TRANS
+
+    def _execute_cursor(self, sql: str, params: Any, **options: Any) -> Any:
+        if self.is_closed() and self.autoconnect:  # type: ignore[attr-defined]
+            self.connect()  # type: ignore[attr-defined]
+        conn = self._state.conn  # type: ignore[attr-defined]
+        if conn is None:
+            return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
+        # Stays set only if the query is interrupted (gevent.Timeout, a
+        # kill): then the connection is mid-result and can't be reused.
+        conn._greenpool_busy = True
+        try:
+            cursor = super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
+        except Exception:
+            conn._greenpool_busy = False
+            raise
+        conn._greenpool_busy = False
+        return cursor
+
+    def _is_closed(self, conn: Any) -> bool:
+        try:
+            conn.ping(False)  # never pymysql's silent reconnect
+        except Exception:
+            return True
+        return False
+
+    def _can_reuse(self, conn: Any) -> bool:
+        if getattr(conn, "_greenpool_busy", False):
+            # The protocol stream is mid-result: stop the query on the server
+            # from another connection, and drop this one.
+            self._kill_query(conn)
+            return False
+        try:
+            conn.rollback()
+        except Exception:
+            return False
+        return True
+
+    def _kill_query(self, conn: Any) -> None:
+        try:
+            killer = self._connect_raw()
+            try:
+                killer.cursor().execute(f"KILL QUERY {int(conn.thread_id())}")
+            finally:
+                self._close_raw(killer)
+        except Exception as ex:
+            logger.warning("couldn't cancel the interrupted query: %s", ex)
+
+
+class PooledMySQLDatabase(_PooledMySQLDatabase, peewee.MySQLDatabase):
+    """Pooled `MySQLDatabase` (pymysql)."""
+
+
+class _PooledSqliteDatabase(PooledDatabase):
+    """SQLite; connections are made and closed by the pool's background jobs,
+    so `check_same_thread` defaults to False."""
+
+    def init(self, database: Any, **kwargs: Any) -> None:
+        """As `PooledDatabase.init`."""
+        kwargs.setdefault("check_same_thread", False)
+        super().init(database, **kwargs)
+
+    def _conn_status(self, conn: Any) -> int:
+        try:
+            return DIRTY if conn.in_transaction else OK
+        except Exception:
+            return BROKEN
+
+    def _is_closed(self, conn: Any) -> bool:
+        try:
+            conn.total_changes
+        except Exception:
+            return True
+        return False
+
+    def _can_reuse(self, conn: Any) -> bool:
+        try:
+            if conn.in_transaction:
+                conn.rollback()
+        except Exception:
+            return False
+        return True
+
+
+class PooledSqliteDatabase(_PooledSqliteDatabase, peewee.SqliteDatabase):
+    """Pooled `SqliteDatabase`."""
+
+
+def _register_urls() -> None:
+    from playhouse.db_url import register_database
+
+    register_database(PooledPostgresqlDatabase, "greenpool+postgres", "greenpool+postgresql")
+    register_database(PooledPostgresqlExtDatabase, "greenpool+postgresext", "greenpool+postgresqlext")
+    register_database(PooledPsycopg3Database, "greenpool+psycopg3")
+    register_database(PooledMySQLDatabase, "greenpool+mysql")
+    register_database(PooledSqliteDatabase, "greenpool+sqlite")
+
+
+_register_urls()
