@@ -33,8 +33,10 @@ logger = logging.getLogger("greenpool")
 
 C = TypeVar("C")
 
-# Slot states.
-IDLE, OUT, GONE = "idle", "out", "gone"
+# Slot states. A STANDBY slot is a replacement made while the connection it
+# replaces was lent: it takes over when that one comes back, so no more than
+# max_size connections are ever usable at once.
+IDLE, OUT, STANDBY, GONE = "idle", "out", "standby", "gone"
 
 # What `_status()` says of a connection.
 OK, DIRTY, BROKEN = 0, 1, 2
@@ -56,6 +58,7 @@ class Slot(Generic[C]):
         "state",
         "segment",
         "replacing",
+        "successor",
         "stack",
         "leak_reported",
     )
@@ -70,6 +73,8 @@ class Slot(Generic[C]):
         self.segment: _Segment | None = None
         # A replacement has been reserved for this connection.
         self.replacing = False
+        # The STANDBY replacement that takes over when this one is discarded.
+        self.successor: Slot[C] | None = None
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_reported = False
 
@@ -322,7 +327,9 @@ class Pool(Generic[C]):
                 req.slot = _CANCELLED
         for req in waiting:
             req.fire()
-        for slot in self._take_all_idle():
+        with self._lock:
+            standby = [s for s in self._slots if s.state == STANDBY]
+        for slot in self._take_all_idle() + standby:
             self._discard(slot, close_now=True)
 
     def __enter__(self: Any) -> Any:
@@ -620,13 +627,19 @@ class Pool(Generic[C]):
         """Forget a slot, close its connection, and refill if needed."""
         if slot.state == GONE:
             return
-        slot.state = GONE
         with self._lock:
+            slot.state = GONE
             self._slots.discard(slot)
+            successor, slot.successor = slot.successor, None
         if close_now or self._executor is None:
             self._close_quietly(slot.conn)
         else:
             self._executor.submit(self._close_quietly, slot.conn)
+        if successor is not None:
+            if self._closed or monotonic() >= successor.expire_at:
+                self._discard(successor, close_now)
+            else:
+                self._release(successor)
         self._fill()
 
     def _close_quietly(self, conn: C) -> None:
@@ -750,6 +763,14 @@ class Pool(Generic[C]):
             replaces.retire()
             if self._take_idle(replaces):
                 self._discard(replaces)
+            else:
+                with self._lock:
+                    standby = replaces.state == OUT
+                    if standby:
+                        slot.state = STANDBY
+                        replaces.successor = slot
+                if standby:
+                    return
         self._release(slot)
 
     def _error_suffix(self) -> str:
@@ -799,13 +820,18 @@ class Pool(Generic[C]):
         Earliest deadline first: with `num_workers` parallel connects of
         about `_connect_ewma` seconds each, the i-th connection to expire
         must have its replacement started `(i // num_workers + 1)` connect
-        times (plus a tick) before it expires.
+        times (plus a tick) before it expires. Below `max_size` the new
+        connection is opened first and the old one retired when idle; at
+        `max_size` (a hard cap on server connections) the old one is retired
+        when idle and the refill opens its successor, `num_workers` at a time.
         """
         if self._failing_since is not None:
             return
         with self._lock:
-            candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
-            backlog = sum(1 for s in self._todo if s is not None)
+            candidates = [
+                s for s in self._slots if not s.replacing and s.expire_at > 0 and s.state != STANDBY
+            ]
+            backlog = len(self._todo) + self._inflight
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma
         due = []
@@ -816,12 +842,25 @@ class Pool(Generic[C]):
             due.append(slot)
         if not due:
             return
+        retiring = []
         with self._lock:
             if self._closed:
                 return
+            headroom = self._max_size - len(self._slots) - len(self._todo) - self._inflight
             for slot in due:
+                if headroom > 0:
+                    headroom -= 1
+                    self._todo.append(slot)
+                elif backlog < self.num_workers:
+                    backlog += 1
+                    retiring.append(slot)
+                else:
+                    break
                 slot.replacing = True
-                self._todo.append(slot)
+        for slot in retiring:
+            slot.retire()
+            if self._take_idle(slot):
+                self._discard(slot)
         self._start_connectors()
 
     def _shrink_idle(self, now: float) -> None:

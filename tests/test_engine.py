@@ -419,3 +419,46 @@ def test_plain_threads_share_the_pool():
     assert stats["pool_available"] == 4
     assert stats["requests_num"] == 16 * 200
     p.close()
+
+
+def test_replacement_never_exceeds_max_size():
+    """At max_size, expiring connections are retired then reopened, never overlapped."""
+    p = make_pool(min_size=4, max_size=4, max_lifetime=0.4, lifetime_jitter=0.5)
+    peak = 0
+    deadline = time.monotonic() + 1.5
+
+    def user() -> None:
+        while time.monotonic() < deadline:
+            slot = p.acquire(timeout=2)
+            gevent.sleep(0.003)
+            p.release(slot)
+
+    def watch() -> None:
+        nonlocal peak
+        while time.monotonic() < deadline:
+            peak = max(peak, len(p.opened) - len(p.closed_conns))
+            gevent.sleep(0.001)
+
+    gevent.joinall([gevent.spawn(user) for _ in range(3)] + [gevent.spawn(watch)], timeout=5, raise_error=True)
+    assert p.get_stats()["connections_num"] > 8  # replaced over and over
+    assert peak <= 4
+    p.close()
+
+
+def test_replacement_opens_first_below_max_size():
+    """With headroom, the successor is opened before the old connection goes,
+    and waits on standby while the old one is still lent."""
+    p = make_pool(min_size=2, max_size=4, max_lifetime=0.5, lifetime_jitter=0.0)
+    held = p.acquire()
+    old = held.conn
+    deadline = time.monotonic() + 2
+    while held.successor is None and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert held.successor is not None  # opened while the old one is lent
+    successor = held.successor.conn
+    assert not old.closed
+    p.release(held)
+    gevent.sleep(0.02)
+    assert old.closed
+    assert successor in [s.conn for s in p._slots]
+    p.close()

@@ -1,0 +1,739 @@
+"""greenpool.ConnectionPool under gevent, against a real PostgreSQL.
+
+Two ways to run gevent code here:
+
+- In this (pytest) process, *without* monkey-patching: greenlets made with
+  `gevent.spawn`, and greenpool's default `GeventConnection` waiting on the
+  hub. The pytest process must stay unpatched, so that is all we do here; a
+  fixture destroys the hub after each test so that later tests (which drive
+  pools from plain threads) don't find one in the main thread.
+- In a child interpreter (`run_python`), for everything that needs
+  `monkey.patch_all()` or a particular import order.
+
+Every test is bounded: greenlets are joined with timeouts (and killed if
+late), child interpreters have a timeout, and a last-resort faulthandler
+timer ends the process if the hub itself gets blocked.
+
+Timing assertions are about gross effects only (e.g. 20 x 0.2 s queries over
+20 connections finish in well under the 4 s they take when serialized).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import gevent
+import gevent.event
+import psycopg
+import pytest
+from greenlet import GreenletExit
+
+import greenpool
+from greenpool.proxy import Proxy
+
+GREEN = greenpool.ConnectionPool
+
+#: A test (or a child interpreter) must end within this many seconds.
+TEST_DEADLINE = 60
+
+RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+# --------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _last_resort_deadline() -> Iterator[None]:
+    """If the hub is blocked so that no gevent timeout can fire, dump the
+    stacks and end the process instead of hanging forever."""
+    faulthandler.dump_traceback_later(TEST_DEADLINE * 3, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def hub() -> Iterator[Any]:
+    """This thread's gevent hub, destroyed after the test.
+
+    Created before any pool, so pools opened in the test run their
+    background jobs as greenlets of this hub.
+    """
+    the_hub = gevent.get_hub()
+    yield the_hub
+    the_hub.destroy(destroy_loop=True)
+
+
+@pytest.fixture
+def make_pool(hub: Any, pg_dsn: str) -> Iterator[Callable[..., Any]]:
+    """`make_pool(conninfo=None, **kwargs)`: an open greenpool pool with a
+    unique application_name (`pool.test_app_name`); closed at teardown,
+    before the hub is destroyed."""
+    pools: list[Any] = []
+
+    def factory(conninfo: str | None = None, wait: bool = True, **kwargs: Any) -> Any:
+        app = f"gp_gevent_{uuid.uuid4().hex[:12]}"
+        kwargs.setdefault("kwargs", {"application_name": app})
+        pool = GREEN(pg_dsn if conninfo is None else conninfo, open=False, **kwargs)
+        pool.test_app_name = app
+        pools.append(pool)
+        pool.open(wait=wait, timeout=20)
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool.close()
+
+
+@pytest.fixture
+def monitor(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A plain autocommit psycopg connection outside the pool (it blocks the
+    hub for each short query, which is fine)."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
+def run_green(fn: Callable[[], Any], timeout: float = TEST_DEADLINE) -> Any:
+    """Run `fn` in a greenlet; fail the test if it isn't done in `timeout`."""
+    g = gevent.spawn(fn)
+    g.join(timeout)
+    if not g.ready():
+        g.kill(block=True, timeout=5)
+        pytest.fail(f"test body still running after {timeout} s")
+    return g.get()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll cooperatively until `predicate()` is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        gevent.sleep(0.005)
+
+
+def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
+    def ready() -> Any:
+        stats = pool.get_stats()
+        return stats if stats["pool_available"] == available and not stats["requests_waiting"] else None
+
+    return wait_until(ready, timeout, f"pool_available == {available}")
+
+
+def active_queries(monitor: psycopg.Connection[Any], app: str, like: str) -> list[tuple[Any, ...]]:
+    """Queries still running on the server for the pool's connections."""
+    return monitor.execute(
+        "select pid, state, query from pg_stat_activity"
+        " where application_name = %s and state <> 'idle' and query like %s",
+        (app, like),
+    ).fetchall()
+
+
+def run_child(run_python: RunPython, code: str, timeout: float = 90) -> dict[str, Any]:
+    """Run `code` in a fresh interpreter; return the JSON it prints last."""
+    proc = run_python(textwrap.dedent(code), timeout=timeout)
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"child printed no result:\n{proc.stdout}\n{proc.stderr}"
+    return dict(json.loads(lines[-1]))
+
+
+# --------------------------------------------------------------------------
+# Import orders (child interpreters)
+# --------------------------------------------------------------------------
+
+_CONCURRENCY_CHILD = """
+import json, os, sys, time
+
+ORDER = {order!r}
+OPEN_IN_GREENLET = {open_in_greenlet!r}
+if ORDER == "patch_first":
+    from gevent import monkey
+    monkey.patch_all()
+import psycopg
+import greenpool
+from greenpool import ConnectionPool
+if ORDER == "patch_after":
+    from gevent import monkey
+    monkey.patch_all()
+import gevent
+import gevent.monkey
+
+DSN = os.environ["GREENPOOL_TEST_DSN"]
+
+
+def make_pool():
+    pool = ConnectionPool(DSN, min_size=20, open=False)
+    pool.open(wait=True, timeout=20)
+    return pool
+
+
+def query(pool, i):
+    with pool.connection(timeout=10) as conn:
+        return list(conn.execute(
+            "select %s::int, pg_backend_pid() from pg_sleep(0.2)", (i,)
+        ).fetchone())
+
+
+def main():
+    pool = gevent.spawn(make_pool).get() if OPEN_IN_GREENLET else make_pool()
+    try:
+        t0 = time.monotonic()
+        greenlets = [gevent.spawn(query, pool, i) for i in range(20)]
+        gevent.joinall(greenlets, timeout=30, raise_error=True)
+        elapsed = time.monotonic() - t0
+        rows = [g.value for g in greenlets]
+        stats = pool.get_stats()
+    finally:
+        pool.close()
+    print(json.dumps({{
+        "elapsed": elapsed,
+        "values": [r[0] for r in rows],
+        "pids": len({{r[1] for r in rows}}),
+        "patched": gevent.monkey.is_module_patched("socket"),
+        "psycopg_wait": __import__("psycopg.waiting").waiting.wait.__name__,
+        "requests_num": stats["requests_num"],
+    }}))
+
+
+with gevent.Timeout(50):
+    main()
+"""
+
+
+@pytest.mark.parametrize(
+    "order, open_in_greenlet",
+    [
+        pytest.param("patch_first", False, id="patch_all-then-import"),
+        pytest.param("patch_after", False, id="import-then-patch_all"),
+        pytest.param("never", False, id="never-patched"),
+        pytest.param("never", True, id="never-patched-opened-in-greenlet"),
+    ],
+)
+def test_import_order_concurrency(run_python: RunPython, order: str, open_in_greenlet: bool) -> None:
+    """20 greenlets x `pg_sleep(0.2)` over 20 connections run concurrently,
+    whatever the import order and whether gevent patched anything."""
+    result = run_child(run_python, _CONCURRENCY_CHILD.format(order=order, open_in_greenlet=open_in_greenlet))
+    assert result["values"] == list(range(20))
+    assert result["pids"] == 20  # 20 queries on 20 distinct connections at once
+    assert result["requests_num"] == 20
+    assert result["patched"] is (order != "never")
+    if order == "patch_after":
+        # The problem greenpool works around: psycopg picked its blocking C
+        # wait function before the patch.
+        assert result["psycopg_wait"] == "wait_c"
+    # Serialized, that's 20 x 0.2 = 4 s.
+    assert result["elapsed"] < 2.0, result
+
+
+_SERIALIZED_CHILD = """
+import json, os, time
+import psycopg
+import psycopg_pool
+from gevent import monkey
+monkey.patch_all()
+import gevent
+
+DSN = os.environ["GREENPOOL_TEST_DSN"]
+
+
+def timed(fn, n):
+    t0 = time.monotonic()
+    greenlets = [gevent.spawn(fn, i) for i in range(n)]
+    gevent.joinall(greenlets, timeout=30, raise_error=True)
+    assert [g.value for g in greenlets] == list(range(n))
+    return time.monotonic() - t0
+
+
+def main():
+    pool = psycopg_pool.ConnectionPool(DSN, min_size=20, open=False)
+    pool.open(wait=True, timeout=20)
+
+    def via_pool(i):
+        with pool.connection() as conn:
+            return conn.execute("select %s::int from pg_sleep(0.2)", (i,)).fetchone()[0]
+
+    try:
+        psycopg_pool_elapsed = timed(via_pool, 20)
+    finally:
+        pool.close()
+
+    conns = [psycopg.connect(DSN, autocommit=True) for _ in range(10)]
+
+    def plain(i):
+        return conns[i].execute("select %s::int from pg_sleep(0.2)", (i,)).fetchone()[0]
+
+    try:
+        plain_elapsed = timed(plain, 10)
+    finally:
+        for conn in conns:
+            conn.close()
+    print(json.dumps({"psycopg_pool": psycopg_pool_elapsed, "plain": plain_elapsed}))
+
+
+with gevent.Timeout(50):
+    main()
+"""
+
+
+def test_psycopg_imported_before_patching_serializes(run_python: RunPython) -> None:
+    """Documents the problem greenpool solves: psycopg imported before
+    `patch_all()` blocks the hub on every query, so psycopg_pool (and plain
+    psycopg connections) serialize greenlets: 20 x 0.2 s take ~4 s, 10 x 0.2 s
+    on 10 plain connections take ~2 s (compare test_import_order_concurrency)."""
+    result = run_child(run_python, _SERIALIZED_CHILD)
+    assert result["psycopg_pool"] >= 2.0, result
+    assert result["plain"] >= 1.5, result
+
+
+# --------------------------------------------------------------------------
+# No lock held across a connect
+# --------------------------------------------------------------------------
+
+
+def test_checkouts_not_blocked_by_slow_connect(make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str) -> None:
+    """While the pool grows through a slow (0.3 s) connect, other greenlets
+    keep checking idle connections in and out without waiting for it."""
+    proxy = make_proxy(connect_delay=0.3)
+
+    def body() -> None:
+        pool = make_pool(proxy.dsn(pg_dsn), min_size=2, max_size=4)
+        h1, h2 = pool.getconn(), pool.getconn()
+        accepted = proxy.stats()["accepted"]
+        # The pool is exhausted: this request makes it grow.
+        grower = gevent.spawn(pool.getconn, 5)
+        wait_until(lambda: proxy.stats()["accepted"] > accepted, 2.0, "the pool to start a connect")
+        connect_started = time.monotonic()
+        pool.putconn(h1)  # goes to the queued request...
+        pool.putconn(grower.get(timeout=1))  # ...which gives it straight back
+        pool.putconn(h2)
+        # Two idle connections now, a third one still connecting.
+        assert pool.get_stats()["pool_available"] == 2
+        window_end = connect_started + 0.25
+        latencies: list[float] = []
+
+        def hammer() -> None:
+            while time.monotonic() < window_end:
+                t0 = time.monotonic()
+                conn = pool.getconn(timeout=2)
+                latencies.append(time.monotonic() - t0)
+                pool.putconn(conn)
+                gevent.sleep(0)
+
+        # Three hammers for two idle connections: some requests queue too.
+        hammers = [gevent.spawn(hammer) for _ in range(3)]
+        gevent.joinall(hammers, timeout=5, raise_error=True)
+        hammer_done = time.monotonic()
+        connect_time = proxy.connect_delay
+        assert hammer_done - connect_started < connect_time, "inconclusive: the hammering outlasted the connect"
+        assert len(latencies) >= 50, f"only {len(latencies)} checkouts in 0.25 s: the hub was blocked"
+        assert max(latencies) < 0.1, f"a checkout waited {max(latencies):.3f} s behind the connect"
+        # The connect did complete, after the hammering.
+        wait_until(lambda: pool.get_stats()["pool_available"] >= 3, 5.0, "the new connection")
+        assert time.monotonic() - connect_started >= 0.25
+
+    run_green(body)
+
+
+# --------------------------------------------------------------------------
+# Interrupted queries
+# --------------------------------------------------------------------------
+
+
+def _check_pool_recovered(pool: Any, monitor: psycopg.Connection[Any], size: int) -> None:
+    """All `size` connections usable at once within 2 s, nothing still running."""
+    t0 = time.monotonic()
+    pids: set[int] = set()
+    all_in = gevent.event.Event()
+
+    def user() -> None:
+        with pool.connection(timeout=2) as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            pids.add(row[0])
+            if len(pids) == size:
+                all_in.set()
+            assert all_in.wait(2), "not all connections usable at once"
+
+    users = [gevent.spawn(user) for _ in range(size)]
+    gevent.joinall(users, timeout=5, raise_error=True)
+    assert all(u.ready() for u in users)
+    assert len(pids) == size
+    assert time.monotonic() - t0 < 2.5
+    assert active_queries(monitor, pool.test_app_name, "%pg_sleep%") == []
+    settle(pool, size)
+
+
+@pytest.mark.parametrize("sleep", [0.5, 30], ids=["pg_sleep-0.5", "pg_sleep-30"])
+@pytest.mark.parametrize("how", ["gevent.Timeout", "gevent.kill"])
+def test_interrupted_queries_are_cancelled(
+    make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], how: str, sleep: float
+) -> None:
+    """The field notes' scenario: 20 greenlets on a pool of 4, each query
+    interrupted (by `gevent.Timeout(0.05)` or `gevent.kill`) while running
+    or while queued. With `pg_sleep(30)` only a server-side cancel can give
+    the connections back within the 2 s allowed."""
+
+    def body() -> None:
+        pool = make_pool(min_size=4, max_size=4)
+        outcomes: list[str] = []
+
+        def worker() -> None:
+            try:
+                if how == "gevent.Timeout":
+                    with gevent.Timeout(0.05):
+                        with pool.connection() as conn:
+                            conn.execute(f"select pg_sleep({sleep})")
+                else:
+                    with pool.connection() as conn:
+                        conn.execute(f"select pg_sleep({sleep})")
+                outcomes.append("completed")
+            except gevent.Timeout:
+                outcomes.append("interrupted")
+            except GreenletExit:
+                outcomes.append("interrupted")
+                raise
+
+        workers = [gevent.spawn(worker) for _ in range(20)]
+        if how == "gevent.kill":
+            gevent.sleep(0.05)
+            gevent.killall(workers, block=True, timeout=5)
+        else:
+            gevent.joinall(workers, timeout=5)
+        assert all(w.ready() for w in workers)
+        assert outcomes == ["interrupted"] * 20
+
+        _check_pool_recovered(pool, monitor, 4)
+        stats = pool.get_stats()
+        assert stats["returns_reset"] >= 4  # the 4 interrupted mid-query were cleaned
+        assert stats["returns_bad"] == 0
+        assert stats["connections_lost"] == 0
+        assert stats["connections_num"] == 4  # cancelled and kept, not replaced
+        assert stats["requests_errors"] >= 16  # the queued ones gave up
+
+    run_green(body)
+
+
+_CANCEL_PATCHED_CHILD = """
+import json, os, time
+from gevent import monkey
+monkey.patch_all()
+import gevent, gevent.event
+import psycopg
+import greenpool
+
+DSN = os.environ["GREENPOOL_TEST_DSN"]
+APP = "gp_cancel_child_%d" % os.getpid()
+
+
+def main():
+    pool = greenpool.ConnectionPool(DSN, min_size=4, max_size=4, open=False, kwargs={"application_name": APP})
+    pool.open(wait=True, timeout=20)
+    outcomes = []
+
+    def worker():
+        try:
+            with gevent.Timeout(0.05):
+                with pool.connection() as conn:
+                    conn.execute("select pg_sleep(30)")
+            outcomes.append("completed")
+        except gevent.Timeout:
+            outcomes.append("interrupted")
+
+    gevent.joinall([gevent.spawn(worker) for _ in range(20)], timeout=5)
+    t0 = time.monotonic()
+    pids = set()
+    all_in = gevent.event.Event()
+
+    def user():
+        with pool.connection(timeout=2) as conn:
+            pids.add(conn.execute("select pg_backend_pid()").fetchone()[0])
+            if len(pids) == 4:
+                all_in.set()
+            all_in.wait(2)
+
+    gevent.joinall([gevent.spawn(user) for _ in range(4)], timeout=5, raise_error=True)
+    recovered = time.monotonic() - t0
+    with psycopg.connect(DSN, autocommit=True) as mon:
+        running = mon.execute(
+            "select count(*) from pg_stat_activity where application_name = %s"
+            " and state <> 'idle' and query like '%%pg_sleep%%'", (APP,)
+        ).fetchone()[0]
+    stats = pool.get_stats()
+    pool.close()
+    print(json.dumps({"outcomes": outcomes, "pids": len(pids), "recovered": recovered,
+                      "running": running, "stats": stats}))
+
+
+with gevent.Timeout(50):
+    main()
+"""
+
+
+def test_interrupted_queries_are_cancelled_monkey_patched(run_python: RunPython) -> None:
+    """The same under `monkey.patch_all()` (threads are greenlets there)."""
+    result = run_child(run_python, _CANCEL_PATCHED_CHILD)
+    assert result["outcomes"] == ["interrupted"] * 20
+    assert result["pids"] == 4
+    assert result["recovered"] < 2.5
+    assert result["running"] == 0
+    assert result["stats"]["returns_reset"] >= 4
+    assert result["stats"]["connections_num"] == 4
+
+
+def test_query_interrupted_while_sending_is_recovered(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
+) -> None:
+    """A query interrupted while its (large) parameters are still being sent.
+
+    The proxy is stopped (SIGSTOP) so that the send can't complete, the
+    query is interrupted by `gevent.Timeout`, then the proxy resumes. The
+    connection must come back usable promptly: the unsent rest of the query
+    has to be flushed (or the connection closed) before waiting for the
+    server, which otherwise never answers a query it hasn't fully received.
+    """
+    proxy = make_proxy()
+    proxy_pid = proxy._child.pid  # type: ignore[union-attr]
+    blob = "x" * (32 * 1024 * 1024)
+
+    def body() -> None:
+        pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1)
+        outcome: list[str] = []
+
+        def sender() -> None:
+            try:
+                with gevent.Timeout(0.3):
+                    with pool.connection() as conn:
+                        conn.execute("select length(%s::text)", (blob,))
+                outcome.append("completed")
+            except gevent.Timeout:
+                outcome.append("interrupted")
+
+        os.kill(proxy_pid, signal.SIGSTOP)
+        try:
+            g = gevent.spawn(sender)
+            g.join(5)
+        finally:
+            os.kill(proxy_pid, signal.SIGCONT)
+        assert outcome == ["interrupted"]
+        t0 = time.monotonic()
+        with pool.connection(timeout=3) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert time.monotonic() - t0 < 3
+
+    run_green(body)
+
+
+# --------------------------------------------------------------------------
+# Waiters that give up
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how", ["gevent.kill", "gevent.Timeout", "pool-timeout", "kill-while-handing-over"]
+)
+def test_waiters_giving_up_dont_swallow_connections(make_pool: Callable[..., Any], how: str) -> None:
+    """max_size=2, both held, 10 requests queued; the queued requests give up
+    (killed, timed out). Afterwards both connections are available and a new
+    request is served at once. In "kill-while-handing-over" the waiters are
+    killed right after the holders returned the connections, before the
+    first two waiters could run: the connections handed to them must not be
+    lost."""
+
+    def body() -> None:
+        pool = make_pool(min_size=2, max_size=2)
+        h1, h2 = pool.getconn(), pool.getconn()
+        outcomes: list[str] = []
+
+        def waiter() -> None:
+            try:
+                if how == "gevent.Timeout":
+                    with gevent.Timeout(0.1):
+                        pool.getconn(timeout=10)
+                elif how == "pool-timeout":
+                    pool.getconn(timeout=0.1)
+                else:
+                    with pool.connection(timeout=10):
+                        gevent.sleep(10)
+                outcomes.append("served")
+            except gevent.Timeout:
+                outcomes.append("timeout")
+            except greenpool.PoolTimeout:
+                outcomes.append("pool-timeout")
+            except GreenletExit:
+                outcomes.append("killed")
+                raise
+
+        waiters = [gevent.spawn(waiter) for _ in range(10)]
+        wait_until(lambda: pool.get_stats()["requests_waiting"] == 10, 5.0, "10 queued requests")
+        if how == "gevent.kill":
+            gevent.killall(waiters, block=True, timeout=5)
+        elif how in ("gevent.Timeout", "pool-timeout"):
+            gevent.joinall(waiters, timeout=5)
+        assert pool.get_stats()["requests_waiting"] == (10 if how == "kill-while-handing-over" else 0)
+        pool.putconn(h1)
+        pool.putconn(h2)
+        if how == "kill-while-handing-over":
+            gevent.killall(waiters, block=True, timeout=5)
+        assert all(w.ready() for w in waiters)
+        assert len(outcomes) == 10 and "served" not in outcomes, outcomes
+
+        stats = settle(pool, 2)
+        assert stats["requests_waiting"] == 0
+        t0 = time.monotonic()
+        a, b = pool.getconn(timeout=1), pool.getconn(timeout=1)
+        assert time.monotonic() - t0 < 0.05, "not served at once"
+        assert a is not b
+        pool.putconn(a)
+        pool.putconn(b)
+        assert pool.get_stats()["pool_size"] == 2
+
+    run_green(body)
+
+
+# --------------------------------------------------------------------------
+# Fairness
+# --------------------------------------------------------------------------
+
+
+def test_waiters_served_in_fifo_order(make_pool: Callable[..., Any]) -> None:
+    """max_size=1: waiters get the connection in the order they queued, and
+    a request arriving while others wait doesn't overtake them."""
+
+    def body() -> None:
+        pool = make_pool(min_size=1, max_size=1)
+        held = pool.getconn()
+        order: list[Any] = []
+
+        def waiter(tag: Any) -> None:
+            with pool.connection(timeout=10):
+                order.append(tag)
+                gevent.sleep(0.001)
+
+        greenlets = []
+        for i in range(10):
+            greenlets.append(gevent.spawn(waiter, i))
+            wait_until(lambda: pool.get_stats()["requests_waiting"] == i + 1, 5.0, f"waiter {i} queued")
+        pool.putconn(held)
+        greenlets.append(gevent.spawn(waiter, "late"))  # arrives after the release
+        gevent.joinall(greenlets, timeout=10, raise_error=True)
+        assert order == [*range(10), "late"]
+
+    run_green(body)
+
+
+def test_round_robin_under_contention(make_pool: Callable[..., Any]) -> None:
+    """5 greenlets take turns on a single connection, 40 times each: FIFO
+    hands it round-robin, and nobody starves."""
+
+    def body() -> None:
+        pool = make_pool(min_size=1, max_size=1)
+        owners: list[int] = []
+
+        def worker(i: int) -> None:
+            for _ in range(40):
+                conn = pool.getconn(timeout=5)
+                owners.append(i)
+                gevent.sleep(0)
+                pool.putconn(conn)
+
+        workers = [gevent.spawn(worker, i) for i in range(5)]
+        gevent.joinall(workers, timeout=20, raise_error=True)
+        assert sorted(owners) == sorted(list(range(5)) * 40)
+        # Once all five are queued, each window of 5 turns serves all five.
+        windows = [set(owners[k : k + 5]) for k in range(5, len(owners) - 5)]
+        unfair = [k for k, w in enumerate(windows) if len(w) != 5]
+        assert not unfair, owners
+
+    run_green(body)
+
+
+# --------------------------------------------------------------------------
+# Throughput and data volume
+# --------------------------------------------------------------------------
+
+
+def test_throughput_many_greenlets(make_pool: Callable[..., Any]) -> None:
+    """200 greenlets x 5 `pg_sleep(0.01)` over 20 connections: far faster
+    than the 10 s serialized time, max_size respected, all results right."""
+
+    def body() -> None:
+        pool = make_pool(min_size=20, max_size=20)
+        lent = 0
+        peak = 0
+        pids: set[int] = set()
+        values: list[int] = []
+
+        def worker(i: int) -> None:
+            nonlocal lent, peak
+            for j in range(5):
+                with pool.connection(timeout=20) as conn:
+                    lent += 1
+                    peak = max(peak, lent)
+                    try:
+                        value, pid = conn.execute(
+                            "select %s::int, pg_backend_pid() from pg_sleep(0.01)", (i * 5 + j,)
+                        ).fetchone()
+                    finally:
+                        lent -= 1
+                values.append(value)
+                pids.add(pid)
+
+        t0 = time.monotonic()
+        workers = [gevent.spawn(worker, i) for i in range(200)]
+        gevent.joinall(workers, timeout=30, raise_error=True)
+        elapsed = time.monotonic() - t0
+        assert sorted(values) == list(range(1000))
+        assert peak <= 20 and len(pids) <= 20
+        assert elapsed < 4.0, f"{elapsed:.2f} s (serialized: 10 s, ideal: 0.5 s)"
+        stats = settle(pool, 20)
+        assert stats["requests_num"] == 1000
+        assert stats["requests_errors"] == 0
+
+    run_green(body)
+
+
+def test_large_payloads_concurrently(make_pool: Callable[..., Any]) -> None:
+    """Big parameters and results (read/write waits on the hub) in several
+    greenlets at once, while a ticker greenlet keeps running."""
+
+    def body() -> None:
+        pool = make_pool(min_size=4, max_size=4)
+        size = 4 * 1024 * 1024
+        ticks = 0
+        stop = False
+
+        def ticker() -> None:
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                gevent.sleep(0.001)
+
+        def worker(i: int) -> tuple[int, int]:
+            blob = chr(ord("a") + i) * size
+            with pool.connection(timeout=10) as conn:
+                sent = conn.execute("select length(%s::text)", (blob,)).fetchone()[0]
+                got = conn.execute("select repeat(%s, %s)", (chr(ord("a") + i), size)).fetchone()[0]
+            assert got == blob
+            return sent, len(got)
+
+        tick = gevent.spawn(ticker)
+        workers = [gevent.spawn(worker, i) for i in range(4)]
+        gevent.joinall(workers, timeout=30, raise_error=True)
+        stop = True
+        tick.join(1)
+        assert [w.value for w in workers] == [(size, size)] * 4
+        assert ticks > 0
+
+    run_green(body)
