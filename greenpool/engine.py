@@ -279,11 +279,11 @@ class Pool(Generic[C]):
                 raise self.PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
             starting = self._closed
             if starting:
-                self._executor = Executor(f"{self.name}-worker")
+                self._executor = executor = Executor(f"{self.name}-worker")
                 self._closed = False
                 self._opened = True
         if starting:
-            self._executor.submit(self._housekeeper)
+            executor.submit(self._housekeeper)
             self._fill()
         if wait:
             self.wait(timeout)
@@ -974,8 +974,16 @@ class Pool(Generic[C]):
     )
 
     def _reset_counters(self) -> None:
-        for key in self._COUNTERS:
-            setattr(self, key, 0)
+        self.requests_num = 0
+        self.requests_queued = 0
+        self.requests_wait_ms = 0
+        self.requests_errors = 0
+        self.returns_bad = 0
+        self.returns_reset = 0
+        self.connections_num = 0
+        self.connections_ms = 0
+        self.connections_errors = 0
+        self.connections_lost = 0
         self._usage = 0.0  # seconds connections spent lent
 
     def get_stats(self) -> dict[str, int]:

@@ -317,7 +317,7 @@ class PooledDatabase:
 class _PooledPostgresqlDatabase(PooledDatabase):
     """PostgreSQL through psycopg 3, waiting through gevent when in use."""
 
-    def init(self, database: Any, **kwargs: Any) -> None:
+    def init(self, database: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As `PooledDatabase.init`; psycopg 3 is always the driver."""
         kwargs["prefer_psycopg3"] = True
         super().init(database, **kwargs)
@@ -368,7 +368,7 @@ def _gevent_adapter(base: type) -> type:
     return adapter
 
 
-class PooledPostgresqlDatabase(_PooledPostgresqlDatabase, peewee.PostgresqlDatabase):
+class PooledPostgresqlDatabase(_PooledPostgresqlDatabase, peewee.PostgresqlDatabase):  # type: ignore[misc]
     """Pooled `PostgresqlDatabase` (psycopg 3)."""
 
 
@@ -407,7 +407,7 @@ class _PooledMySQLDatabase(PooledDatabase):
     def _execute_cursor(self, sql: str, params: Any, **options: Any) -> Any:
         if self.is_closed() and self.autoconnect:  # type: ignore[attr-defined]
             self.connect()  # type: ignore[attr-defined]
-        conn = self._state.conn  # type: ignore[attr-defined]
+        conn = self._state.conn
         if conn is None:
             return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
         # Stays set only if the query is interrupted (gevent.Timeout, a
@@ -451,7 +451,7 @@ class _PooledMySQLDatabase(PooledDatabase):
             logger.warning("couldn't cancel the interrupted query: %s", ex)
 
 
-class PooledMySQLDatabase(_PooledMySQLDatabase, peewee.MySQLDatabase):
+class PooledMySQLDatabase(_PooledMySQLDatabase, peewee.MySQLDatabase):  # type: ignore[misc]
     """Pooled `MySQLDatabase` (pymysql)."""
 
 
@@ -459,7 +459,7 @@ class _PooledSqliteDatabase(PooledDatabase):
     """SQLite; connections are made and closed by the pool's background jobs,
     so `check_same_thread` defaults to False."""
 
-    def init(self, database: Any, **kwargs: Any) -> None:
+    def init(self, database: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """As `PooledDatabase.init`."""
         kwargs.setdefault("check_same_thread", False)
         super().init(database, **kwargs)
@@ -472,10 +472,9 @@ class _PooledSqliteDatabase(PooledDatabase):
 
     def _is_closed(self, conn: Any) -> bool:
         try:
-            conn.total_changes
+            return conn.total_changes is None  # raises once closed
         except Exception:
             return True
-        return False
 
     def _can_reuse(self, conn: Any) -> bool:
         try:
@@ -486,7 +485,7 @@ class _PooledSqliteDatabase(PooledDatabase):
         return True
 
 
-class PooledSqliteDatabase(_PooledSqliteDatabase, peewee.SqliteDatabase):
+class PooledSqliteDatabase(_PooledSqliteDatabase, peewee.SqliteDatabase):  # type: ignore[misc]
     """Pooled `SqliteDatabase`."""
 
 

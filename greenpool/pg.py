@@ -211,8 +211,8 @@ class ConnectionPool(Pool[CT], Generic[CT]):
                 raise ValueError(f"timeout must be >= 0, got {timeout!r}")
         slot = self.acquire(timeout)
         conn = slot.conn
-        conn._pool = self
-        conn._pool_slot = slot
+        conn._pool = self  # type: ignore[assignment]
+        conn._pool_slot = slot  # type: ignore[attr-defined]
         return conn
 
     def putconn(self, conn: CT) -> None:
@@ -221,7 +221,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         if pool is not self:
             where = f"it comes from pool {pool.name!r}" if pool else "it doesn't come from any pool"
             raise ValueError(f"can't return connection to pool {self.name!r}, {where}: {conn}")
-        slot = conn._pool_slot
+        slot = conn._pool_slot  # type: ignore[attr-defined]
         conn._pool = None
         self.release(slot)
 

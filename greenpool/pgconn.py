@@ -121,7 +121,7 @@ class GeventConnection(psycopg.Connection[Any]):
         self.lock = _HybridLock()  # type: ignore[assignment]
 
     @classmethod
-    def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:  # type: ignore[override]
+    def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
         """Connect like `psycopg.Connection.connect()`, cooperatively under gevent."""
         hub = gevent_hub()
         if hub is None:
