@@ -497,15 +497,17 @@ def test_query_interrupted_while_sending_is_recovered(
 ) -> None:
     """A query interrupted while its (large) parameters are still being sent.
 
-    The proxy is stopped (SIGSTOP) so that the send can't complete, the
-    query is interrupted by `gevent.Timeout`, then the proxy resumes. The
-    connection must come back usable promptly: the unsent rest of the query
-    has to be flushed (or the connection closed) before waiting for the
-    server, which otherwise never answers a query it hasn't fully received.
+    The proxy is frozen (SIGSTOP) once the transaction has begun, so the
+    8 MB query can't be sent in full; `gevent.Timeout` interrupts it
+    mid-send; the proxy is thawed. The connection must be usable again
+    promptly and kept: the unsent rest of the query has to be flushed
+    before waiting for the server's answer (the server ignores a cancel
+    while it is still reading a query, and never answers a query it hasn't
+    fully received).
     """
     proxy = make_proxy()
     proxy_pid = proxy._child.pid  # type: ignore[union-attr]
-    blob = "x" * (32 * 1024 * 1024)
+    blob = "x" * (8 * 1024 * 1024)
 
     def body() -> None:
         pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1)
@@ -515,15 +517,15 @@ def test_query_interrupted_while_sending_is_recovered(
             try:
                 with gevent.Timeout(0.3):
                     with pool.connection() as conn:
+                        conn.execute("select 1")  # BEGIN and a round trip, proxy running
+                        os.kill(proxy_pid, signal.SIGSTOP)
                         conn.execute("select length(%s::text)", (blob,))
                 outcome.append("completed")
             except gevent.Timeout:
                 outcome.append("interrupted")
 
-        os.kill(proxy_pid, signal.SIGSTOP)
         try:
-            g = gevent.spawn(sender)
-            g.join(5)
+            gevent.spawn(sender).join(5)
         finally:
             os.kill(proxy_pid, signal.SIGCONT)
         assert outcome == ["interrupted"]
@@ -531,6 +533,8 @@ def test_query_interrupted_while_sending_is_recovered(
         with pool.connection(timeout=3) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
         assert time.monotonic() - t0 < 3
+        stats = pool.get_stats()
+        assert stats["returns_bad"] == 0 and stats["connections_num"] == 1, stats
 
     run_green(body)
 
