@@ -3,7 +3,8 @@
 Commands:
 
 ``bench``
-    Compare greenpool with psycopg_pool and no-pool baselines under gevent
+    Compare greenpool with psycopg_pool, Peewee's playhouse pool and no-pool
+    baselines under gevent, on PostgreSQL and (if one answers) MySQL/MariaDB
     (see `greenpool.bench`).
 
 A command is a `Command` entry in `COMMANDS`: a name, a help line, a function
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 # Modules that bind threading/socket/select objects when imported: they must be
 # imported after `gevent.monkey.patch_all()` to be gevent-aware. greenpool's own
 # pool decides at call time (greenpool._compat), so it is not listed.
-_PATCH_SENSITIVE = ("psycopg", "psycopg_pool", "peewee", "pymysql")
+_PATCH_SENSITIVE = ("psycopg", "psycopg_pool", "peewee", "playhouse", "pymysql")
 
 # Set in the environment of the re-executed process, so it never re-executes.
 _REEXEC_GUARD = "GREENPOOL_BENCH_REEXECUTED"
@@ -62,6 +63,13 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: $GREENPOOL_DSN, else a throw-away embedded server)",
     )
     parser.add_argument(
+        "--mysql",
+        metavar="URL",
+        help="mysql://user:password@host:port/database of the MySQL/MariaDB server for the "
+        "mysql-* scenarios (default: $GREENPOOL_MYSQL, else mysql://root@127.0.0.1:3306/test "
+        "if it answers); without a server those scenarios are skipped, not failed",
+    )
+    parser.add_argument(
         "--scenario",
         action="append",
         metavar="NAME",
@@ -82,7 +90,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one round of scaled-down scenarios (a smoke test, under a minute)",
+        help="one round of scaled-down scenarios (a smoke test, about a minute)",
     )
     parser.add_argument(
         "--timeout",
@@ -144,7 +152,7 @@ def _patch_gevent_first(invocation: Invocation) -> None:
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="bench",
-        help="benchmark greenpool against psycopg_pool and no-pool baselines under gevent",
+        help="benchmark greenpool against psycopg_pool, playhouse.pool and no-pool baselines under gevent",
         add_arguments=_bench_arguments,
         run=_run_bench,
     ),

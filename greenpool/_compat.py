@@ -137,12 +137,9 @@ class GreenWakeup:
         self._greenlet: Any = None
         self._fired = False
 
-    def wait(self, timeout: float, handoff: GreenWakeup | None = None) -> bool:
+    def wait(self, timeout: float) -> bool:
         """Block this greenlet until fired or `timeout` seconds pass.
 
-        With `handoff` (a wakeup this greenlet has just fired and whose
-        callback hasn't run yet), switch straight to that waiter instead of
-        going through the hub: one switch instead of two per handoff.
         Exceptions thrown into the greenlet (`gevent.Timeout`,
         `GreenletExit`) propagate: the caller settles who owns what.
         """
@@ -154,9 +151,6 @@ class GreenWakeup:
         if timer is not None:
             timer.start(self._expire)
         try:
-            if handoff is not None and handoff._greenlet is not None:
-                handoff._fired = True
-                return bool(handoff._greenlet.switch(True))
             return bool(self._hub.switch())
         finally:
             self._greenlet = None
@@ -174,16 +168,12 @@ class GreenWakeup:
         if greenlet is not None:
             greenlet.switch(True)
 
-    def fire(self) -> Any:
-        """Wake the waiter; callable from any greenlet or thread.
-
-        Return the loop callback when fired from the waiter's own thread, so
-        that `wait(handoff=...)` may run it early.
-        """
+    def fire(self) -> None:
+        """Wake the waiter; callable from any greenlet or thread."""
         if get_thread_ident() == self._thread:
-            return self._hub.loop.run_callback(self._wake)
-        self._hub.loop.run_callback_threadsafe(self._wake)
-        return None
+            self._hub.loop.run_callback(self._wake)
+        else:
+            self._hub.loop.run_callback_threadsafe(self._wake)
 
 
 class ThreadWakeup:
@@ -196,7 +186,7 @@ class ThreadWakeup:
         self._lock = allocate_lock()
         self._lock.acquire()
 
-    def wait(self, timeout: float, handoff: Any = None) -> bool:
+    def wait(self, timeout: float) -> bool:
         """Block this thread until fired or `timeout` seconds pass."""
         if timeout == INFINITY:
             return bool(self._lock.acquire())

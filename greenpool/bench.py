@@ -1,34 +1,49 @@
-"""Benchmark greenpool against psycopg_pool and no-pool baselines, all under gevent.
+"""Benchmark greenpool against psycopg_pool, peewee's pool and no-pool baselines, under gevent.
 
 Run it as ``python -m greenpool bench`` (see ``--help``). The CLI monkey-patches
-before importing this module; it imports gevent at the top, and psycopg, the
-pools and the embedded server only inside functions, so nothing here binds an
-unpatched object.
+before importing this module; it imports gevent at the top, and psycopg,
+pymysql, peewee, the pools and the embedded server only inside functions, so
+nothing here binds an unpatched object.
 
-Contenders (`CONTENDERS`, in table order):
+Contenders (`CONTENDERS`, in table order), with the backends they run on:
 
-``greenpool``     `greenpool.ConnectionPool`
-``psycopg_pool``  `psycopg_pool.ConnectionPool`
-``dedicated``     P greenlets each owning one connection: the same driver with
-                  no pool, the upper bound
-``shared``        one connection behind a gevent lock, used by all G greenlets
+``greenpool``         `greenpool.ConnectionPool` (PostgreSQL)
+``psycopg_pool``      `psycopg_pool.ConnectionPool` (PostgreSQL)
+``peewee-greenpool``  `greenpool.peewee`'s PooledPostgresqlDatabase /
+                      PooledMySQLDatabase (both)
+``peewee-playhouse``  `playhouse.pool`'s PooledPostgresqlDatabase /
+                      PooledMySQLDatabase, peewee's own pool (both)
+``dedicated``         P greenlets each owning one connection: the same driver
+                      with no pool, the upper bound (both)
+``shared``            one connection behind a gevent lock, used by all G
+                      greenlets (PostgreSQL)
 
-All use the same connection class and autocommit, so differences come from the
-pools, not the driver. Adding a contender is one class::
+The psycopg pools, ``dedicated`` and ``shared`` use the same connection class
+and autocommit, so differences come from the pools, not the driver. The Peewee
+contenders run one query per borrow the way Peewee code does,
+``with db.connection_context(): db.execute_sql(sql).fetchall()``; greenpool's
+adapter connects with the same gevent-aware class, playhouse with peewee's own
+``psycopg.connect`` (psycopg 3; its default wait function cooperates once
+``select`` is patched). On MySQL everything is pymysql, which cooperates on the
+patched ``socket``. Adding a contender is one class::
 
-    @contender("mypool", storm=True)
+    @contender("mypool", storm=True, backends=("postgres",))
     class MyPool(BorrowingContender):
         '''One line shown by --list and in the report header.'''
         def open(self) -> None: ...      # connect config.pool_size connections
         def borrow(self): ...            # context manager yielding a connection
         def close(self) -> None: ...
-        # optionally: execute(conn, sql) for a non-psycopg API, stats()
+        # optionally: execute(conn, sql) for another API, reset_stats(), stats()
 
-Scenarios (`SCENARIOS`) either give each of G greenlets a fixed number of
-queries (``steady``, ``overhead``, ``scale``), or run them for a fixed time
-(``storm``). ``storm`` measures each pool twice through a slow-connecting TCP
-proxy: with connections expiring every few seconds, and with a long lifetime;
-only the contenders registered with ``storm=True`` take part.
+Scenarios (`SCENARIOS`) run on one backend (`Scenario.backend`: ``postgres``
+or ``mysql``, the ``mysql-`` ones) with the contenders supporting it. They
+either give each of G greenlets a fixed number of queries (``steady``,
+``overhead``, ``scale``), or run them for a fixed time (``storm``). ``storm``
+measures each pool twice through a slow-connecting TCP proxy: with connections
+expiring every few seconds, and with a long lifetime; only the contenders
+registered with ``storm=True`` take part. A scenario may leave a contender out
+(`Scenario.skip`, e.g. ``shared`` in ``scale``) unless ``--contender`` names it.
+MySQL scenarios are skipped, with a note, when no MySQL server answers.
 
 A query's latency runs from asking for a connection to having the result, so
 it includes the wait for the pool.
@@ -62,12 +77,20 @@ perf_counter = time.perf_counter
 
 #: Environment variable holding the DSN, as for the test suite.
 DSN_ENV = "GREENPOOL_DSN"
+#: Environment variable holding the MySQL/MariaDB URL.
+MYSQL_ENV = "GREENPOOL_MYSQL"
+#: Where a MySQL server is looked for when neither --mysql nor $GREENPOOL_MYSQL is set.
+MYSQL_DEFAULT_URL = "mysql://root@127.0.0.1:3306/test"
+#: Seconds the MySQL probe (and every pymysql connect) may take to connect.
+MYSQL_CONNECT_TIMEOUT = 10
 #: Every contender's connections are opened with these.
 CONNECT_KWARGS: Mapping[str, Any] = {"autocommit": True}
 #: Lifetime of the "no storm" runs: longer than any run.
 CALM_LIFETIME = 3600.0
 #: Pool `timeout` (getconn) and `open(wait=True)` timeout, in seconds.
 POOL_TIMEOUT = 30.0
+#: Peewee pools' `timeout`: generous, so that they wait rather than raise.
+PEEWEE_TIMEOUT = 60.0
 #: Bound on closing one contender's pool or connections.
 CLOSE_TIMEOUT = 30.0
 #: After a run's gevent.Timeout, how long the OS-level watchdog waits before
@@ -76,6 +99,11 @@ CLOSE_TIMEOUT = 30.0
 WATCHDOG_GRACE = 60.0
 
 SLEEP_SQL = "select pg_sleep(0.002)"
+MYSQL_SLEEP_SQL = "select sleep(0.002)"
+
+#: Backend names, as in `Scenario.backend` and `contender(backends=...)`.
+POSTGRES = "postgres"
+MYSQL = "mysql"
 
 
 # ---------------------------------------------------------------- scenarios
@@ -97,6 +125,8 @@ class Scenario:
     seconds) is set. With `storm_lifetime` set the scenario runs twice per
     contender, with that connection lifetime and with `CALM_LIFETIME`, both
     through a TCP proxy delaying each new connection by `connect_delay` seconds.
+    It runs on the `backend` server, with the contenders supporting it, but
+    those named in `skip` (with the reason), unless --contender names them.
     """
 
     name: str
@@ -107,6 +137,8 @@ class Scenario:
     duration: float | None = None
     storm_lifetime: float | None = None
     connect_delay: float = 0.0
+    backend: str = POSTGRES
+    skip: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_storm(self) -> bool:
@@ -137,6 +169,16 @@ class Scenario:
 
 
 _STEADY = Scenario("steady", greenlets=200, pool_size=20, sql=SLEEP_SQL, queries_each=50)
+_SCALE = Scenario(
+    "scale",
+    greenlets=2000,
+    pool_size=50,
+    sql=SLEEP_SQL,
+    queries_each=10,
+    # Like the field notes: one connection for 2000 greenlets only shows again
+    # that a lone connection serializes everyone, at ~50 s a round.
+    skip=(("shared", "one connection for 2000 greenlets takes ~50 s a round and shows nothing new"),),
+)
 _STORM = Scenario(
     "storm",
     greenlets=300,
@@ -146,6 +188,9 @@ _STORM = Scenario(
     storm_lifetime=3.0,
     connect_delay=0.03,
 )
+_MYSQL_STEADY = replace(_STEADY, name="mysql-steady", sql=MYSQL_SLEEP_SQL, backend=MYSQL)
+# Half the PostgreSQL storm's pool: MariaDB allows 151 connections by default.
+_MYSQL_STORM = replace(_STORM, name="mysql-storm", greenlets=150, pool_size=50, sql=MYSQL_SLEEP_SQL, backend=MYSQL)
 
 #: name -> (full scenario, --quick scenario)
 SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
@@ -154,11 +199,14 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
         replace(_STEADY, name="overhead", sql="select 1"),
         replace(_STEADY, name="overhead", sql="select 1", queries_each=5),
     ),
-    "scale": (
-        Scenario("scale", greenlets=2000, pool_size=50, sql=SLEEP_SQL, queries_each=10),
-        Scenario("scale", greenlets=2000, pool_size=50, sql=SLEEP_SQL, queries_each=2),
-    ),
+    "scale": (_SCALE, replace(_SCALE, queries_each=2)),
     "storm": (_STORM, replace(_STORM, duration=3.0, storm_lifetime=1.0)),
+    "mysql-steady": (_MYSQL_STEADY, replace(_MYSQL_STEADY, queries_each=5)),
+    "mysql-overhead": (
+        replace(_MYSQL_STEADY, name="mysql-overhead", sql="select 1"),
+        replace(_MYSQL_STEADY, name="mysql-overhead", sql="select 1", queries_each=5),
+    ),
+    "mysql-storm": (_MYSQL_STORM, replace(_MYSQL_STORM, duration=3.0, storm_lifetime=1.0)),
 }
 
 
@@ -241,6 +289,201 @@ def _run_parallel(jobs: Sequence[Callable[[], None]]) -> None:
         raise failures[0]
 
 
+# ---------------------------------------------------------------- backends
+
+
+class Backend(ABC):
+    """A kind of database server: how to reach it, connect, query and describe it.
+
+    `dsn` is a libpq connection string for PostgreSQL, a ``mysql://`` URL for
+    MySQL. Drivers are imported in the methods, after the monkey-patch.
+    """
+
+    #: `Scenario.backend` / `contender(backends=...)` name.
+    name: str
+    #: For the report.
+    title: str
+
+    @abstractmethod
+    def connect(self, config: ContenderConfig) -> Any:
+        """A new driver connection in autocommit (for the no-pool contenders)."""
+
+    @abstractmethod
+    def execute(self, conn: Any, sql: str) -> None:
+        """Run `sql` on a driver connection and fetch the result."""
+
+    @abstractmethod
+    def server_info(self, dsn: str, connection_class: type[Any] | None = None) -> dict[str, Any]:
+        """Version, ``max_connections`` and other clients' connections, read once.
+
+        `connection_class`: the psycopg class to connect with (PostgreSQL).
+        """
+
+    @abstractmethod
+    def tcp_target(self, dsn: str) -> tuple[str, int]:
+        """Host and port of the server, for the storm proxy (TCP only)."""
+
+    @abstractmethod
+    def via_proxy(self, dsn: str, host: str, port: int) -> str:
+        """`dsn` rewritten to connect to `host`:`port` (the storm proxy)."""
+
+    @abstractmethod
+    def peewee_params(self, dsn: str) -> tuple[str, dict[str, Any]]:
+        """Database name and connect keywords of a Peewee `Database` for `dsn`."""
+
+    @abstractmethod
+    def masked(self, dsn: str) -> str:
+        """`dsn` without its password, for printing and JSON."""
+
+
+class PostgresBackend(Backend):
+    """PostgreSQL through psycopg 3."""
+
+    name = POSTGRES
+    title = "PostgreSQL"
+
+    def connect(self, config: ContenderConfig) -> Any:
+        return config.connection_class.connect(config.dsn, **config.connect_kwargs)
+
+    def execute(self, conn: Any, sql: str) -> None:
+        conn.execute(sql).fetchall()
+
+    def server_info(self, dsn: str, connection_class: type[Any] | None = None) -> dict[str, Any]:
+        if connection_class is None:
+            import psycopg
+
+            connection_class = psycopg.Connection
+        with connection_class.connect(dsn, **CONNECT_KWARGS) as conn:
+            version, max_conn, clients = conn.execute(
+                "select current_setting('server_version'), current_setting('max_connections')::int,"
+                " (select count(*) from pg_stat_activity"
+                "  where backend_type = 'client backend' and pid <> pg_backend_pid())"
+            ).fetchone()
+        return {"version": version, "max_connections": max_conn, "client_connections": clients}
+
+    def tcp_target(self, dsn: str) -> tuple[str, int]:
+        return _tcp_target(dsn)
+
+    def via_proxy(self, dsn: str, host: str, port: int) -> str:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(dsn)
+        params.pop("hostaddr", None)
+        params.update(host=host, port=str(port))
+        return make_conninfo("", **params)
+
+    def peewee_params(self, dsn: str) -> tuple[str, dict[str, Any]]:
+        from psycopg.conninfo import conninfo_to_dict
+
+        params: dict[str, Any] = dict(conninfo_to_dict(dsn))
+        # libpq's default database is the user name.
+        database = str(
+            params.pop("dbname", None)
+            or os.environ.get("PGDATABASE")
+            or params.get("user")
+            or os.environ.get("PGUSER")
+            or ""
+        )
+        if not database:
+            raise ValueError("the DSN names no database (dbname) nor user")
+        # peewee 4 picks psycopg 3 only when psycopg2 is absent, unless told.
+        params["prefer_psycopg3"] = True
+        return database, params
+
+    def masked(self, dsn: str) -> str:
+        return _masked(dsn)
+
+
+class MySQLBackend(Backend):
+    """MySQL or MariaDB through pymysql (pure Python on the patched `socket`)."""
+
+    name = MYSQL
+    title = "MySQL"
+
+    def connect(self, config: ContenderConfig) -> Any:
+        import pymysql
+
+        database, params = self.peewee_params(config.dsn)
+        # As peewee's MySQLDatabase connects (utf8mb4, autocommit).
+        params.setdefault("charset", "utf8mb4")
+        return pymysql.connect(database=database, autocommit=True, **params)
+
+    def execute(self, conn: Any, sql: str) -> None:
+        cursor = conn.cursor()
+        cursor.execute(sql)
+        cursor.fetchall()
+
+    def server_info(self, dsn: str, connection_class: type[Any] | None = None) -> dict[str, Any]:
+        import pymysql
+
+        database, params = self.peewee_params(dsn)
+        conn = pymysql.connect(database=database, autocommit=True, **params)
+        try:
+            cursor = conn.cursor()
+            cursor.execute("select version(), @@max_connections")
+            version, max_conn = cursor.fetchone()
+            cursor.execute("show global status like 'Threads_connected'")
+            (_, connected) = cursor.fetchone()
+        finally:
+            conn.close()
+        return {"version": version, "max_connections": int(max_conn), "client_connections": int(connected) - 1}
+
+    def tcp_target(self, dsn: str) -> tuple[str, int]:
+        _, params = self.peewee_params(dsn)
+        if "unix_socket" in params:
+            raise ValueError("storm needs a TCP host in the MySQL URL, got a unix_socket")
+        return str(params["host"]), int(params["port"])
+
+    def via_proxy(self, dsn: str, host: str, port: int) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(dsn)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def peewee_params(self, dsn: str) -> tuple[str, dict[str, Any]]:
+        """Database and pymysql keywords of a ``mysql://user:password@host:port/db?k=v`` URL.
+
+        Query parameters are passed to pymysql as they are (strings).
+        """
+        from urllib.parse import parse_qsl, unquote, urlsplit
+
+        parts = urlsplit(dsn)
+        if parts.scheme not in ("mysql", "mariadb", "mysql+pymysql"):
+            raise ValueError(f"expected a mysql:// URL, got {self.masked(dsn)!r}")
+        params: dict[str, Any] = {
+            "host": parts.hostname or "127.0.0.1",
+            "port": parts.port or 3306,
+            "user": unquote(parts.username) if parts.username else "root",
+            "connect_timeout": MYSQL_CONNECT_TIMEOUT,
+        }
+        if parts.password is not None:
+            params["password"] = unquote(parts.password)
+        params.update(parse_qsl(parts.query))
+        database = unquote(parts.path.lstrip("/"))
+        if not database:
+            raise ValueError(f"the MySQL URL names no database: {self.masked(dsn)!r}")
+        return database, params
+
+    def masked(self, dsn: str) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        try:
+            parts = urlsplit(dsn)
+            if parts.password is None:
+                return dsn
+            user, _, hostport = parts.netloc.rpartition("@")
+            user = user.partition(":")[0]
+            return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+        except ValueError:  # never fail on printing
+            return "(unparsable URL)"
+
+
+#: Backend name -> backend.
+BACKENDS: dict[str, Backend] = {b.name: b for b in (PostgresBackend(), MySQLBackend())}
+
+
 # ---------------------------------------------------------------- contenders
 
 
@@ -251,11 +494,18 @@ class ContenderConfig:
     dsn: str
     pool_size: int
     max_lifetime: float
-    #: The psycopg connection class every contender must use.
+    #: The psycopg connection class every psycopg contender must use.
     connection_class: type[Any]
     connect_kwargs: Mapping[str, Any]
     #: For pools: their getconn timeout and open(wait=True) timeout.
     timeout: float
+    #: The server's kind; `dsn` is in its format.
+    backend: Backend = field(default_factory=PostgresBackend)
+
+    @property
+    def stale_timeout(self) -> float | None:
+        """`max_lifetime` as a Peewee pool's `stale_timeout`: None for a calm (long) lifetime."""
+        return None if self.max_lifetime >= CALM_LIFETIME else self.max_lifetime
 
 
 class Contender(ABC):
@@ -277,8 +527,8 @@ class Contender(ABC):
         """Run `work` to completion, appending each query's latency to it."""
 
     def execute(self, conn: Any, sql: str) -> None:
-        """Run `sql` on `conn` and fetch the result (psycopg API by default)."""
-        conn.execute(sql).fetchall()
+        """Run `sql` on `conn` and fetch the result (the backend's driver API by default)."""
+        self.config.backend.execute(conn, sql)
 
     def reset_stats(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Forget statistics gathered so far (called after the warm-up)."""
@@ -320,6 +570,17 @@ class ContenderSpec:
     #: Whether it takes part in lifetime-storm scenarios (pools only).
     storm: bool
     description: str
+    #: The `Scenario.backend` values it runs on.
+    backends: frozenset[str] = frozenset({POSTGRES})
+
+    def takes_part(self, scenario: Scenario) -> bool:
+        """Whether it runs in `scenario` (its backend; storms only if `storm`)."""
+        return scenario.backend in self.backends and (self.storm or not scenario.is_storm)
+
+    def label(self) -> str:
+        """Description plus where it runs, for --list and the report header."""
+        where = ", ".join(BACKENDS[b].title for b in BACKENDS if b in self.backends)
+        return f"{self.description} [{where}{'' if self.storm else '; not in storm'}]"
 
 
 #: Registered contenders, in report order.
@@ -327,19 +588,24 @@ CONTENDERS: dict[str, ContenderSpec] = {}
 
 
 def contender(
-    name: str, *, storm: bool
+    name: str, *, storm: bool, backends: Iterable[str] = (POSTGRES,)
 ) -> Callable[[Callable[[ContenderConfig], Contender]], Callable[[ContenderConfig], Contender]]:
     """Class decorator registering a contender factory under `name`.
 
-    `storm` says whether it takes part in lifetime-storm scenarios. The first
-    line of the factory's docstring describes it in the report.
+    `storm` says whether it takes part in lifetime-storm scenarios, `backends`
+    which servers (`BACKENDS` names) it can run on. The first line of the
+    factory's docstring describes it in the report.
     """
+    supported = frozenset(backends)
+    unknown = supported - set(BACKENDS)
+    if unknown or not supported:
+        raise ValueError(f"contender {name!r}: backends must be among {sorted(BACKENDS)}, got {sorted(supported)}")
 
     def register(
         factory: Callable[[ContenderConfig], Contender],
     ) -> Callable[[ContenderConfig], Contender]:
         doc = (factory.__doc__ or name).strip().splitlines()[0]
-        CONTENDERS[name] = ContenderSpec(name, factory, storm, doc)
+        CONTENDERS[name] = ContenderSpec(name, factory, storm, doc, supported)
         return factory
 
     return register
@@ -350,7 +616,7 @@ def _connect_many(config: ContenderConfig, count: int) -> list[Any]:
     conns: list[Any] = []
 
     def connect() -> None:
-        conns.append(config.connection_class.connect(config.dsn, **config.connect_kwargs))
+        conns.append(config.backend.connect(config))
 
     try:
         _run_parallel([connect] * count)
@@ -442,7 +708,167 @@ class PsycopgPoolContender(PsycopgStylePool):
         return pool_class
 
 
-@contender("dedicated", storm=False)
+class PeeweeContender(BorrowingContender):
+    """A pooled Peewee database, used as Peewee code does: one query per borrow.
+
+    A borrow is ``db.connection_context()``, the query
+    ``db.execute_sql(sql).fetchall()``. The database takes the DSN's host,
+    port, user, database (and the rest), so it goes through the storm proxy
+    too; `stale_timeout` is the phase's lifetime (None when calm) and
+    `timeout` `PEEWEE_TIMEOUT`, so that a saturated pool waits rather than
+    raises.
+    """
+
+    db: Any = None
+
+    @abstractmethod
+    def database(self, database: str, params: dict[str, Any]) -> Any:
+        """The Peewee database for `config.backend`, not connected yet."""
+
+    @abstractmethod
+    def warm(self) -> None:
+        """Open `config.pool_size` connections, so the pool starts full."""
+
+    def open(self) -> None:
+        database, params = self.config.backend.peewee_params(self.config.dsn)
+        self.db = self.database(database, params)
+        self.warm()
+
+    def borrow(self) -> AbstractContextManager[Any]:
+        return self.db.connection_context()  # type: ignore[no-any-return]
+
+    def execute(self, conn: Any, sql: str) -> None:
+        # `conn` is None: connection_context() yields nothing, the database
+        # knows the greenlet's connection.
+        self.db.execute_sql(sql).fetchall()
+
+
+@contender("peewee-greenpool", storm=True, backends=(POSTGRES, MYSQL))
+class PeeweeGreenpool(PeeweeContender):
+    """greenpool.peewee.PooledPostgresqlDatabase / PooledMySQLDatabase (min_connections = max_connections = P)."""
+
+    def database(self, database: str, params: dict[str, Any]) -> Any:
+        from greenpool import peewee as gpw
+
+        classes = {POSTGRES: gpw.PooledPostgresqlDatabase, MYSQL: gpw.PooledMySQLDatabase}
+        config = self.config
+        return classes[config.backend.name](
+            database,
+            max_connections=config.pool_size,
+            stale_timeout=config.stale_timeout,
+            timeout=PEEWEE_TIMEOUT,
+            min_connections=config.pool_size,
+            **params,
+        )
+
+    def warm(self) -> None:
+        self.db.pool.open(wait=True, timeout=self.config.timeout)
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close_all()
+            self.db.pool.close()
+
+    def reset_stats(self) -> None:
+        if self.db is not None:
+            self.db.pool.pop_stats()
+
+    def stats(self) -> dict[str, Any] | None:
+        return dict(self.db.pool_stats()) if self.db is not None else None
+
+
+@contender("peewee-playhouse", storm=True, backends=(POSTGRES, MYSQL))
+class PeeweePlayhouse(PeeweeContender):
+    """playhouse.pool.PooledPostgresqlDatabase / PooledMySQLDatabase, Peewee's own pool (P pre-opened)."""
+
+    def database(self, database: str, params: dict[str, Any]) -> Any:
+        config = self.config
+        db = _playhouse_class(config.backend.name)(
+            database,
+            max_connections=config.pool_size,
+            stale_timeout=config.stale_timeout,
+            timeout=PEEWEE_TIMEOUT,
+            **params,
+        )
+        if config.backend.name == POSTGRES:
+            import peewee
+
+            if not isinstance(db._adapter, peewee.Psycopg3Adapter):
+                raise RuntimeError(f"peewee chose {type(db._adapter).__name__}, not psycopg 3")
+        return db
+
+    def warm(self) -> None:
+        """Check out P connections at once from P greenlets, then return them all.
+
+        playhouse has no minimum size: each greenlet holds its connection
+        until all P are open, so none is reused and P end up idle.
+        """
+        db, size = self.db, self.config.pool_size
+        all_open = gevent.event.Event()
+        opened = 0
+
+        def hold() -> None:
+            nonlocal opened
+            try:
+                db.connect()
+                opened += 1
+                if opened == size:
+                    all_open.set()
+                all_open.wait()
+            finally:
+                if not db.is_closed():
+                    db.close()
+
+        _run_parallel([hold] * size)
+        idle = len(getattr(db, "_connections", ()))
+        if idle != size:
+            raise RuntimeError(f"pre-opened {idle} idle connections, expected {size}")
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close_all()
+
+    def reset_stats(self) -> None:
+        if self.db is not None:
+            self.db.bench_connects = 0
+
+    def stats(self) -> dict[str, Any] | None:
+        # playhouse keeps no statistics: count the connects ourselves.
+        return {"connections_num": self.db.bench_connects} if self.db is not None else None
+
+
+_PLAYHOUSE_CLASSES: dict[str, type[Any]] = {}
+
+
+def _playhouse_class(backend: str) -> type[Any]:
+    """playhouse.pool's pooled class for `backend`, counting the connections it opens.
+
+    The subclass only slips a counter between playhouse's pool mixin and
+    Peewee's database class (its `_connect` opens a new driver connection);
+    the pool code is playhouse's own.
+    """
+    if backend not in _PLAYHOUSE_CLASSES:
+        import peewee
+        from playhouse import pool
+
+        pooled, plain = {
+            POSTGRES: (pool.PooledPostgresqlDatabase, peewee.PostgresqlDatabase),
+            MYSQL: (pool.PooledMySQLDatabase, peewee.MySQLDatabase),
+        }[backend]
+
+        def _connect(self: Any) -> Any:
+            conn = super(counting, self)._connect()
+            self.bench_connects += 1
+            return conn
+
+        counting = type(f"Counting{plain.__name__}", (plain,), {"_connect": _connect, "bench_connects": 0})
+        # MRO: pooled, its mixin, PooledDatabase, counting, plain, Database:
+        # PooledDatabase's super()._connect() reaches the counter.
+        _PLAYHOUSE_CLASSES[backend] = type(f"Bench{pooled.__name__}", (pooled, counting), {})
+    return _PLAYHOUSE_CLASSES[backend]
+
+
+@contender("dedicated", storm=False, backends=(POSTGRES, MYSQL))
 class DedicatedConnections(Contender):
     """P greenlets each owning a connection, no pool: the upper bound."""
 
@@ -686,8 +1112,17 @@ def _row_note(summary: Summary) -> str:
     return f"{summary.rounds_ok}/{summary.rounds} rounds ok"
 
 
-def report_fixed(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> str:
-    """Table of a fixed-work scenario, relative to `dedicated` and the FIFO ideal."""
+def report_fixed(
+    scenario: Scenario,
+    results: Sequence[RunResult],
+    names: Sequence[str],
+    skipped: Mapping[str, str] | None = None,
+) -> str:
+    """Table of a fixed-work scenario, relative to `dedicated` and the FIFO ideal.
+
+    Contenders in `skipped` (name -> why) get a "not run" row.
+    """
+    skipped = skipped or {}
     summaries = {name: summarize(results, name, "run") for name in names}
     base = summaries.get("dedicated")
     base_qps = base.qps if base else math.nan
@@ -705,6 +1140,9 @@ def report_fixed(scenario: Scenario, results: Sequence[RunResult], names: Sequen
     ]
     rows = []
     for name, s in summaries.items():
+        if name in skipped:
+            rows.append([name, f"not run: {skipped[name]}"])
+            continue
         if s.rounds_ok == 0:
             rows.append([name, f"ERROR {s.errors[0] if s.errors else ''}"])
             continue
@@ -734,8 +1172,17 @@ def report_fixed(scenario: Scenario, results: Sequence[RunResult], names: Sequen
     return "\n".join(lines)
 
 
-def report_storm(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> str:
-    """Table of a storm scenario: each pool's storm figures relative to its calm ones."""
+def report_storm(
+    scenario: Scenario,
+    results: Sequence[RunResult],
+    names: Sequence[str],
+    skipped: Mapping[str, str] | None = None,
+) -> str:
+    """Table of a storm scenario: each pool's storm figures relative to its calm ones.
+
+    Contenders in `skipped` (name -> why) get a "not run" row.
+    """
+    skipped = skipped or {}
     headers = [
         "contender",
         "calm q/s",
@@ -752,6 +1199,9 @@ def report_storm(scenario: Scenario, results: Sequence[RunResult], names: Sequen
     rows = []
     all_summaries: list[Summary] = []
     for name in names:
+        if name in skipped:
+            rows.append([name, f"not run: {skipped[name]}"])
+            continue
         calm = summarize(results, name, "calm")
         storm = summarize(results, name, "storm")
         all_summaries += [calm, storm]
@@ -798,11 +1248,31 @@ def summaries_for_json(scenario: Scenario, results: Sequence[RunResult], names: 
 
 
 @dataclass(frozen=True)
-class Environment:
-    """What every run shares: server, connection class, limits."""
+class Server:
+    """A database server the benchmark runs against."""
 
+    backend: Backend
     dsn: str
-    dsn_source: str
+    #: Where `dsn` came from (--dsn, $GREENPOOL_DSN, ...), for the report.
+    source: str
+    #: `Backend.server_info()`.
+    info: dict[str, Any]
+
+    def describe(self) -> str:
+        """One line for the report."""
+        info = self.info
+        return (
+            f"{self.backend.title} {info['version']} at {self.backend.masked(self.dsn)} ({self.source});"
+            f" max_connections {info['max_connections']},"
+            f" {info['client_connections']} client connections open"
+        )
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What every run shares: servers (by backend name), connection class, limits."""
+
+    servers: Mapping[str, Server]
     connection_class: type[Any]
     connection_class_name: str
     run_timeout: float
@@ -817,6 +1287,40 @@ def resolve_dsn(explicit: str | None) -> tuple[str, str]:
     from greenpool.embedded import resolve_dsn as embedded_dsn
 
     return embedded_dsn(None, DSN_ENV), "embedded throw-away pgserver"
+
+
+def resolve_mysql(explicit: str | None) -> tuple[str, str, bool]:
+    """The MySQL URL to use, where it came from, and whether it was asked for.
+
+    --mysql, else $GREENPOOL_MYSQL, else the `MYSQL_DEFAULT_URL` probe.
+    """
+    if explicit:
+        return explicit, "--mysql", True
+    if os.environ.get(MYSQL_ENV):
+        return os.environ[MYSQL_ENV], f"${MYSQL_ENV}", True
+    return MYSQL_DEFAULT_URL, "default", False
+
+
+def connect_mysql(explicit: str | None) -> Server | None:
+    """The MySQL server, or None (with a note printed) if none answers.
+
+    A missing server never fails the run: its scenarios are skipped.
+    """
+    url, source, asked = resolve_mysql(explicit)
+    backend = BACKENDS[MYSQL]
+    try:
+        info = backend.server_info(url)
+    except Exception as exc:  # noqa: BLE001 - skip the MySQL scenarios, run the rest
+        if asked:
+            print(
+                f"MySQL scenarios skipped: no server at {backend.masked(url)} ({source}):"
+                f" {_describe_error(exc)}",
+                flush=True,
+            )
+        else:
+            print(f"MySQL scenarios skipped: no server (set {MYSQL_ENV})", flush=True)
+        return None
+    return Server(backend, url, source, info)
 
 
 def resolve_connection_class() -> tuple[type[Any], str]:
@@ -857,22 +1361,11 @@ def _tcp_target(dsn: str) -> tuple[str, int]:
     return host, port
 
 
-def server_info(env: Environment) -> dict[str, Any]:
-    """Version and connection limits of the server, read once."""
-    with env.connection_class.connect(env.dsn, **CONNECT_KWARGS) as conn:
-        version, max_conn, clients = conn.execute(
-            "select current_setting('server_version'), current_setting('max_connections')::int,"
-            " (select count(*) from pg_stat_activity"
-            "  where backend_type = 'client backend' and pid <> pg_backend_pid())"
-        ).fetchone()
-    return {"version": version, "max_connections": max_conn, "client_connections": clients}
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for dist in ("gevent", "psycopg", "psycopg-binary", "psycopg-pool", "peewee"):
+    for dist in ("gevent", "psycopg", "psycopg-binary", "psycopg-pool", "peewee", "pymysql"):
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
@@ -890,16 +1383,17 @@ def _load() -> tuple[float, float, float]:
 def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Environment) -> list[RunResult]:
     """All rounds of one scenario; contenders (and phases) alternate between rounds."""
     proxy = None
-    dsn = env.dsn
+    server = env.servers[scenario.backend]
+    backend, dsn = server.backend, server.dsn
     results: list[RunResult] = []
     if scenario.is_storm:
         try:
             from greenpool.proxy import Proxy
 
-            host, port = _tcp_target(env.dsn)
+            host, port = backend.tcp_target(server.dsn)
             proxy = Proxy(host, port, connect_delay=scenario.connect_delay)
             proxy.start()
-            dsn = proxy.dsn(env.dsn)
+            dsn = backend.via_proxy(server.dsn, proxy.host, proxy.port)
         except Exception as exc:  # noqa: BLE001 - the other scenarios still run
             if proxy is not None:
                 proxy.stop()
@@ -933,6 +1427,7 @@ def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Env
                         connection_class=env.connection_class,
                         connect_kwargs=CONNECT_KWARGS,
                         timeout=POOL_TIMEOUT,
+                        backend=backend,
                     )
                     limit = env.run_timeout + (scenario.duration or 0.0)
                     result = run_once(CONTENDERS[name], scenario, phase, round_no, config, limit)
@@ -990,16 +1485,42 @@ def print_catalogue(quick: bool) -> None:
     """Print the scenarios (full or --quick sizes) and the registered contenders."""
     print("scenarios:")
     for name, sizes in SCENARIOS.items():
-        print(f"  {name:<14} {sizes[1 if quick else 0].describe()}")
+        scenario = sizes[1 if quick else 0]
+        print(f"  {name:<16} {scenario.describe()} [{BACKENDS[scenario.backend].title}]")
+        for skipped, reason in scenario.skip:
+            print(f"  {'':<16} without {skipped}: {reason}")
     print("contenders:")
     for spec in CONTENDERS.values():
-        print(f"  {spec.name:<14} {spec.description}{'' if spec.storm else ' (not in storm)'}")
+        print(f"  {spec.name:<16} {spec.label()}")
+
+
+def plan(
+    scenario: Scenario, contender_names: Sequence[str], requested: Sequence[str] | None
+) -> tuple[list[str], dict[str, str]]:
+    """The contenders that run in `scenario`, and those it leaves out on purpose (with why).
+
+    A contender not supporting the scenario's backend (or not a storm
+    contender in a storm) is simply not part of it. One the scenario skips
+    still runs when --contender names it.
+    """
+    skip = dict(scenario.skip)
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in contender_names:
+        if not CONTENDERS[name].takes_part(scenario):
+            continue
+        if name in skip and name not in (requested or ()):
+            skipped[name] = skip[name]
+        else:
+            names.append(name)
+    return names, skipped
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark described by the ``bench`` CLI options; exit status.
 
     The status is 1 if any contender run failed, so a smoke run can gate CI.
+    A missing MySQL server is not a failure: its scenarios are skipped.
     """
     if not monkey.is_module_patched("socket"):
         # Called from Python rather than the CLI: patch now, late but needed.
@@ -1012,39 +1533,55 @@ def main(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    size = 1 if args.quick else 0
+    backends_needed = {SCENARIOS[name][size].backend for name in scenario_names}
 
     load_start = _load()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} ({os.cpu_count()} CPUs)")
     versions = _versions()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
-    dsn, dsn_source = resolve_dsn(args.dsn)
     conn_class, conn_class_name = resolve_connection_class()
-    env = Environment(dsn, dsn_source, conn_class, conn_class_name, args.timeout)
-    server = server_info(env)
-    print(
-        f"server: PostgreSQL {server['version']} at {_masked(dsn)} ({dsn_source});"
-        f" max_connections {server['max_connections']},"
-        f" {server['client_connections']} client connections open"
-    )
-    import psycopg.waiting
+    servers: dict[str, Server] = {}
+    if POSTGRES in backends_needed:
+        dsn, dsn_source = resolve_dsn(args.dsn)
+        servers[POSTGRES] = Server(BACKENDS[POSTGRES], dsn, dsn_source, BACKENDS[POSTGRES].server_info(dsn, conn_class))
+        print(f"server: {servers[POSTGRES].describe()}")
+    if MYSQL in backends_needed:
+        mysql = connect_mysql(getattr(args, "mysql", None))
+        if mysql is not None:
+            servers[MYSQL] = mysql
+            print(f"server: {mysql.describe()}")
+    env = Environment(servers, conn_class, conn_class_name, args.timeout)
+    if POSTGRES in servers:
+        import psycopg.waiting
 
-    print(f"connection class (all contenders): {conn_class_name}")
-    wait_name = getattr(psycopg.waiting.wait, "__name__", repr(psycopg.waiting.wait))
-    print(f"psycopg default wait function: {wait_name} (unused by gevent-aware classes)")
+        wait_name = getattr(psycopg.waiting.wait, "__name__", repr(psycopg.waiting.wait))
+        print(
+            f"PostgreSQL connection class: {conn_class_name}"
+            " (all contenders but peewee-playhouse, which connects with psycopg.connect)"
+        )
+        print(
+            f"psycopg default wait function: {wait_name}"
+            " (peewee-playhouse's psycopg.Connection; unused by gevent-aware classes)"
+        )
     print(f"rounds: {rounds}{' (quick)' if args.quick else ''}; contenders:")
     for name in contender_names:
-        spec = CONTENDERS[name]
-        print(f"  {name:<14} {spec.description}{'' if spec.storm else ' (not in storm)'}")
+        print(f"  {name:<16} {CONTENDERS[name].label()}")
 
+    postgres = servers.get(POSTGRES)
+    mysql = servers.get(MYSQL)
     document: dict[str, Any] = {
         "meta": {
             "argv": sys.argv,
             "quick": args.quick,
             "rounds": rounds,
-            "dsn": _masked(dsn),
-            "dsn_source": dsn_source,
-            "server": server,
+            "dsn": _masked(postgres.dsn) if postgres else None,
+            "dsn_source": postgres.source if postgres else None,
+            "server": postgres.info if postgres else None,
+            "mysql_url": mysql.backend.masked(mysql.dsn) if mysql else None,
+            "mysql_source": mysql.source if mysql else None,
+            "mysql_server": mysql.info if mysql else None,
             "connection_class": conn_class_name,
             "versions": versions,
             "cpus": os.cpu_count(),
@@ -1054,25 +1591,35 @@ def main(args: argparse.Namespace) -> int:
     }
     failed = False
     for scenario_name in scenario_names:
-        scenario = SCENARIOS[scenario_name][1 if args.quick else 0]
-        names = [n for n in contender_names if CONTENDERS[n].storm or not scenario.is_storm]
+        scenario = SCENARIOS[scenario_name][size]
+        server = servers.get(scenario.backend)
+        if server is None:
+            document["scenarios"][scenario.name] = {"scenario": asdict(scenario), "skipped": "no server"}
+            continue  # its skip was announced with the server
+        names, skipped = plan(scenario, contender_names, args.contender)
         print(f"\n== {scenario.name}: {scenario.describe()}", flush=True)
+        for name, reason in skipped.items():
+            print(f"  {name}: not run ({reason}; --contender {name} runs it)")
         if not names:
             print("  (no selected contender takes part)")
             continue
-        if scenario.is_storm and scenario.pool_size + server["client_connections"] >= server["max_connections"]:
+        info = server.info
+        if scenario.is_storm and scenario.pool_size + info["client_connections"] >= info["max_connections"]:
             print(
-                f"  warning: P={scenario.pool_size} plus {server['client_connections']} open connections"
-                f" is at or over max_connections={server['max_connections']}: replacements may be refused"
+                f"  warning: P={scenario.pool_size} plus {info['client_connections']} open connections"
+                f" is at or over max_connections={info['max_connections']}: replacements may be refused"
             )
         results = run_scenario(scenario, names, rounds, env)
         failed |= any(not r.ok for r in results)
         report = report_storm if scenario.is_storm else report_fixed
         print()
-        print(report(scenario, results, names), flush=True)
+        shown = [name for name in contender_names if name in names or name in skipped]
+        print(report(scenario, results, shown, skipped), flush=True)
         document["scenarios"][scenario.name] = {
             "scenario": asdict(scenario),
+            "backend": scenario.backend,
             "contenders": names,
+            "skipped": skipped,
             "runs": [asdict(r) for r in results],
             "medians": summaries_for_json(scenario, results, names),
         }

@@ -200,8 +200,6 @@ class Pool(Generic[C]):
         self._last_error: BaseException | None = None
         self._reconnect_reported = False
         self._connect_ewma = 0.05  # seconds, seeds replacement lead times
-        # (greenlet, request, loop callback) of the last handoff, see _acquire_queued
-        self._handoff: tuple[Any, Any, Any] | None = None
 
         self._opened = False
         self._closed = True
@@ -384,27 +382,21 @@ class Pool(Generic[C]):
 
     def _acquire_queued(self, start: float, deadline: float, timeout: float, fail_if_full: bool) -> Slot[C]:
         while True:
-            req = self._enqueue(fail_if_full)
-            self._fill()
+            req = new_wakeup()
+            with self._lock:
+                if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
+                    self._refuse(fail_if_full)
+                self._waiters.append(req)
+                self._nwaiting += 1
+            self.requests_queued += 1
+            if len(self._slots) + len(self._todo) + self._inflight < self._max_size:
+                self._fill()
             for seg in self._segments:
                 if seg.idle:
                     self._rebalance()
                     break
-            handoff = self._handoff
-            if handoff is not None and handoff[0] is getcurrent():
-                # This greenlet just handed a connection to a waiter and now
-                # blocks itself: run that waiter directly, skip the hub.
-                self._handoff = None
-                callback = handoff[2]
-                if callback.pending:
-                    callback.stop()
-                    handoff = handoff[1]
-                else:
-                    handoff = None
-            else:
-                handoff = None
             try:
-                req.wait(deadline - monotonic(), handoff)
+                req.wait(deadline - monotonic())
             except BaseException:
                 # Killed or timed out from outside while waiting: keep a
                 # connection handed to us in the meantime for the others.
@@ -418,44 +410,35 @@ class Pool(Generic[C]):
                 slot = self._cancel(req)
             now = monotonic()
             waited = now - start
+            self._wait_times.add(waited)
+            self._wait_total += waited
             if slot is None:
-                self._wait_times.add(waited)
-                self.requests_wait_ms += int(waited * 1000)
                 self.requests_errors += 1
                 self._check_open()
                 raise self.PoolTimeout(
                     f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
                 ) from self._last_error
             if self._usable(slot, now):
-                self._wait_times.add(waited)
-                self.requests_wait_ms += int(waited * 1000)
                 return self._lend(slot, now)
 
-    def _enqueue(self, fail_if_full: bool) -> _Request:
-        req = new_wakeup()
-        with self._lock:
-            self._check_open()
-            if self.max_waiting and self._nwaiting >= self.max_waiting:
-                self.requests_errors += 1
-                raise self.TooManyRequests(
-                    f"the pool {self.name!r} has already {self._nwaiting} requests waiting"
-                )
-            # Each request ahead of this one takes a pending connect or the
-            # next returned connection; what's left of max_size is ours.
-            if fail_if_full and len(self._slots) + self._nwaiting >= self._max_size:
-                self.requests_errors += 1
-                raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
-            if self._failing_since is not None and not self._slots:
-                # The database is unreachable and nothing can come back:
-                # fail fast with the driver's error instead of a long wait.
-                self.requests_errors += 1
-                raise self.PoolTimeout(
-                    f"the pool {self.name!r} has no connection" + self._error_suffix()
-                ) from self._last_error
-            self._waiters.append(req)
-            self._nwaiting += 1
-        self.requests_queued += 1
-        return req
+    def _refuse(self, fail_if_full: bool) -> None:
+        """Raise if a request may not queue (called under the lock)."""
+        self._check_open()
+        if self.max_waiting and self._nwaiting >= self.max_waiting:
+            self.requests_errors += 1
+            raise self.TooManyRequests(f"the pool {self.name!r} has already {self._nwaiting} requests waiting")
+        # Each request ahead of this one takes a pending connect or the next
+        # returned connection; what's left of max_size is ours.
+        if fail_if_full and len(self._slots) + self._nwaiting >= self._max_size:
+            self.requests_errors += 1
+            raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
+        if self._failing_since is not None and not self._slots:
+            # The database is unreachable and nothing can come back: fail
+            # fast with the driver's error instead of a long wait.
+            self.requests_errors += 1
+            raise self.PoolTimeout(
+                f"the pool {self.name!r} has no connection" + self._error_suffix()
+            ) from self._last_error
 
     def _cancel(self, req: _Request) -> Slot[C] | None:
         """Settle the handshake: return the handed slot, or mark cancelled."""
@@ -544,9 +527,7 @@ class Pool(Generic[C]):
         if self._nwaiting:
             req = self._hand_to_waiter(slot)
             if req is not None:
-                callback = req.fire()
-                if callback is not None:
-                    self._handoff = (getcurrent(), req, callback)
+                req.fire()
                 return
         if self._closed or not self._retain_idle:
             self._discard(slot, close_now=self._closed)
@@ -963,7 +944,6 @@ class Pool(Generic[C]):
     _COUNTERS = (
         "requests_num",
         "requests_queued",
-        "requests_wait_ms",
         "requests_errors",
         "returns_bad",
         "returns_reset",
@@ -976,7 +956,7 @@ class Pool(Generic[C]):
     def _reset_counters(self) -> None:
         self.requests_num = 0
         self.requests_queued = 0
-        self.requests_wait_ms = 0
+        self._wait_total = 0.0  # seconds queued requests waited
         self.requests_errors = 0
         self.returns_bad = 0
         self.returns_reset = 0
@@ -990,6 +970,7 @@ class Pool(Generic[C]):
         """Return counters (psycopg_pool's keys) and immediate measures."""
         stats = {key: getattr(self, key) for key in self._COUNTERS}
         stats["usage_ms"] = int(self._usage * 1000)
+        stats["requests_wait_ms"] = int(self._wait_total * 1000)
         stats.update(self._wait_times.percentiles(self.requests_num, self.requests_queued))
         stats.update(
             pool_min=self._min_size,

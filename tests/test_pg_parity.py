@@ -418,6 +418,29 @@ def test_putconn_foreign_connection(cls: type, make_pool: Callable[..., Any], pg
             settle(p, 1)
 
 
+@pytest.mark.parametrize("cls", NULL_POOLS)
+def test_null_pool_hands_returned_connection_to_waiter(cls: type, make_pool: Callable[..., Any]) -> None:
+    """A null pool closes a returned connection, unless a request waits for it."""
+    pool = make_pool(cls, max_size=1)
+    pool.open(wait=True, timeout=10)
+    held = pool.getconn()
+    pid = pid_of(held)
+    got: list[Any] = []
+
+    def waiter() -> None:
+        with pool.connection(timeout=10) as conn:
+            got.append((pid_of(conn), conn.execute("select 1").fetchone()))
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    wait_until(lambda: pool.get_stats().get("requests_waiting") == 1, what="a queued request")
+    pool.putconn(held)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert got == [(pid, (1,))]  # the same connection, handed over
+    wait_until(lambda: held.closed, what="the connection to be closed once nobody waits")
+
+
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_putconn_twice(cls: type, make_pool: Callable[..., Any]) -> None:
     pool = make_pool(cls, **sizes(cls, 2, 2))
@@ -922,6 +945,38 @@ def test_max_size_holds_while_lent_connections_expire(
     settle(pool, 2)
     after = {pid_of(c) for c in _hold_and_return(pool, 2)}
     assert not after & first
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_requests_served_up_to_max_size_while_lent_connections_expire(
+    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    """Below max_size, a request is served even while other connections are
+    held past their max_lifetime: a max_size=3 pool with 2 expired
+    connections lent still lends a 3rd (and no more than 3 exist)."""
+    extra = {"lifetime_jitter": 0.0} if is_green(cls) else {}
+    pool = make_pool(cls, min_size=2, max_size=3, max_lifetime=1.0, **extra)
+    pool.open(wait=True, timeout=10)
+    a, b = hold_all(pool, 2)
+    third = fourth = None
+    try:
+        time.sleep(1.6)  # a and b are past their lifetime now
+        t0 = time.monotonic()
+        try:
+            third = pool.getconn(timeout=1.0)
+        except psycopg_pool.PoolTimeout:
+            pytest.fail(f"max_size=3 pool could not lend a 3rd connection: {pool.get_stats()}")
+        assert time.monotonic() - t0 < 1.0
+        assert third.execute("select 1").fetchone() == (1,)
+        third.commit()
+        with pytest.raises(psycopg_pool.PoolTimeout):
+            fourth = pool.getconn(timeout=0.3)
+        assert len(backends(monitor, pool.test_app_name)) <= 3
+    finally:
+        for conn in (a, b, third, fourth):
+            if conn is not None:
+                pool.putconn(conn)
+    settle(pool, pool.get_stats()["pool_size"])
 
 
 # --------------------------------------------------------------------------

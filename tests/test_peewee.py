@@ -1,0 +1,1448 @@
+"""greenpool's Peewee adapter (`greenpool.peewee`) against real servers.
+
+Every behaviour runs against PostgreSQL (`PooledPostgresqlDatabase`, and the
+`PooledPsycopg3Database` / `PooledPostgresqlExtDatabase` variants where it
+matters), MariaDB (`PooledMySQLDatabase`) and SQLite (`PooledSqliteDatabase`)
+where it applies, through the `backend` fixture.
+
+How each environment is exercised:
+
+- Plain OS threads (no gevent hub): in this process.
+- Greenlets without monkey-patching: in this process for PostgreSQL (greenpool
+  connects psycopg through gevent's hub) and SQLite (no I/O to wait for).
+  The pytest process itself is never monkey-patched.
+- Greenlets with `gevent.monkey.patch_all()`, import-order scenarios and every
+  MariaDB-under-gevent scenario (pymysql only cooperates on patched sockets):
+  in subprocesses, through conftest's `run_python`.
+
+Every test is bounded: greenlets by `gevent.Timeout`/`joinall(timeout=...)`,
+subprocesses by `run_python(timeout=...)` plus a faulthandler watchdog in the
+child, and the whole test by a SIGALRM deadline. Timing assertions are gross
+(e.g. "10 x 0.2 s over 10 connections in well under 2 s").
+
+Notes on greenpool's knobs used here:
+
+- A pooled connection is probed (`SELECT 1` / `ping`) at checkout only when it
+  has been idle for `check_idle` seconds or more (default 0.5 s). Tests that
+  kill a backend and expect the next checkout to get a working connection
+  either pass `check_idle=0` or wait past `check_idle`; one test documents
+  what happens when the dead connection is reused within `check_idle`.
+- The leak report and the proactive replacement of stale connections run in
+  the pool's housekeeper, whose tick is `min(stale_timeout, max_idle) / 20`
+  clamped to [0.05, 1] s: the leak test passes `max_idle=2` (0.1 s tick).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import signal
+import sqlite3
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+import peewee
+import psycopg
+import pymysql
+import pytest
+from playhouse.db_url import connect as url_connect
+from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
+from psycopg.conninfo import conninfo_to_dict
+
+import greenpool.peewee as gpw
+from greenpool.pgconn import GeventConnection
+
+#: Every test must end well within this (seconds); a hang fails the test.
+TEST_DEADLINE = 90
+
+
+class DeadlineExceeded(BaseException):
+    """Raised in the main thread when a test overruns TEST_DEADLINE."""
+
+
+def _destroy_main_hub() -> None:
+    """Drop the gevent hub of this thread, if any.
+
+    greenpool decides "greenlets or threads?" by looking for a hub in the
+    calling thread: a hub left over by an in-process gevent test would turn
+    the next plain-thread test into a greenlet test.
+    """
+    hub_local = sys.modules.get("gevent._hub_local")
+    if hub_local is not None:
+        hub = hub_local.get_hub_if_exists()
+        if hub is not None:
+            hub.destroy(destroy_loop=True)
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    """Fresh hub state, and fail (rather than hang) a test that overruns."""
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise DeadlineExceeded(f"test still running after {TEST_DEADLINE} s")
+
+    _destroy_main_hub()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
+    faulthandler.dump_traceback_later(TEST_DEADLINE * 2, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll `predicate` until truthy (cooperatively under a hub); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
+        if _hub_exists():
+            gevent.sleep(0.02)
+        else:
+            time.sleep(0.02)
+
+
+def _hub_exists() -> bool:
+    from gevent._hub_local import get_hub_if_exists
+
+    return get_hub_if_exists() is not None
+
+
+def run_greenlets(fn: Callable[[int], Any], n: int, timeout: float = 15.0) -> list[Any]:
+    """Run `fn(i)` in `n` greenlets; re-raise the first failure; bounded."""
+    greenlets = [gevent.spawn(fn, i) for i in range(n)]
+    done = gevent.joinall(greenlets, timeout=timeout)
+    if len(done) < n:
+        gevent.killall(greenlets, timeout=2)
+        pytest.fail(f"only {len(done)} of {n} greenlets finished within {timeout} s")
+    for g in greenlets:
+        if g.exception is not None:
+            raise g.exception
+    return [g.value for g in greenlets]
+
+
+def run_threads(fn: Callable[[int], Any], n: int, timeout: float = 15.0) -> list[Any]:
+    """Run `fn(i)` in `n` OS threads; re-raise the first failure; bounded."""
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def target(i: int) -> None:
+        try:
+            results[i] = fn(i)
+        except BaseException as ex:  # noqa: BLE001 - reported below
+            errors.append(ex)
+
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in threads):
+        pytest.fail(f"threads still running after {timeout} s")
+    if errors:
+        raise errors[0]
+    return results
+
+
+# --------------------------------------------------------------------------
+# Servers and backends
+# --------------------------------------------------------------------------
+
+
+class Server:
+    """An unpooled connection to observe (and act on) the server under test."""
+
+    def __init__(self, kind: str, params: dict[str, Any], path: Path | None = None) -> None:
+        self.kind = kind
+        self.path = path
+        self.conn: Any = None
+        if kind == "pg":
+            self.conn = psycopg.connect(autocommit=True, **params)
+            self.conn.execute("set lock_timeout = '5s'")
+        elif kind == "mysql":
+            self.conn = pymysql.connect(autocommit=True, connect_timeout=5, **params)
+            self.query("set session lock_wait_timeout = 5")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.kind == "pg":
+            cur = self.conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+        if self.kind == "mysql":
+            with self.conn.cursor() as cur:
+                cur.execute(sql, params)
+                return list(cur.fetchall())
+        conn = sqlite3.connect(str(self.path), timeout=1, isolation_level=None)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def create_items_table(self, table: str) -> None:
+        if self.kind == "pg":
+            self.query(f"create table {table} (id serial primary key, value integer not null)")
+        elif self.kind == "mysql":
+            self.query(
+                f"create table {table} (id integer auto_increment primary key, value integer not null) engine=innodb"
+            )
+        else:
+            self.query(f"create table {table} (id integer primary key autoincrement, value integer not null)")
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"select count(*) from {table}")[0][0])
+
+    def alive(self, ident: int) -> bool:
+        """Is the server connection `ident` (pid / connection id) still there?"""
+        if self.kind == "pg":
+            return bool(self.query("select 1 from pg_stat_activity where pid = %s", (ident,)))
+        return bool(self.query("select 1 from information_schema.processlist where id = %s", (ident,)))
+
+    def running_query(self, ident: int) -> bool:
+        """Is the server connection `ident` executing a statement right now?"""
+        if self.kind == "pg":
+            return bool(self.query("select 1 from pg_stat_activity where pid = %s and state = 'active'", (ident,)))
+        return bool(
+            self.query("select 1 from information_schema.processlist where id = %s and command = 'Query'", (ident,))
+        )
+
+    def kill(self, ident: int) -> None:
+        """Kill a server connection and wait until it is gone."""
+        if self.kind == "pg":
+            self.query("select pg_terminate_backend(%s)", (ident,))
+        else:
+            self.query(f"kill {int(ident)}")
+        wait_until(lambda: not self.alive(ident), what=f"server connection {ident} to go")
+
+    def app_connections(self, app: str) -> int:
+        return int(self.query("select count(*) from pg_stat_activity where application_name = %s", (app,))[0][0])
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+@dataclass
+class Backend:
+    """One database flavour: how to make pooled databases and observe the server."""
+
+    name: str
+    kind: str  # "pg", "mysql" or "sqlite"
+    cls: type
+    plain: type
+    database: str
+    params: dict[str, Any]
+    server: Server
+    app: str = ""
+    dbs: list[Any] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+
+    def make(self, cls: type | None = None, **kwargs: Any) -> Any:
+        """A pooled database of `cls` (default: greenpool's), closed at teardown."""
+        params = dict(self.params)
+        if self.kind == "pg":
+            params["application_name"] = self.app
+        params.update(kwargs)
+        db = (cls or self.cls)(self.database, **params)
+        self.dbs.append(db)
+        return db
+
+    @property
+    def ident_sql(self) -> str:
+        return "select pg_backend_pid()" if self.kind == "pg" else "select connection_id()"
+
+    def ident(self, db: Any) -> int:
+        """Server id of the calling greenlet's connection (id() of it for SQLite)."""
+        if self.kind == "sqlite":
+            return id(db.connection())
+        return int(db.execute_sql(self.ident_sql).fetchone()[0])
+
+    def sleep_sql(self, seconds: float) -> str:
+        return f"select pg_sleep({seconds})" if self.kind == "pg" else f"select sleep({seconds})"
+
+    def table(self) -> str:
+        name = unique("gp_pw")
+        self.server.create_items_table(name)
+        self.tables.append(name)
+        return name
+
+    def model(self, db: Any, table: str | None = None) -> type[peewee.Model]:
+        """A model `(id, value)` on a fresh table (created outside the pool)."""
+        table_name = table or self.table()
+
+        class Item(peewee.Model):
+            value = peewee.IntegerField()
+
+            class Meta:
+                database = db
+
+        Item._meta.table_name = table_name
+        return Item
+
+    def cleanup(self) -> None:
+        for db in self.dbs:
+            try:
+                db.close()
+            except Exception:  # noqa: BLE001 - e.g. still in a transaction
+                pass
+            for step in (db.close_idle, lambda db=db: db.close_stale(0)):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001
+                    pass
+            pool = getattr(db, "pool", None)
+            if pool is not None:
+                pool.close()
+        for table in self.tables:
+            try:
+                self.server.query(f"drop table if exists {table}")
+            except Exception:  # noqa: BLE001
+                pass
+        self.server.close()
+
+
+GREEN_CLASSES = {
+    "pg": (gpw.PooledPostgresqlDatabase, peewee.PostgresqlDatabase, "pg"),
+    "psycopg3": (gpw.PooledPsycopg3Database, Psycopg3Database, "pg"),
+    "pgext": (gpw.PooledPostgresqlExtDatabase, PostgresqlExtDatabase, "pg"),
+    "mysql": (gpw.PooledMySQLDatabase, peewee.MySQLDatabase, "mysql"),
+    "sqlite": (gpw.PooledSqliteDatabase, peewee.SqliteDatabase, "sqlite"),
+}
+
+
+def pg_params(pg_dsn: str) -> dict[str, Any]:
+    return {k: v for k, v in conninfo_to_dict(pg_dsn).items() if v is not None}
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, tmp_path: Path, _bounded: None) -> Iterator[Backend]:
+    """Parametrized indirectly with a key of GREEN_CLASSES."""
+    name = request.param
+    cls, plain, kind = GREEN_CLASSES[name]
+    if kind == "pg":
+        params = pg_params(request.getfixturevalue("pg_dsn"))
+        database = params.pop("dbname")
+        server = Server("pg", {"dbname": database, **params})
+    elif kind == "mysql":
+        params = dict(request.getfixturevalue("mysql_params"))
+        database = params.pop("database", "test")
+        server = Server("mysql", {"database": database, **params})
+    else:
+        params = {}
+        database = str(tmp_path / "greenpool.db")
+        server = Server("sqlite", {}, Path(database))
+    be = Backend(name, kind, cls, plain, database, params, server, app=unique("gp_pw"))
+    yield be
+    be.cleanup()
+
+
+def backends(*names: str) -> Any:
+    return pytest.mark.parametrize("backend", names, indirect=True)
+
+
+ALL = ("pg", "psycopg3", "pgext", "mysql", "sqlite")
+SERVERS = ("pg", "mysql")
+
+
+# --------------------------------------------------------------------------
+# Subprocesses
+# --------------------------------------------------------------------------
+
+#: Common start of a child script: no gevent, no driver imported yet, so the
+#: script decides when `patch_all()` happens relative to the imports.
+CHILD_PRELUDE = """
+import faulthandler, json, os, sys, time
+faulthandler.dump_traceback_later({watchdog}, exit=True)
+PG = json.loads(os.environ["GP_TEST_PG"])
+MY = json.loads(os.environ["GP_TEST_MY"])
+
+def result(**values):
+    print("RESULT:" + json.dumps(values), flush=True)
+
+def make_db(module, kind, **kwargs):
+    if kind == "pg":
+        params = dict(PG)
+        name = params.pop("dbname")
+        return module.PooledPostgresqlDatabase(name, **params, **kwargs)
+    params = dict(MY)
+    name = params.pop("database", "test")
+    return module.PooledMySQLDatabase(name, **params, **kwargs)
+
+IDENT = {{"pg": "select pg_backend_pid()", "mysql": "select connection_id()"}}
+def sleep_sql(kind, seconds):
+    return f"select pg_sleep({{seconds}})" if kind == "pg" else f"select sleep({{seconds}})"
+"""
+
+#: Greenlet checks run in a child once gevent is imported (patched or not).
+CHILD_GREENLET_CHECKS = """
+import gevent, gevent.event
+
+def greenlet_checks(db, kind, n=10):
+    out = {"errors": []}
+    ids = []
+    everyone_in = gevent.event.Event()
+
+    def hold(i):
+        try:
+            with db.connection_context():
+                ids.append(db.execute_sql(IDENT[kind]).fetchone()[0])
+                if len(ids) == n:
+                    everyone_in.set()
+                everyone_in.wait(3)
+        except Exception as ex:
+            out["errors"].append(repr(ex))
+
+    gevent.joinall([gevent.spawn(hold, i) for i in range(n)], timeout=15)
+    out["held"] = len(ids)
+    out["distinct"] = len(set(ids))
+
+    def sleeper(i):
+        try:
+            with db.connection_context():
+                db.execute_sql(sleep_sql(kind, 0.2)).fetchall()
+        except Exception as ex:
+            out["errors"].append(repr(ex))
+
+    t0 = time.monotonic()
+    gevent.joinall([gevent.spawn(sleeper, i) for i in range(n)], timeout=15)
+    out["elapsed"] = time.monotonic() - t0
+    out["errors"] = out["errors"][:3]
+    return out
+"""
+
+
+@pytest.fixture
+def child(
+    run_python: Callable[..., Any], pg_dsn: str, mysql_params: dict[str, Any]
+) -> Callable[..., dict[str, Any]]:
+    """`child(*parts, timeout=60, watchdog=45)`: run a child Python with
+    CHILD_PRELUDE then the `parts` (each dedented); return its `result(...)`
+    dict. The child's faulthandler watchdog exits it after `watchdog` s."""
+    env = {
+        "GP_TEST_PG": json.dumps(pg_params(pg_dsn)),
+        "GP_TEST_MY": json.dumps(mysql_params),
+    }
+
+    def run(*parts: str, timeout: float = 60, watchdog: float = 45) -> dict[str, Any]:
+        code = CHILD_PRELUDE.format(watchdog=watchdog) + "".join(textwrap.dedent(part) for part in parts)
+        proc = run_python(code, env=env, timeout=timeout)
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT:"):
+                values: dict[str, Any] = json.loads(line[len("RESULT:") :])
+                values["_returncode"] = proc.returncode
+                values["_stderr"] = proc.stderr[-3000:]
+                return values
+        pytest.fail(f"child gave no result (exit {proc.returncode}):\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+
+    return run
+
+
+# --------------------------------------------------------------------------
+# Models through the pool (plain thread)
+# --------------------------------------------------------------------------
+
+
+@backends(*ALL)
+def test_models_create_insert_select_atomic(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+
+    class Note(peewee.Model):
+        text = peewee.CharField()
+        n = peewee.IntegerField(default=0)
+
+        class Meta:
+            database = db
+            table_name = unique("gp_pw_note")
+
+    backend.tables.append(Note._meta.table_name)
+    db.create_tables([Note])
+    assert Note.table_exists()
+    Note.create(text="a", n=1)
+    Note.insert_many([{"text": "b", "n": 2}, {"text": "c", "n": 3}]).execute()
+    assert [n.text for n in Note.select().order_by(Note.n)] == ["a", "b", "c"]
+
+    with db.atomic():
+        Note.create(text="committed")
+    with pytest.raises(RuntimeError):
+        with db.atomic():
+            Note.create(text="rolled back")
+            raise RuntimeError("boom")
+    with db.atomic() as outer:
+        Note.create(text="outer")
+        with db.atomic() as inner:  # a savepoint
+            Note.create(text="inner")
+            inner.rollback()
+        assert outer is not None
+    texts = {n.text for n in Note.select()}
+    assert texts == {"a", "b", "c", "committed", "outer"}
+    assert backend.server.count(Note._meta.table_name) == 5  # committed for everyone
+    db.close()
+    assert db.pool_stats()["pool_available"] >= 1
+
+
+@backends(*ALL)
+def test_nested_connection_context_shares_one_connection(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+    Item = backend.model(db)
+    assert db.is_closed()
+    with db.connection_context():
+        assert not db.is_closed()
+        outer = db.connection()
+        Item.create(value=1)
+        with db.connection_context():
+            assert db.connection() is outer
+            Item.create(value=2)
+        assert not db.is_closed(), "the inner context must not close the outer's connection"
+        assert db.connection() is outer
+    assert db.is_closed()
+    assert db.pool_stats()["pool_available"] == 1
+    with db.connection_context():
+        assert db.connection() is outer, "the connection went back to the pool and is reused"
+        assert Item.select().count() == 2
+
+
+@backends(*ALL)
+def test_with_db_is_a_transaction_and_gives_the_connection_back(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+    Item = backend.model(db)
+    with db:
+        assert db.in_transaction()
+        Item.create(value=1)
+    assert db.is_closed()
+    with pytest.raises(ValueError):
+        with db:
+            Item.create(value=2)
+            raise ValueError("roll back")
+    assert db.is_closed()
+    assert backend.server.count(Item._meta.table_name) == 1
+    assert db.pool_stats()["pool_available"] == 1
+
+
+@backends(*ALL)
+def test_autoconnect(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+    Item = backend.model(db)
+    assert db.is_closed()
+    Item.create(value=1)  # connects on its own
+    assert not db.is_closed()
+    assert db.close() is True
+    assert db.is_closed()
+    assert db.close() is False  # nothing to close
+
+    manual = backend.make(max_connections=3, autoconnect=False)
+    ManualItem = backend.model(manual, Item._meta.table_name)
+    with pytest.raises(peewee.InterfaceError):
+        ManualItem.select().count()
+    manual.connect()
+    assert ManualItem.select().count() == 1
+    manual.close()
+
+
+@backends(*ALL)
+def test_connect_reuse_if_open(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+    assert db.connect() is True
+    conn = db.connection()
+    with pytest.raises(peewee.OperationalError, match="already opened"):
+        db.connect()
+    assert db.connect(reuse_if_open=True) is False
+    assert db.connection() is conn
+    assert db.pool_stats()["requests_num"] == 1  # no second checkout
+    db.close()
+
+
+@backends(*ALL)
+def test_close_returns_connection_to_pool(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+    db.connect()
+    first = backend.ident(db)
+    assert db.pool_stats()["pool_available"] == 0
+    db.close()
+    assert db.is_closed()
+    assert db.pool_stats()["pool_available"] == 1
+    db.connect()
+    assert backend.ident(db) == first
+    assert db.pool_stats()["connections_num"] == 1
+    db.close()
+
+
+@backends(*ALL)
+def test_close_with_open_transaction_raises(backend: Backend) -> None:
+    db = backend.make(max_connections=3)
+    Item = backend.model(db)
+    with db.atomic():
+        Item.create(value=1)
+        with pytest.raises(peewee.OperationalError, match="transaction is open"):
+            db.close()
+        assert not db.is_closed()
+        Item.create(value=2)  # still usable
+    assert backend.server.count(Item._meta.table_name) == 2
+    assert db.close() is True
+
+
+@backends(*ALL)
+def test_manual_transaction_left_open_is_rolled_back_at_close(backend: Backend) -> None:
+    """`db.begin()` isn't tracked by peewee: close() accepts it, the pool rolls back."""
+    db = backend.make(max_connections=3)
+    Item = backend.model(db)
+    db.begin()
+    Item.create(value=1)
+    db.close()
+    wait_until(lambda: db.pool_stats()["pool_available"] == 1, what="the connection to come back")
+    assert backend.server.count(Item._meta.table_name) == 0
+    with db.connection_context():
+        Item.create(value=2)  # autocommit again: visible to others at once
+    assert backend.server.count(Item._meta.table_name) == 1
+
+
+# --------------------------------------------------------------------------
+# The mixin with plain peewee classes
+# --------------------------------------------------------------------------
+
+
+@backends("pg", "mysql", "sqlite")
+def test_mixin_with_plain_peewee_class(backend: Backend) -> None:
+    class MyDB(gpw.PooledDatabase, backend.plain):  # type: ignore[misc, name-defined]
+        pass
+
+    db = backend.make(MyDB, max_connections=3)
+    assert isinstance(db, peewee.Database)
+    Item = backend.model(db)
+    with db.atomic():
+        Item.create(value=1)
+    db.close()
+    # Another thread gets a connection from the same pool and can use it.
+    assert run_threads(lambda i: Item.select().count(), 1)[0] == 1
+    assert Item.select().count() == 1
+    db.close()
+    assert db.pool_stats()["pool_available"] >= 1
+
+
+@backends("pg")
+def test_mixin_with_plain_postgresql_uses_gevent_connection(backend: Backend) -> None:
+    class MyDB(gpw.PooledDatabase, peewee.PostgresqlDatabase):
+        pass
+
+    db = backend.make(MyDB, max_connections=3)
+    assert isinstance(db.connection(), GeventConnection)
+    db.close()
+
+
+@backends("pg")
+def test_mixin_with_plain_postgresql_greenlets_run_concurrently(backend: Backend) -> None:
+    """The user-visible consequence: unpatched greenlets on a mixin database."""
+
+    class MyDB(gpw.PooledDatabase, peewee.PostgresqlDatabase):
+        pass
+
+    db = backend.make(MyDB, max_connections=10, timeout=10)
+
+    def sleeper(i: int) -> None:
+        with db.connection_context():
+            db.execute_sql("select pg_sleep(0.2)").fetchall()
+
+    t0 = time.monotonic()
+    run_greenlets(sleeper, 10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"10 x 0.2 s took {elapsed:.2f} s: greenlets serialized"
+
+
+# --------------------------------------------------------------------------
+# db_url
+# --------------------------------------------------------------------------
+
+
+def test_db_url_postgres(pg_dsn: str) -> None:
+    params = pg_params(pg_dsn)
+    host, port, user = params.get("host", "127.0.0.1"), params.get("port", "5432"), params.get("user", "postgres")
+    db = url_connect(f"greenpool+postgres://{user}@{host}:{port}/{params['dbname']}?max_connections=5&stale_timeout=300")
+    try:
+        assert type(db) is gpw.PooledPostgresqlDatabase
+        assert db.pool.max_size == 5
+        assert db.pool.max_lifetime == 300
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        assert isinstance(db.connection(), GeventConnection)
+        db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
+
+    for scheme, cls in (
+        ("greenpool+postgresql", gpw.PooledPostgresqlDatabase),
+        ("greenpool+postgresext", gpw.PooledPostgresqlExtDatabase),
+        ("greenpool+postgresqlext", gpw.PooledPostgresqlExtDatabase),
+        ("greenpool+psycopg3", gpw.PooledPsycopg3Database),
+    ):
+        db = url_connect(f"{scheme}://{user}@{host}:{port}/{params['dbname']}?max_connections=2&stale_timeout=2.5")
+        try:
+            assert type(db) is cls, scheme
+            assert (db.pool.max_size, db.pool.max_lifetime) == (2, 2.5)
+            assert db.execute_sql("select 1").fetchone() == (1,)
+            db.close()
+        finally:
+            db.close_all()
+            db.pool.close()
+
+
+def test_db_url_mysql(mysql_params: dict[str, Any]) -> None:
+    p = mysql_params
+    auth = p["user"] + (f":{p['password']}" if p.get("password") else "")
+    url = f"greenpool+mysql://{auth}@{p['host']}:{p['port']}/{p.get('database', 'test')}"
+    db = url_connect(url + "?max_connections=5&stale_timeout=300&timeout=2")
+    try:
+        assert type(db) is gpw.PooledMySQLDatabase
+        assert (db.pool.max_size, db.pool.max_lifetime) == (5, 300)
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
+def test_db_url_sqlite(tmp_path: Path) -> None:
+    db = url_connect(f"greenpool+sqlite:///{tmp_path}/url.db?max_connections=5&stale_timeout=300")
+    try:
+        assert type(db) is gpw.PooledSqliteDatabase
+        assert db.database == f"{tmp_path}/url.db"
+        assert (db.pool.max_size, db.pool.max_lifetime) == (5, 300)
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
+# --------------------------------------------------------------------------
+# Constructor and init() semantics (no connection needed)
+# --------------------------------------------------------------------------
+
+UNLIMITED = 2**31 - 1
+
+
+@pytest.mark.parametrize("cls", [gpw.PooledSqliteDatabase, gpw.PooledPostgresqlDatabase, gpw.PooledMySQLDatabase])
+@pytest.mark.parametrize("value", [0, None, "0"])
+def test_max_connections_zero_or_none_is_unlimited(cls: type, value: Any) -> None:
+    db = cls("unused", max_connections=value)
+    assert db.pool.max_size >= UNLIMITED
+
+
+def test_unlimited_max_connections_lends_many(tmp_path: Path) -> None:
+    db = gpw.PooledSqliteDatabase(str(tmp_path / "many.db"), max_connections=0)
+    try:
+        barrier = threading.Barrier(25)
+
+        def hold(i: int) -> int:
+            db.connect()
+            try:
+                barrier.wait(10)
+                return id(db.connection())
+            finally:
+                db.close()
+
+        assert len(set(run_threads(hold, 25))) == 25  # more than the default 20
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
+def test_string_values_accepted() -> None:
+    db = gpw.PooledSqliteDatabase("unused", max_connections="7", stale_timeout="2.5", timeout="3")
+    assert db.pool.max_size == 7
+    assert db.pool.max_lifetime == 2.5
+    db = gpw.PooledSqliteDatabase("unused", max_connections="7.0", stale_timeout="300")
+    assert (db.pool.max_size, db.pool.max_lifetime) == (7, 300)
+
+
+def test_string_timeout_is_honoured(tmp_path: Path) -> None:
+    db = gpw.PooledSqliteDatabase(str(tmp_path / "t.db"), max_connections="1", timeout="0.3")
+    try:
+        db.connect()
+        t0 = time.monotonic()
+        with pytest.raises(gpw.MaxConnectionsExceeded, match="timed out"):
+            run_threads(lambda i: db.connect(), 1)
+        assert 0.2 <= time.monotonic() - t0 < 3
+        db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
+def test_init_reconfigures_pool(tmp_path: Path) -> None:
+    path = str(tmp_path / "init.db")
+    db = gpw.PooledSqliteDatabase(path, max_connections=5, stale_timeout=None, timeout=None)
+    try:
+        db.init(path, max_connections="2", stale_timeout="30", timeout="0.3")
+        assert db.pool.max_size == 2
+        assert db.pool.max_lifetime == 30
+        db.init(path)  # no pool options: the previous ones stay
+        assert (db.pool.max_size, db.pool.max_lifetime) == (2, 30)
+
+        # max_connections=2, timeout=0.3: a third request waits, then fails.
+        db.connect()
+        held = threading.Event()
+        release = threading.Event()
+
+        def holder(i: int) -> None:
+            db.connect()
+            held.set()
+            release.wait(10)
+            db.close()
+
+        t = threading.Thread(target=holder, args=(0,), daemon=True)
+        t.start()
+        assert held.wait(5)
+        t0 = time.monotonic()
+        with pytest.raises(gpw.MaxConnectionsExceeded, match="timed out"):
+            run_threads(lambda i: db.connect(), 1)
+        assert 0.2 <= time.monotonic() - t0 < 3
+
+        # timeout=0: wait as long as it takes.
+        db.init(path, timeout=0)
+        assert db.is_closed()  # init() closes the caller's connection
+        db.connect()
+        timer = threading.Timer(0.5, release.set)
+        timer.start()
+        t0 = time.monotonic()
+        assert run_threads(lambda i: (db.connect(), db.close())[0], 1) == [True]
+        assert time.monotonic() - t0 >= 0.4
+        t.join(5)
+        timer.join(5)
+
+        db.init(path, max_connections=0)
+        assert db.pool.max_size >= UNLIMITED
+    finally:
+        try:
+            db.close()
+        finally:
+            db.close_idle()
+            db.close_stale(0)
+            db.pool.close()
+
+
+BAD_ARGUMENTS = [
+    pytest.param({"max_connections": -1}, ValueError, "max_connections", id="max_connections=-1"),
+    pytest.param({"max_connections": "-3"}, ValueError, "max_connections", id="max_connections='-3'"),
+    pytest.param({"max_connections": "abc"}, ValueError, "max_connections", id="max_connections='abc'"),
+    pytest.param({"max_connections": 2.5}, ValueError, "max_connections", id="max_connections=2.5"),
+    pytest.param({"max_connections": [1]}, TypeError, "max_connections", id="max_connections=[1]"),
+    pytest.param({"max_connections": True}, TypeError, "max_connections", id="max_connections=True"),
+    pytest.param({"max_connections": 2, "min_connections": 3}, ValueError, "max_connections", id="max<min"),
+    pytest.param({"stale_timeout": 0}, ValueError, "stale_timeout", id="stale_timeout=0"),
+    pytest.param({"stale_timeout": "0"}, ValueError, "stale_timeout", id="stale_timeout='0'"),
+    pytest.param({"stale_timeout": -1}, ValueError, "stale_timeout", id="stale_timeout=-1"),
+    pytest.param({"stale_timeout": "soon"}, ValueError, "stale_timeout", id="stale_timeout='soon'"),
+    pytest.param({"stale_timeout": "nan"}, ValueError, "stale_timeout", id="stale_timeout='nan'"),
+    pytest.param({"timeout": -1}, ValueError, "timeout", id="timeout=-1"),
+    pytest.param({"timeout": "x"}, ValueError, "timeout", id="timeout='x'"),
+    pytest.param({"timeout": object()}, TypeError, "timeout", id="timeout=object()"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, name", BAD_ARGUMENTS)
+def test_bad_constructor_arguments(kwargs: dict[str, Any], exc: type, name: str) -> None:
+    with pytest.raises(exc, match=name):
+        gpw.PooledSqliteDatabase("unused", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [p for p in BAD_ARGUMENTS if "min_connections" not in p.values[0]])
+def test_bad_init_arguments_leave_pool_settings_alone(kwargs: dict[str, Any], exc: type, name: str) -> None:
+    db = gpw.PooledSqliteDatabase("unused", max_connections=4, stale_timeout=60, timeout=1)
+    with pytest.raises(exc, match=name):
+        db.init("unused", **kwargs)
+    assert (db.pool.max_size, db.pool.max_lifetime) == (4, 60)
+
+
+@pytest.mark.parametrize("value", [float("inf"), "inf"])
+def test_infinite_max_connections_is_unlimited_or_a_value_error(value: Any) -> None:
+    """inf is either accepted as "unlimited" or refused naming the parameter —
+    never a bare OverflowError from `int(inf)`."""
+    try:
+        db = gpw.PooledSqliteDatabase("unused", max_connections=value)
+    except (ValueError, TypeError) as ex:
+        assert "max_connections" in str(ex)
+    else:
+        assert db.pool.max_size >= UNLIMITED
+
+
+# --------------------------------------------------------------------------
+# Many greenlets (in-process: PostgreSQL and SQLite; MariaDB in a child)
+# --------------------------------------------------------------------------
+
+
+@backends("pg", "psycopg3", "pgext", "sqlite")
+def test_greenlets_each_hold_their_own_connection(backend: Backend) -> None:
+    db = backend.make(max_connections=10, timeout=10)
+    Item = backend.model(db)
+    everyone_in = gevent.event.Event()
+    held: list[int] = []
+    conns: list[Any] = []  # keep the objects alive: id() stays unique
+
+    def work(i: int) -> int:
+        with db.connection_context():
+            Item.create(value=i)
+            conns.append(db.connection())
+            held.append(backend.ident(db))
+            if len(held) == 10:
+                everyone_in.set()
+            assert everyone_in.wait(5), "the greenlets didn't all hold a connection at once"
+            assert Item.select().where(Item.value == i).count() == 1
+            return held[-1]
+
+    run_greenlets(work, 10)
+    assert len(set(held)) == 10, "concurrently held connections must be distinct"
+    assert backend.server.count(Item._meta.table_name) == 10
+    assert db.pool_stats()["pool_available"] == 10
+
+
+@backends("pg", "sqlite")
+def test_greenlets_never_exceed_max_connections(backend: Backend) -> None:
+    db = backend.make(max_connections=5, timeout=10)
+    Item = backend.model(db)
+    holding = 0
+    peak = 0
+    idents: set[int] = set()
+    sizes: list[int] = []
+    conns: list[Any] = []
+
+    def work(i: int) -> None:
+        nonlocal holding, peak
+        with db.connection_context():
+            holding += 1
+            try:
+                peak = max(peak, holding)
+                conns.append(db.connection())
+                idents.add(backend.ident(db))
+                Item.create(value=i)
+                gevent.sleep(0.01)
+                assert Item.select().where(Item.value == i).count() == 1
+                sizes.append(db.pool_stats()["pool_size"])
+            finally:
+                holding -= 1
+
+    run_greenlets(work, 40)
+    assert peak <= 5
+    assert len(idents) <= 5
+    assert max(sizes) <= 5
+    assert backend.server.count(Item._meta.table_name) == 40
+    if backend.kind == "pg":
+        assert backend.server.app_connections(backend.app) <= 5
+
+
+@backends("pg", "psycopg3")
+def test_greenlet_queries_run_concurrently(backend: Backend) -> None:
+    db = backend.make(max_connections=10, timeout=10)
+
+    def sleeper(i: int) -> None:
+        with db.connection_context():
+            db.execute_sql("select pg_sleep(0.2)").fetchall()
+
+    t0 = time.monotonic()
+    run_greenlets(sleeper, 10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"10 x 0.2 s over 10 connections took {elapsed:.2f} s"
+
+
+def test_mysql_greenlets_patched(child: Callable[..., dict[str, Any]]) -> None:
+    """MariaDB under gevent (patch_all first): own connections, cap, no serialization."""
+    out = child(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import greenpool.peewee as gpw
+        import pymysql
+        """,
+        CHILD_GREENLET_CHECKS,
+        """
+        db = make_db(gpw, "mysql", max_connections=10, timeout=10)
+        checks = greenlet_checks(db, "mysql")
+
+        # 40 greenlets through max_connections=5.
+        capped = make_db(gpw, "mysql", max_connections=5, timeout=10)
+        state = {"holding": 0, "peak": 0, "ids": set(), "errors": [], "rows": 0}
+        table = "gp_pw_child_%d" % os.getpid()
+        mon = pymysql.connect(autocommit=True, **MY)
+        mon.cursor().execute(
+            f"create table {table} (id integer auto_increment primary key, value integer) engine=innodb"
+        )
+
+        def work(i):
+            try:
+                with capped.connection_context():
+                    state["holding"] += 1
+                    state["peak"] = max(state["peak"], state["holding"])
+                    state["ids"].add(capped.execute_sql("select connection_id()").fetchone()[0])
+                    capped.execute_sql(f"insert into {table} (value) values (%s)", (i,))
+                    gevent.sleep(0.01)
+                    n = capped.execute_sql(f"select count(*) from {table} where value = %s", (i,)).fetchone()[0]
+                    assert n == 1
+                    state["holding"] -= 1
+            except Exception as ex:
+                state["errors"].append(repr(ex))
+
+        gevent.joinall([gevent.spawn(work, i) for i in range(40)], timeout=20)
+        cur = mon.cursor()
+        cur.execute(f"select count(*) from {table}")
+        rows = cur.fetchone()[0]
+        cur.execute(f"drop table {table}")
+        result(checks=checks, peak=state["peak"], distinct=len(state["ids"]), errors=state["errors"][:3], rows=rows)
+        """
+    )
+    checks = out["checks"]
+    assert checks["errors"] == []
+    assert checks["held"] == 10 and checks["distinct"] == 10, checks
+    assert checks["elapsed"] < 1.0, f"10 x sleep(0.2) took {checks['elapsed']:.2f} s"
+    assert out["errors"] == []
+    assert out["rows"] == 40
+    assert out["peak"] <= 5 and out["distinct"] <= 5, out
+
+
+# --------------------------------------------------------------------------
+# Plain OS threads
+# --------------------------------------------------------------------------
+
+
+@backends("pg", "mysql", "sqlite")
+def test_threads_each_hold_their_own_connection(backend: Backend) -> None:
+    db = backend.make(max_connections=10, timeout=10)
+    Item = backend.model(db)
+    barrier = threading.Barrier(10)
+    conns: list[Any] = []
+
+    def work(i: int) -> int:
+        with db.connection_context():
+            Item.create(value=i)
+            conns.append(db.connection())
+            ident = backend.ident(db)
+            barrier.wait(10)
+            assert Item.select().where(Item.value == i).count() == 1
+            return ident
+
+    idents = run_threads(work, 10)
+    assert len(set(idents)) == 10
+    assert backend.server.count(Item._meta.table_name) == 10
+    assert db.pool_stats()["pool_available"] == 10
+    assert db.pool_stats()["pool_size"] <= 10
+
+
+@backends("pg", "mysql")
+def test_thread_queries_run_concurrently(backend: Backend) -> None:
+    db = backend.make(max_connections=10, timeout=10)
+    sql = backend.sleep_sql(0.2)
+
+    def sleeper(i: int) -> None:
+        with db.connection_context():
+            db.execute_sql(sql).fetchall()
+
+    t0 = time.monotonic()
+    run_threads(sleeper, 10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"10 x 0.2 s over 10 connections took {elapsed:.2f} s"
+
+
+@backends("pg", "sqlite")
+def test_threads_never_exceed_max_connections(backend: Backend) -> None:
+    db = backend.make(max_connections=3, timeout=10)
+    Item = backend.model(db)
+    lock = threading.Lock()
+    state = {"holding": 0, "peak": 0}
+
+    def work(i: int) -> None:
+        with db.connection_context():
+            with lock:
+                state["holding"] += 1
+                state["peak"] = max(state["peak"], state["holding"])
+            try:
+                Item.create(value=i)
+                time.sleep(0.01)
+            finally:
+                with lock:
+                    state["holding"] -= 1
+
+    run_threads(work, 12)
+    assert state["peak"] <= 3
+    assert db.pool_stats()["pool_size"] <= 3
+    assert backend.server.count(Item._meta.table_name) == 12
+
+
+# --------------------------------------------------------------------------
+# Import orders (subprocesses)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["pg", "mysql"])
+def test_import_order_patch_all_first(child: Callable[..., dict[str, Any]], kind: str) -> None:
+    out = child(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import peewee
+        import greenpool.peewee as gpw
+        """,
+        CHILD_GREENLET_CHECKS,
+        f"""
+        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
+        result(**greenlet_checks(db, {kind!r}))
+        """
+    )
+    assert out["errors"] == []
+    assert out["held"] == 10 and out["distinct"] == 10, out
+    assert out["elapsed"] < 1.0, out
+
+
+@pytest.mark.parametrize("kind", ["pg", "mysql"])
+def test_import_order_database_created_before_patch_all(child: Callable[..., dict[str, Any]], kind: str) -> None:
+    out = child(
+        f"""
+        import peewee
+        import greenpool.peewee as gpw
+        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
+        from gevent import monkey; monkey.patch_all()
+        """,
+        CHILD_GREENLET_CHECKS,
+        f"""
+        result(**greenlet_checks(db, {kind!r}))
+        """
+    )
+    assert out["errors"] == []
+    assert out["held"] == 10 and out["distinct"] == 10, out
+    assert out["elapsed"] < 1.0, out
+
+
+def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callable[..., dict[str, Any]]) -> None:
+    """The bug greenpool fixes: playhouse.pool's database made before
+    patch_all() keeps a real `threading.local` (every greenlet shares one
+    connection state) and psycopg blocks the hub: greenlets share one
+    connection and run one after the other."""
+    out = child(
+        """
+        import peewee
+        import playhouse.pool
+        db = make_db(playhouse.pool, "pg", max_connections=10, timeout=10)
+        from gevent import monkey; monkey.patch_all()
+        """,
+        CHILD_GREENLET_CHECKS,
+        """
+        result(**greenlet_checks(db, "pg"))
+        """
+    )
+    assert out["distinct"] == 1 or out["elapsed"] >= 1.8, out
+
+
+def test_contrast_playhouse_pool_created_before_patch_all_mysql(child: Callable[..., dict[str, Any]]) -> None:
+    """With pymysql the same mistake deadlocks: the first greenlet holds
+    peewee's real `threading.Lock` across a (now cooperative) socket wait and
+    the second blocks the whole thread on it. The child's watchdog ends it."""
+    body = (
+        """
+        import peewee
+        import playhouse.pool
+        db = make_db(playhouse.pool, "mysql", max_connections=10, timeout=10)
+        from gevent import monkey; monkey.patch_all()
+        """,
+        CHILD_GREENLET_CHECKS,
+        """
+        result(**greenlet_checks(db, "mysql"))
+        """
+    )
+    try:
+        out = child(*body, timeout=30, watchdog=5)
+    except pytest.fail.Exception as ex:
+        # No result: the faulthandler watchdog killed a deadlocked child.
+        assert "Timeout" in str(ex) and "exit 1" in str(ex), str(ex)
+    else:
+        assert out["distinct"] == 1 or out["elapsed"] >= 1.8 or out["errors"], out
+
+
+# --------------------------------------------------------------------------
+# A greenlet that ends holding a connection gives it back
+# --------------------------------------------------------------------------
+
+
+@backends("pg", "sqlite")
+def test_greenlet_ending_without_close_returns_connection(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = backend.make(max_connections=2)
+    Item = backend.model(db)
+
+    def forgetful(i: int) -> int:
+        Item.create(value=i)  # autoconnect, never closed
+        return backend.ident(db)
+
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        ident = run_greenlets(forgetful, 1)[0]
+        wait_until(lambda: db.pool_stats()["pool_available"] == 1, timeout=3, what="the connection back in the pool")
+    assert any("ended holding a connection" in r.getMessage() for r in caplog.records)
+    assert db.is_closed()  # the main greenlet's state is its own
+    with db.connection_context():
+        assert backend.ident(db) == ident
+    assert backend.server.count(Item._meta.table_name) == 1
+
+
+@backends("pg", "sqlite")
+def test_greenlet_ending_in_transaction_is_rolled_back(backend: Backend) -> None:
+    db = backend.make(max_connections=2)
+    Item = backend.model(db)
+
+    def abandons_transaction(i: int) -> None:
+        db.begin()
+        Item.create(value=1)
+
+    run_greenlets(abandons_transaction, 1)
+    wait_until(lambda: db.pool_stats()["pool_available"] == 1, timeout=3, what="the connection back in the pool")
+    assert backend.server.count(Item._meta.table_name) == 0
+    if backend.kind == "sqlite":
+        # Rolled back: another connection may write at once.
+        backend.server.query(f"insert into {Item._meta.table_name} (value) values (2)")
+    with db.connection_context():
+        assert not db.in_transaction()
+        Item.create(value=3)
+    assert backend.server.count(Item._meta.table_name) == (2 if backend.kind == "sqlite" else 1)
+
+
+@pytest.mark.parametrize("with_context", [False, True], ids=["autoconnect", "connection_context"])
+@backends("pg")
+def test_killed_greenlet_mid_query_leaves_no_orphan(backend: Backend, with_context: bool) -> None:
+    db = backend.make(max_connections=2)
+    idents: list[int] = []
+
+    def long_query(i: int) -> None:
+        if with_context:
+            with db.connection_context():
+                idents.append(backend.ident(db))
+                db.execute_sql("select pg_sleep(10)")
+        else:
+            idents.append(backend.ident(db))
+            db.execute_sql("select pg_sleep(10)")
+
+    g = gevent.spawn(long_query, 0)
+    wait_until(lambda: idents and backend.server.running_query(idents[0]), what="the query to run")
+    g.kill(block=True, timeout=5)
+    assert g.dead
+    t0 = time.monotonic()
+    wait_until(lambda: not backend.server.running_query(idents[0]), timeout=3, what="the orphaned query to stop")
+    assert time.monotonic() - t0 < 3
+    stats = wait_until(
+        lambda: (s := db.pool_stats())["pool_available"] + (2 - s["pool_size"]) >= 1 and s,
+        timeout=3,
+        what="the connection returned or replaced",
+    )
+    assert stats["pool_size"] <= 2
+    with db.connection_context():
+        assert db.execute_sql("select 42").fetchone() == (42,)
+
+
+def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> None:
+    """MariaDB under patch_all: the same three cases as above, in a child."""
+    out = child(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import gevent, pymysql
+        import greenpool.peewee as gpw
+
+        def wait_until(pred, timeout):
+            deadline = time.monotonic() + timeout
+            while not pred():
+                if time.monotonic() > deadline:
+                    return False
+                gevent.sleep(0.02)
+            return True
+
+        db = make_db(gpw, "mysql", max_connections=2)
+        mon = pymysql.connect(autocommit=True, **MY)
+        def q(sql, *args):
+            cur = mon.cursor(); cur.execute(sql, args); return cur.fetchall()
+        table = "gp_pw_death_%d" % os.getpid()
+        q(f"create table {table} (id integer auto_increment primary key, value integer) engine=innodb")
+        out = {}
+
+        # 1. autoconnect, then the greenlet ends.
+        g = gevent.spawn(lambda: db.execute_sql("select connection_id()").fetchone()[0])
+        g.join(5)
+        first = g.value
+        out["returned"] = wait_until(lambda: db.pool_stats()["pool_available"] == 1, 3)
+        with db.connection_context():
+            out["reused"] = db.execute_sql("select connection_id()").fetchone()[0] == first
+
+        # 2. a manual transaction left open by a greenlet that ends.
+        def abandons():
+            db.begin()
+            db.execute_sql(f"insert into {table} (value) values (1)")
+        gevent.spawn(abandons).join(5)
+        out["returned_after_txn"] = wait_until(lambda: db.pool_stats()["pool_available"] >= 1, 3)
+        out["rows_after_txn"] = q(f"select count(*) from {table}")[0][0]
+        out["open_txns"] = q(
+            "select count(*) from information_schema.innodb_trx where trx_mysql_thread_id = %s", first
+        )[0][0]
+
+        # 3. killed in the middle of a long query.
+        ids = []
+        def long_query():
+            ids.append(db.execute_sql("select connection_id()").fetchone()[0])
+            db.execute_sql("select sleep(10)")
+        g = gevent.spawn(long_query)
+        def running():
+            sql = "select 1 from information_schema.processlist where id = %s and command = 'Query'"
+            return bool(ids) and bool(q(sql, ids[0]))
+        out["started"] = wait_until(running, 5)
+        g.kill(block=True, timeout=5)
+        t0 = time.monotonic()
+        out["orphan_gone"] = wait_until(lambda: not running(), 3)
+        out["orphan_gone_after"] = time.monotonic() - t0
+        def recovered():
+            stats = db.pool_stats()
+            return stats["pool_available"] + 2 - stats["pool_size"] >= 1  # returned or replaced
+        out["recovered"] = wait_until(recovered, 3)
+        with db.connection_context():
+            out["works"] = db.execute_sql("select 42").fetchone()[0] == 42
+        q(f"drop table {table}")
+        result(**out)
+        """
+    )
+    assert out["returned"] and out["reused"], out
+    assert out["returned_after_txn"] and out["rows_after_txn"] == 0 and out["open_txns"] == 0, out
+    assert out["started"], out
+    assert out["orphan_gone"], f"sleep(10) still running 3 s after its greenlet was killed: {out}"
+    assert out["recovered"] and out["works"], out
+
+
+# --------------------------------------------------------------------------
+# A dead connection is discarded at checkout
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["check_idle=0", "idle past check_idle"])
+@backends("pg", "mysql")
+def test_dead_idle_connection_discarded_at_checkout(backend: Backend, how: str) -> None:
+    """greenpool probes a connection at checkout only when it has been idle
+    for `check_idle` s or more (default 0.5 s): either probe always, or let
+    the connection sit idle past the default."""
+    db = backend.make(max_connections=3, **({"check_idle": 0} if how == "check_idle=0" else {}))
+    with db.connection_context():
+        dead = backend.ident(db)
+    backend.server.kill(dead)
+    if how != "check_idle=0":
+        time.sleep(0.6)
+    with db.connection_context():
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        assert backend.ident(db) != dead
+    assert db.pool_stats()["connections_lost"] >= 1
+
+
+@backends("pg", "mysql")
+def test_dead_connection_reused_within_check_idle_fails_once(backend: Backend) -> None:
+    """The trade-off of `check_idle`: a connection reused within it isn't
+    probed. The first query fails, the broken connection is dropped when
+    given back, and the next checkout gets a working one."""
+    db = backend.make(max_connections=3, check_idle=30)
+    with db.connection_context():
+        dead = backend.ident(db)
+    backend.server.kill(dead)
+    db.connect()
+    with pytest.raises((peewee.OperationalError, peewee.InterfaceError)):
+        db.execute_sql("select 1")
+    db.close()
+    with db.connection_context():
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        assert backend.ident(db) != dead
+
+
+# --------------------------------------------------------------------------
+# Leak visibility
+# --------------------------------------------------------------------------
+
+
+@backends("pg", "mysql", "sqlite")
+def test_leak_warning_names_where_the_connection_was_taken(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # max_idle=2 makes the housekeeper tick every 0.1 s (see module docstring).
+    db = backend.make(max_connections=3, leak_threshold=0.2, max_idle=2)
+
+    def hold_connection_for_a_second() -> None:
+        db.connect()
+        time.sleep(1.0)
+        db.close()
+
+    with caplog.at_level(logging.WARNING, logger="greenpool"):
+        hold_connection_for_a_second()
+    leaks = [r for r in caplog.records if r.name == "greenpool" and "leak_threshold" in r.getMessage()]
+    assert leaks, [r.getMessage() for r in caplog.records]
+    assert "hold_connection_for_a_second" in leaks[0].getMessage()
+    assert leaks[0].levelno == logging.WARNING
+
+
+# --------------------------------------------------------------------------
+# stale_timeout: a randomized lifetime, replaced before expiry
+# --------------------------------------------------------------------------
+
+
+@backends("pg", "mysql", "sqlite")
+def test_stale_timeout_randomized_and_replaced_without_waiting(backend: Backend) -> None:
+    stale = 1.0
+    db = backend.make(max_connections=50, stale_timeout=stale, timeout=10)
+    jitter = db.pool.lifetime_jitter
+    assert 0 < jitter < 1
+
+    # Warm up 8 connections.
+    barrier = threading.Barrier(8)
+
+    def hold(i: int) -> None:
+        with db.connection_context():
+            barrier.wait(10)
+
+    run_threads(hold, 8)
+    initial = [s.conn for s in db.pool._slots]
+    assert len(initial) == 8
+    # Keep every slot seen alive, so that id() keys stay unique.
+    seen: dict[int, tuple[Any, float]] = {id(s): (s, s.expire_at - s.created_at) for s in db.pool._slots}
+
+    queued_before = db.pool_stats()["requests_queued"]
+    made_before = db.pool_stats()["connections_num"]
+    slowest = 0.0
+    t_end = time.monotonic() + 3 * stale
+    while time.monotonic() < t_end:
+        t0 = time.monotonic()
+        db.connect()
+        slowest = max(slowest, time.monotonic() - t0)
+        db.execute_sql("select 1")
+        db.close()
+        for s in list(db.pool._slots):
+            if id(s) not in seen and s.expire_at > 0:  # expire_at 0: retired
+                seen[id(s)] = (s, s.expire_at - s.created_at)
+        time.sleep(0.01)
+
+    lifetimes = [lifetime for _, lifetime in seen.values()]
+    assert len(lifetimes) > 8
+    low, high = stale * (1 - jitter), stale
+    out_of_range = [v for v in lifetimes if not low - 1e-6 <= v <= high + 1e-6]
+    assert not out_of_range, f"lifetimes outside [{low}, {high}]: {out_of_range}"
+    assert len({round(v, 6) for v in lifetimes}) > 1, "lifetimes are not randomized"
+    stats = db.pool_stats()
+    assert stats["connections_num"] - made_before >= 8, "connections were not replaced"
+    current = [s.conn for s in db.pool._slots]
+    assert not any(c is old for c in current for old in initial), "an original connection outlived 3 x stale_timeout"
+    assert stats["requests_queued"] == queued_before, "a checkout had to wait for a replacement"
+    assert slowest < 0.5

@@ -1,0 +1,363 @@
+"""greenpool.ConnectionPool used from plain OS threads (no gevent hub in them).
+
+The same pool must work for threads exactly as psycopg_pool's does: every
+request served, nothing leaked, `max_size` respected. The hammering test is
+parametrized over both pools to show parity; the others exercise greenpool's
+thread paths (lock-based wakeups, background cleaning in threads) and the
+mixed case of one pool shared by OS threads and greenlets.
+
+Every thread is joined with a timeout (a hang fails the test), and a
+last-resort faulthandler timer ends the process if something blocks the main
+thread itself.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import random
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import psycopg
+import psycopg_pool
+import pytest
+
+import greenpool
+
+GREEN = greenpool.ConnectionPool
+POOLS = [pytest.param(psycopg_pool.ConnectionPool, id="psycopg_pool"), pytest.param(GREEN, id="greenpool")]
+
+TEST_DEADLINE = 60
+
+
+@pytest.fixture(autouse=True)
+def _last_resort_deadline() -> Iterator[None]:
+    faulthandler.dump_traceback_later(TEST_DEADLINE * 3, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def _no_gevent_hub() -> None:
+    """These tests are about plain threads: drop a gevent hub that an
+    in-process gevent test may have left in the main thread."""
+    hub_local = sys.modules.get("gevent._hub_local")
+    if hub_local is not None:
+        hub = hub_local.get_hub_if_exists()
+        if hub is not None:
+            hub.destroy(destroy_loop=True)
+
+
+@pytest.fixture
+def make_pool(pg_dsn: str) -> Iterator[Callable[..., Any]]:
+    """`make_pool(cls=GREEN, **kwargs)`: an opened pool; closed at teardown."""
+    pools: list[Any] = []
+
+    def factory(cls: type = GREEN, **kwargs: Any) -> Any:
+        kwargs.setdefault("kwargs", {"application_name": f"gp_threads_{uuid.uuid4().hex[:12]}"})
+        pool = cls(pg_dsn, open=False, **kwargs)
+        pools.append(pool)
+        pool.open(wait=True, timeout=20)
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool.close()
+
+
+def run_threads(target: Callable[[int], None], n: int, timeout: float = 30.0) -> list[BaseException]:
+    """Run `target(i)` in `n` daemon threads; return their exceptions.
+
+    Fails the test if a thread is still running after `timeout` seconds.
+    """
+    errors: list[BaseException] = []
+
+    def wrapper(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as ex:
+            errors.append(ex)
+
+    threads = [threading.Thread(target=wrapper, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"threads still running after {timeout} s: {alive}"
+    return errors
+
+
+def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = pool.get_stats()
+        if stats.get("pool_available", 0) == available and not stats.get("requests_waiting"):
+            return dict(stats)
+        if time.monotonic() >= deadline:
+            pytest.fail(f"pool not settled at pool_available == {available}: {stats}")
+        time.sleep(0.01)
+
+
+class Gauge:
+    """Counts connections in use at once, across threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.pids: set[int] = set()
+
+    def enter(self, pid: int) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            self.pids.add(pid)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+@pytest.mark.parametrize("cls", POOLS)
+def test_threads_hammer_the_pool(cls: type, make_pool: Callable[..., Any]) -> None:
+    """16 threads x 150 small queries on a pool of 2..6 connections."""
+    pool = make_pool(cls, min_size=2, max_size=6)
+    gauge = Gauge()
+    per_thread = 150
+
+    def worker(i: int) -> None:
+        for j in range(per_thread):
+            with pool.connection(timeout=20) as conn:
+                gauge.enter(conn.info.backend_pid)
+                try:
+                    row = conn.execute("select %s::int, %s::int", (i, j)).fetchone()
+                finally:
+                    gauge.leave()
+                assert row == (i, j)
+
+    errors = run_threads(worker, 16)
+    assert errors == []
+    assert gauge.peak <= 6
+    assert len(gauge.pids) <= 6
+    stats = pool.get_stats()
+    size = stats["pool_size"]
+    assert 2 <= size <= 6
+    stats = settle(pool, size)  # every connection came back
+    assert stats.get("requests_errors", 0) == 0
+    assert stats.get("returns_bad", 0) == 0
+
+
+def test_threads_with_short_timeouts_leak_nothing(make_pool: Callable[..., Any]) -> None:
+    """16 threads fight for 2 connections with 15 ms timeouts (holding them up
+    to 10 ms): many requests time out while connections are being handed
+    over; none is lost."""
+    pool = make_pool(min_size=2, max_size=2)
+    gauge = Gauge()
+    served = 0
+    timeouts = 0
+    counts = threading.Lock()
+
+    def worker(i: int) -> None:
+        nonlocal served, timeouts
+        rnd = random.Random(i)
+        for _ in range(40):
+            try:
+                conn = pool.getconn(timeout=0.015)
+            except psycopg_pool.PoolTimeout:
+                with counts:
+                    timeouts += 1
+                continue
+            gauge.enter(conn.info.backend_pid)
+            try:
+                time.sleep(rnd.random() * 0.01)
+            finally:
+                gauge.leave()
+                pool.putconn(conn)
+            with counts:
+                served += 1
+
+    errors = run_threads(worker, 16)
+    assert errors == []
+    assert served > 0 and timeouts > 0, (served, timeouts)
+    assert gauge.peak <= 2 and len(gauge.pids) == 2
+    stats = settle(pool, 2)
+    assert stats["pool_size"] == 2
+    t0 = time.monotonic()
+    a, b = pool.getconn(timeout=1), pool.getconn(timeout=1)
+    assert time.monotonic() - t0 < 0.1
+    pool.putconn(a)
+    pool.putconn(b)
+
+
+def test_threads_returning_dirty_and_broken_connections(make_pool: Callable[..., Any]) -> None:
+    """Threads return connections idle, in a transaction, in error, or
+    closed: the pool rolls back or replaces them, and ends up whole."""
+    pool = make_pool(min_size=3, max_size=3)
+    closed = 0
+    closed_lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        nonlocal closed
+        rnd = random.Random(i)
+        for _ in range(30):
+            conn = pool.getconn(timeout=20)
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            what = rnd.choice(["commit", "intrans", "inerror", "close"])
+            if what == "commit":
+                conn.execute("select 1")
+                conn.commit()
+            elif what == "intrans":
+                conn.execute("select 1")
+            elif what == "inerror":
+                try:
+                    conn.execute("select 1/0")
+                except psycopg.errors.DivisionByZero:
+                    pass
+            else:
+                conn.close()
+                with closed_lock:
+                    closed += 1
+            pool.putconn(conn)
+
+    errors = run_threads(worker, 8)
+    assert errors == []
+    stats = settle(pool, 3)
+    assert stats["returns_bad"] == closed
+    assert stats["connections_num"] == 3 + closed
+    with pool.connection(timeout=5) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_threads_and_greenlets_share_a_pool(make_pool: Callable[..., Any]) -> None:
+    """A pool opened in a thread running a gevent hub (its background jobs
+    are greenlets of that hub) serves that hub's greenlets and 8 plain OS
+    threads at once. The hub's thread keeps running its loop meanwhile (it
+    must: that's where the pool connects)."""
+    import gevent
+
+    hub = gevent.get_hub()
+    try:
+        pool = make_pool(min_size=1, max_size=6)
+        gauge = Gauge()
+
+        def use(i: int, j: int) -> None:
+            with pool.connection(timeout=20) as conn:
+                gauge.enter(conn.info.backend_pid)
+                try:
+                    assert conn.execute("select %s::int", (i * 1000 + j,)).fetchone() == (i * 1000 + j,)
+                finally:
+                    gauge.leave()
+
+        def thread_worker(i: int) -> None:
+            for j in range(100):
+                use(i, j)
+
+        def greenlet_worker(i: int) -> None:
+            for j in range(100):
+                use(100 + i, j)
+
+        errors: list[BaseException] = []
+        threads = [
+            threading.Thread(target=lambda i=i: _record(errors, thread_worker, i), daemon=True) for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        greenlets = [gevent.spawn(greenlet_worker, i) for i in range(8)]
+        gevent.joinall(greenlets, timeout=30, raise_error=True)
+        deadline = time.monotonic() + 30
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            gevent.sleep(0.01)  # keep the hub running for the pool's jobs
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert gauge.peak <= 6 and len(gauge.pids) <= 6
+        size = pool.get_stats()["pool_size"]
+        deadline = time.monotonic() + 10
+        while pool.get_stats()["pool_available"] != size and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert pool.get_stats()["pool_available"] == size
+        pool.close()
+    finally:
+        hub.destroy(destroy_loop=True)
+
+
+def test_threads_each_running_a_gevent_hub(make_pool: Callable[..., Any]) -> None:
+    """A pool opened in a plain thread, used by greenlets of 3 OS threads that
+    each run their own gevent hub (wakeups cross threads), plus 3 plain
+    threads: everyone served, max_size respected."""
+    pool = make_pool(min_size=1, max_size=4)
+    gauge = Gauge()
+
+    def use(tag: int) -> None:
+        with pool.connection(timeout=20) as conn:
+            gauge.enter(conn.info.backend_pid)
+            try:
+                assert conn.execute("select %s::int", (tag,)).fetchone() == (tag,)
+            finally:
+                gauge.leave()
+
+    def hub_thread(i: int) -> None:
+        import gevent
+
+        hub = gevent.get_hub()
+        try:
+            greenlets = [gevent.spawn(lambda k=k: [use(i * 1000 + k * 10 + j) for j in range(10)]) for k in range(10)]
+            gevent.joinall(greenlets, timeout=30, raise_error=True)
+            assert all(g.successful() for g in greenlets)
+        finally:
+            hub.destroy(destroy_loop=True)
+
+    def plain_thread(i: int) -> None:
+        for j in range(100):
+            use(10_000 + i * 1000 + j)
+
+    errors = run_threads(lambda i: hub_thread(i) if i < 3 else plain_thread(i), 6)
+    assert errors == []
+    assert gauge.peak <= 4 and len(gauge.pids) <= 4
+    size = pool.get_stats()["pool_size"]
+    stats = settle(pool, size)
+    assert stats["requests_errors"] == 0
+
+
+def _record(errors: list[BaseException], fn: Callable[[int], None], i: int) -> None:
+    try:
+        fn(i)
+    except BaseException as ex:
+        errors.append(ex)
+
+
+def test_pool_opened_beside_an_idle_gevent_hub_serves_threads(make_pool: Callable[..., Any]) -> None:
+    """Bug: a pool opened in a thread where a gevent hub merely *exists*
+    (something called `gevent.get_hub()`, `gevent.spawn()`...) but doesn't
+    run - like the main thread of a threaded server - does all its
+    background work in that hub. Used from plain OS threads, it then never
+    rolls back returned connections, never grows, never reconnects: here two
+    connections returned in a transaction are never cleaned, and the pool
+    starves."""
+    import gevent
+
+    hub = gevent.get_hub()  # exists in the main thread, never runs
+    try:
+        pool = make_pool(min_size=2, max_size=2)
+        outcomes: list[str] = []
+
+        def worker(i: int) -> None:
+            try:
+                conn = pool.getconn(timeout=2)
+            except psycopg_pool.PoolTimeout:
+                outcomes.append("timeout")
+                return
+            conn.execute("select 1")  # returned in a transaction: needs a rollback
+            pool.putconn(conn)
+            outcomes.append("ok")
+
+        for i in range(4):  # one thread after the other; main thread blocked in join()
+            assert run_threads(worker, 1, timeout=10) == []
+        assert outcomes == ["ok"] * 4
+    finally:
+        pool.close()
+        hub.destroy(destroy_loop=True)
