@@ -41,9 +41,11 @@ _get_hub_if_exists: Callable[[], Any] | None = None
 def gevent_hub() -> Any | None:
     """Return the calling thread's gevent hub if greenlets are in use here.
 
-    Greenlets are "in use" when this thread already runs a gevent hub, or when
-    gevent has monkey-patched threads (then every "thread" is a greenlet).
-    Otherwise the caller is a plain thread and must block the OS thread.
+    Greenlets are "in use" in a greenlet spawned on a hub, and anywhere once
+    gevent has monkey-patched threads (every "thread" is then a greenlet and
+    blocking calls run the hub). The main greenlet of an unpatched thread is
+    a plain thread, even if a hub object exists there: nothing guarantees
+    that hub ever runs, so the caller must block the OS thread.
     """
     global _get_hub_if_exists
     if _get_hub_if_exists is None:
@@ -52,9 +54,10 @@ def gevent_hub() -> Any | None:
         from gevent._hub_local import get_hub_if_exists
 
         _get_hub_if_exists = get_hub_if_exists
-    hub = _get_hub_if_exists()
-    if hub is not None:
-        return hub
+    if getcurrent().parent is not None:
+        hub = _get_hub_if_exists()
+        if hub is not None:
+            return hub
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("threading"):
         from gevent import get_hub

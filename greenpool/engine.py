@@ -33,10 +33,8 @@ logger = logging.getLogger("greenpool")
 
 C = TypeVar("C")
 
-# Slot states. A STANDBY slot is a replacement made while the connection it
-# replaces was lent: it takes over when that one comes back, so no more than
-# max_size connections are ever usable at once.
-IDLE, OUT, STANDBY, GONE = "idle", "out", "standby", "gone"
+# Slot states.
+IDLE, OUT, GONE = "idle", "out", "gone"
 
 # What `_status()` says of a connection.
 OK, DIRTY, BROKEN = 0, 1, 2
@@ -58,7 +56,6 @@ class Slot(Generic[C]):
         "state",
         "segment",
         "replacing",
-        "successor",
         "stack",
         "leak_reported",
     )
@@ -73,8 +70,6 @@ class Slot(Generic[C]):
         self.segment: _Segment | None = None
         # A replacement has been reserved for this connection.
         self.replacing = False
-        # The STANDBY replacement that takes over when this one is discarded.
-        self.successor: Slot[C] | None = None
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_reported = False
 
@@ -325,9 +320,7 @@ class Pool(Generic[C]):
                 req.slot = _CANCELLED
         for req in waiting:
             req.fire()
-        with self._lock:
-            standby = [s for s in self._slots if s.state == STANDBY]
-        for slot in self._take_all_idle() + standby:
+        for slot in self._take_all_idle():
             self._discard(slot, close_now=True)
 
     def __enter__(self: Any) -> Any:
@@ -404,6 +397,9 @@ class Pool(Generic[C]):
                 if slot is not None:
                     self._release(slot)
                 self.requests_errors += 1
+                waited = monotonic() - start
+                self._wait_times.add(waited)
+                self._wait_total += waited
                 raise
             slot = req.slot
             if slot is None or slot is _CANCELLED:
@@ -611,16 +607,10 @@ class Pool(Generic[C]):
         with self._lock:
             slot.state = GONE
             self._slots.discard(slot)
-            successor, slot.successor = slot.successor, None
         if close_now or self._executor is None:
             self._close_quietly(slot.conn)
         else:
             self._executor.submit(self._close_quietly, slot.conn)
-        if successor is not None:
-            if self._closed or monotonic() >= successor.expire_at:
-                self._discard(successor, close_now)
-            else:
-                self._release(successor)
         self._fill()
 
     def _close_quietly(self, conn: C) -> None:
@@ -741,17 +731,11 @@ class Pool(Generic[C]):
             self._close_quietly(conn)
             return
         if replaces is not None:
+            # The successor was opened within max_size: both may be in use
+            # until the old one, retired, comes back.
             replaces.retire()
             if self._take_idle(replaces):
                 self._discard(replaces)
-            else:
-                with self._lock:
-                    standby = replaces.state == OUT
-                    if standby:
-                        slot.state = STANDBY
-                        replaces.successor = slot
-                if standby:
-                    return
         self._release(slot)
 
     def _error_suffix(self) -> str:
@@ -809,9 +793,7 @@ class Pool(Generic[C]):
         if self._failing_since is not None:
             return
         with self._lock:
-            candidates = [
-                s for s in self._slots if not s.replacing and s.expire_at > 0 and s.state != STANDBY
-            ]
+            candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
             backlog = len(self._todo) + self._inflight
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma

@@ -52,6 +52,7 @@ class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # t
 
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
+_ACTIVE = TransactionStatus.ACTIVE
 
 _UNLIMITED = 2**31 - 1
 
@@ -265,9 +266,11 @@ class _Lease(Generic[CT]):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         conn = self._conn
         try:
-            # Commit/rollback like `with conn:`; on an idle connection outside
-            # pipeline mode there is nothing to do, so skip the round of locks.
-            if exc_type is not None or conn.pgconn.transaction_status != _IDLE or conn._pipeline:
+            # Commit/rollback like `with conn:`. Nothing to do on an idle
+            # connection outside pipeline mode; nothing possible on a busy one
+            # (an interrupted query): the pool cancels it.
+            status = conn.pgconn.transaction_status
+            if (exc_type is not None or status != _IDLE or conn._pipeline) and status != _ACTIVE:
                 conn.__exit__(exc_type, exc, tb)
         finally:
             self._pool.putconn(conn)

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as e
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
+from psycopg.generators import fetch_many, send
 from psycopg.pq import TransactionStatus
 from psycopg.waiting import Ready
 
@@ -189,6 +190,9 @@ def settle(conn: psycopg.Connection[Any]) -> None:
     status = conn.pgconn.transaction_status
     if status == TransactionStatus.ACTIVE:
         logger.warning("cancelling the query of a connection returned busy: %s", conn)
+        # Interrupted while still sending? The server ignores a cancel until
+        # it has the whole query: finish sending it first.
+        conn.wait(send(conn.pgconn), timeout=CANCEL_TIMEOUT)
         conn.cancel_safe(timeout=CANCEL_TIMEOUT)
         conn.wait(_drain(conn.pgconn), timeout=CANCEL_TIMEOUT)
         status = conn.pgconn.transaction_status
@@ -202,6 +206,4 @@ def settle(conn: psycopg.Connection[Any]) -> None:
 
 def _drain(pgconn: Any) -> Any:
     """A psycopg generator reading results until the connection is idle."""
-    from psycopg.generators import fetch_many
-
     yield from fetch_many(pgconn)

@@ -28,7 +28,8 @@ import subprocess
 import textwrap
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import gevent
 import gevent.event
@@ -129,7 +130,7 @@ def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
         stats = pool.get_stats()
         return stats if stats["pool_available"] == available and not stats["requests_waiting"] else None
 
-    return wait_until(ready, timeout, f"pool_available == {available}")
+    return dict(wait_until(ready, timeout, f"pool_available == {available}"))
 
 
 def active_queries(monitor: psycopg.Connection[Any], app: str, like: str) -> list[tuple[Any, ...]]:
@@ -289,6 +290,7 @@ with gevent.Timeout(50):
 """
 
 
+@pytest.mark.slow
 def test_psycopg_imported_before_patching_serializes(run_python: RunPython) -> None:
     """Documents the problem greenpool solves: psycopg imported before
     `patch_all()` blocks the hub on every query, so psycopg_pool (and plain
@@ -304,7 +306,9 @@ def test_psycopg_imported_before_patching_serializes(run_python: RunPython) -> N
 # --------------------------------------------------------------------------
 
 
-def test_checkouts_not_blocked_by_slow_connect(make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str) -> None:
+def test_checkouts_not_blocked_by_slow_connect(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
+) -> None:
     """While the pool grows through a slow (0.3 s) connect, other greenlets
     keep checking idle connections in and out without waiting for it."""
     proxy = make_proxy(connect_delay=0.3)
@@ -545,9 +549,7 @@ def test_query_interrupted_while_sending_is_recovered(
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "how", ["gevent.kill", "gevent.Timeout", "pool-timeout", "kill-while-handing-over"]
-)
+@pytest.mark.parametrize("how", ["gevent.kill", "gevent.Timeout", "pool-timeout", "kill-while-handing-over"])
 def test_waiters_giving_up_dont_swallow_connections(make_pool: Callable[..., Any], how: str) -> None:
     """max_size=2, both held, 10 requests queued; the queued requests give up
     (killed, timed out). Afterwards both connections are available and a new
@@ -627,9 +629,13 @@ def test_waiters_served_in_fifo_order(make_pool: Callable[..., Any]) -> None:
                 gevent.sleep(0.001)
 
         greenlets = []
+
+        def queued(n: int) -> Callable[[], bool]:
+            return lambda: bool(pool.get_stats()["requests_waiting"] == n)
+
         for i in range(10):
             greenlets.append(gevent.spawn(waiter, i))
-            wait_until(lambda: pool.get_stats()["requests_waiting"] == i + 1, 5.0, f"waiter {i} queued")
+            wait_until(queued(i + 1), 5.0, f"waiter {i} queued")
         pool.putconn(held)
         greenlets.append(gevent.spawn(waiter, "late"))  # arrives after the release
         gevent.joinall(greenlets, timeout=10, raise_error=True)

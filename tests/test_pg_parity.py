@@ -25,7 +25,13 @@ Intended differences, asserted as such:
   non-int sizes). Those checks are tested on greenpool only.
 - Cleaning a returned connection (rollback, `reset`) happens in the background
   in both pools when `reset` is set; greenpool also rolls back in the
-  background, psycopg_pool inline. Tests wait for the pool to settle.
+  background, psycopg_pool inline. Tests wait for the pool to settle. Likewise
+  a greenpool null pool closes a returned connection in the background.
+- `connection_class` defaults to `greenpool.GeventConnection` (a
+  `psycopg.Connection` subclass) instead of `psycopg.Connection`.
+- Connections nearing `max_lifetime` are replaced ahead of time by greenpool,
+  on return by psycopg_pool; either way `max_size` stays a hard cap and
+  requests are served up to it (test_max_size_* / test_requests_served_*).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import psycopg
 import psycopg_pool
@@ -202,13 +209,14 @@ def count_rows(monitor: psycopg.Connection[Any], table: str) -> int:
 
 def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
     """Wait until `available` connections are idle and nobody waits."""
-    return wait_until(
-        lambda: (lambda s: s if s.get("pool_available", 0) == available and not s.get("requests_waiting") else None)(
-            pool.get_stats()
-        ),
-        timeout,
-        f"pool_available == {available}",
-    )
+
+    def ready() -> dict[str, int] | None:
+        stats = pool.get_stats()
+        if stats.get("pool_available", 0) == available and not stats.get("requests_waiting"):
+            return dict(stats)
+        return None
+
+    return dict(wait_until(ready, timeout, f"pool_available == {available}"))
 
 
 def hold_all(pool: Any, n: int) -> list[Any]:
@@ -592,7 +600,7 @@ def test_check_callback_replaces_failing_connection(
 
     def check(conn: Any) -> None:
         checked.append(pid_of(conn))
-        cls.check_connection(conn)
+        cls.check_connection(conn)  # type: ignore[attr-defined]
 
     pool = make_pool(cls, min_size=2, max_size=2, check=check)
     pool.open(wait=True, timeout=10)
@@ -875,9 +883,7 @@ def test_resize_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
 
 
 @pytest.mark.parametrize("cls", POOLS)
-def test_drain_replaces_connections(
-    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
-) -> None:
+def test_drain_replaces_connections(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
     pool = make_pool(cls, min_size=3, max_size=3)
     pool.open(wait=True, timeout=10)
     before = {pid_of(c) for c in _hold_and_return(pool, 3)}
@@ -1003,9 +1009,7 @@ def _stats_workload(pool: Any, monitor: psycopg.Connection[Any]) -> None:
 
 
 @pytest.mark.parametrize("cls", POOLS)
-def test_stats_keys_and_values(
-    cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
-) -> None:
+def test_stats_keys_and_values(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
     pool = make_pool(cls, min_size=2, max_size=2)
     pool.open(wait=True, timeout=10)
     _stats_workload(pool, monitor)
@@ -1117,7 +1121,7 @@ def test_bad_constructor_input_greenpool_only(
 
 def test_bad_min_size_type_greenpool_only(pg_dsn: str) -> None:
     with pytest.raises(TypeError, match="min_size"):
-        GREEN(pg_dsn, min_size=2.5, open=False)  # type: ignore[arg-type]
+        GREEN(pg_dsn, min_size=2.5, open=False)
 
 
 # --------------------------------------------------------------------------

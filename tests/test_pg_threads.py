@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import psycopg
 import psycopg_pool
@@ -305,7 +306,12 @@ def test_threads_each_running_a_gevent_hub(make_pool: Callable[..., Any]) -> Non
 
         hub = gevent.get_hub()
         try:
-            greenlets = [gevent.spawn(lambda k=k: [use(i * 1000 + k * 10 + j) for j in range(10)]) for k in range(10)]
+
+            def green_worker(k: int) -> None:
+                for j in range(10):
+                    use(i * 1000 + k * 10 + j)
+
+            greenlets = [gevent.spawn(green_worker, k) for k in range(10)]
             gevent.joinall(greenlets, timeout=30, raise_error=True)
             assert all(g.successful() for g in greenlets)
         finally:
@@ -355,7 +361,7 @@ def test_pool_opened_beside_an_idle_gevent_hub_serves_threads(make_pool: Callabl
             pool.putconn(conn)
             outcomes.append("ok")
 
-        for i in range(4):  # one thread after the other; main thread blocked in join()
+        for _ in range(4):  # one thread after the other; main thread blocked in join()
             assert run_threads(worker, 1, timeout=10) == []
         assert outcomes == ["ok"] * 4
     finally:
