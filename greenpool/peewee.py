@@ -396,6 +396,17 @@ class _PooledMySQLDatabase(PooledDatabase):
     only once `monkey.patch_all()` has run (before or after import).
     """
 
+    def _connect_raw(self) -> Any:
+        if getattr(peewee, "mysql", None) is _pymysql():
+            # As peewee's MySQLDatabase._connect, sharing pymysql's default
+            # TLS context (see _SharedContextConnection).
+            return _SharedContextConnection(
+                database=self.database,  # type: ignore[attr-defined]
+                autocommit=True,
+                **self.connect_params,  # type: ignore[attr-defined]
+            )
+        return super()._connect_raw()
+
     def _conn_status(self, conn: Any) -> int:
         if not getattr(conn, "open", True):
             return BROKEN
@@ -449,6 +460,44 @@ class _PooledMySQLDatabase(PooledDatabase):
                 self._close_raw(killer)
         except Exception as ex:
             logger.warning("couldn't cancel the interrupted query: %s", ex)
+
+
+def _pymysql() -> Any:
+    try:
+        import pymysql
+    except ImportError:  # pragma: no cover - the mysql extra is optional
+        return None
+    return pymysql
+
+
+def _shared_context_connection_class() -> Any:
+    pymysql = _pymysql()
+    if pymysql is None:  # pragma: no cover
+        return None
+
+    class SharedContextConnection(pymysql.connections.Connection):  # type: ignore[misc, name-defined]
+        """pymysql's connection, building its default TLS context once.
+
+        With no TLS option pymysql "prefers" TLS and builds a fresh
+        `ssl.create_default_context()` (loading the CA store) for every
+        connection: about 20 ms of CPU that blocks the gevent hub. The
+        context is the same every time and safe to share.
+        """
+
+        _default_context: Any = None
+
+        def _create_ssl_ctx(self, sslp: Any) -> Any:
+            if sslp != {}:
+                return super()._create_ssl_ctx(sslp)
+            cls = type(self)
+            if cls._default_context is None:
+                cls._default_context = super()._create_ssl_ctx(sslp)
+            return cls._default_context
+
+    return SharedContextConnection
+
+
+_SharedContextConnection = _shared_context_connection_class()
 
 
 class PooledMySQLDatabase(_PooledMySQLDatabase, peewee.MySQLDatabase):  # type: ignore[misc]
