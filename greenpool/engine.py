@@ -191,6 +191,7 @@ class Pool(Generic[C]):
         self._todo: deque[Slot[C] | None] = deque()
         self._connecting = 0  # connector jobs running
         self._inflight = 0  # reservations taken from _todo, being connected
+        self._cleaning = 0  # returned connections being cleaned in the background
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._reconnect_reported = False
@@ -424,8 +425,9 @@ class Pool(Generic[C]):
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has already {self._nwaiting} requests waiting")
         # Each request ahead of this one takes a pending connect or the next
-        # returned connection; what's left of max_size is ours.
-        if fail_if_full and len(self._slots) + self._nwaiting >= self._max_size:
+        # returned connection; what's left of max_size is ours. Connections
+        # being cleaned after their return count as free.
+        if fail_if_full and len(self._slots) - self._cleaning + self._nwaiting >= self._max_size:
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
         if self._failing_since is not None and not self._slots:
@@ -499,6 +501,8 @@ class Pool(Generic[C]):
             self._discard(slot)
         elif status == DIRTY:
             self.returns_reset += 1
+            with self._lock:
+                self._cleaning += 1
             assert self._executor is not None
             self._executor.submit(self._clean_then_release, slot)
         else:
@@ -512,6 +516,9 @@ class Pool(Generic[C]):
             self.returns_bad += 1
             self._discard(slot)
             return
+        finally:
+            with self._lock:
+                self._cleaning -= 1
         slot.last_used = monotonic()
         if slot.last_used >= slot.expire_at:
             self._discard(slot)

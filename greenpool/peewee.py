@@ -141,6 +141,7 @@ class PooledDatabase:
         )
         self._wait_timeout = self._wait(timeout)
         self._lent: dict[int, tuple[Slot[Any], Any, Any]] = {}
+        self._backend = _backend_for(self)
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
             # Greenlet-local state makes peewee's database lock pointless; a
@@ -151,7 +152,7 @@ class PooledDatabase:
     @staticmethod
     def _max_size(max_connections: Any, min_connections: int) -> int:
         value = _number("max_connections", max_connections)
-        if not value:
+        if not value or value == math.inf:
             return max(_UNLIMITED, min_connections)
         if value != int(value):
             raise ValueError(f"max_connections must be a whole number, got {max_connections!r}")
@@ -180,7 +181,9 @@ class PooledDatabase:
         **connect_kwargs: Any,
     ) -> None:
         """Reconfigure the database; pool options given here replace the old ones."""
+        self._backend.configure(connect_kwargs)
         super().init(database, **connect_kwargs)  # type: ignore[misc]
+        self._backend.adopt(self)
         if max_connections is not None:
             self._pool.resize(self._pool.min_size, self._max_size(max_connections, self._pool.min_size))
         if stale_timeout is not None:
@@ -252,7 +255,8 @@ class PooledDatabase:
             self._pool.release(slot)
 
     def _connect_raw(self) -> Any:
-        return super()._connect()  # type: ignore[misc]
+        conn = self._backend.connect(self)
+        return super()._connect() if conn is None else conn  # type: ignore[misc]
 
     def _close_raw(self, conn: Any) -> None:
         try:
@@ -264,15 +268,34 @@ class PooledDatabase:
 
     def _conn_status(self, conn: Any) -> int:
         """Cheap local check, no I/O: `OK`, `DIRTY` (roll back) or `BROKEN`."""
-        return OK
+        return self._backend.status(conn)
 
     def _is_closed(self, conn: Any) -> bool:
         """Round-trip probe at checkout of a connection idle `check_idle` or more."""
-        return False
+        return self._backend.is_closed(self, conn)
 
     def _can_reuse(self, conn: Any) -> bool:
         """Roll back a returned connection; False if it can't be reused."""
-        return True
+        return self._backend.can_reuse(self, conn)
+
+    def _execute_cursor(self, sql: str, params: Any, **options: Any) -> Any:
+        if not self._backend.marks_busy:
+            return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
+        if self.is_closed() and self.autoconnect:  # type: ignore[attr-defined]
+            self.connect()  # type: ignore[attr-defined]
+        conn = self._state.conn
+        if conn is None:
+            return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
+        # Stays set only if the query is interrupted (gevent.Timeout, a
+        # kill): then the connection is mid-result and can't be reused.
+        conn._greenpool_busy = True
+        try:
+            cursor = super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
+        except Exception:
+            conn._greenpool_busy = False
+            raise
+        conn._greenpool_busy = False
+        return cursor
 
     # -- playhouse.pool's API --------------------------------------------
 
@@ -314,26 +337,54 @@ class PooledDatabase:
 # -- backends ----------------------------------------------------------------
 
 
-class _PooledPostgresqlDatabase(PooledDatabase):
-    """PostgreSQL through psycopg 3, waiting through gevent when in use."""
+class _Backend:
+    """How the pool treats one driver's connections (any other driver: trust them)."""
 
-    def init(self, database: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """As `PooledDatabase.init`; psycopg 3 is always the driver."""
-        kwargs["prefer_psycopg3"] = True
-        super().init(database, **kwargs)
-        adapter = self._adapter  # type: ignore[attr-defined]
-        adapter.__class__ = _gevent_adapter(type(adapter))
+    #: Mark connections busy during queries (when the driver can't tell).
+    marks_busy = False
 
-    def _conn_status(self, conn: Any) -> int:
+    def configure(self, connect_kwargs: dict[str, Any]) -> None:
+        """Adjust the database's connect parameters before peewee's init()."""
+
+    def adopt(self, db: Any) -> None:
+        """Adjust the database after peewee's init()."""
+
+    def connect(self, db: Any) -> Any:
+        """Make a connection, or None to use peewee's `_connect()`."""
+        return None
+
+    def status(self, conn: Any) -> int:
+        """`OK`, `DIRTY` or `BROKEN`, without I/O."""
+        return OK
+
+    def is_closed(self, db: Any, conn: Any) -> bool:
+        """Probe the connection; True if it is unusable."""
+        return False
+
+    def can_reuse(self, db: Any, conn: Any) -> bool:
+        """Settle a returned connection; False if it can't be reused."""
+        return True
+
+
+class _PostgresBackend(_Backend):
+    """psycopg 3, connected through `GeventConnection`."""
+
+    def configure(self, connect_kwargs: dict[str, Any]) -> None:
+        connect_kwargs["prefer_psycopg3"] = True
+
+    def adopt(self, db: Any) -> None:
+        db._adapter.__class__ = _gevent_adapter(type(db._adapter))
+
+    def status(self, conn: Any) -> int:
         status = conn.pgconn.transaction_status
         if status == 0:  # IDLE
             return OK
         return BROKEN if status == 4 else DIRTY  # 4: UNKNOWN
 
-    def _is_closed(self, conn: Any) -> bool:
-        return bool(conn.closed) or bool(self._adapter.is_connection_closed(conn))  # type: ignore[attr-defined]
+    def is_closed(self, db: Any, conn: Any) -> bool:
+        return bool(conn.closed) or bool(db._adapter.is_connection_closed(conn))
 
-    def _can_reuse(self, conn: Any) -> bool:
+    def can_reuse(self, db: Any, conn: Any) -> bool:
         from .pgconn import settle
 
         try:
@@ -349,101 +400,59 @@ _ADAPTERS: dict[type, type] = {}
 
 def _gevent_adapter(base: type) -> type:
     """A peewee psycopg 3 adapter class that connects with `GeventConnection`."""
-    if base in _ADAPTERS or base in _ADAPTERS.values():
-        return _ADAPTERS.get(base, base)
+    if base in _ADAPTERS.values():
+        return base
+    if base not in _ADAPTERS:
 
-    def connect(self: Any, db: Any, **params: Any) -> Any:
-        from .pgconn import GeventConnection
+        def connect(self: Any, db: Any, **params: Any) -> Any:
+            from .pgconn import GeventConnection
 
-        if db._encoding:
-            params.setdefault("client_encoding", db._encoding)
-        if db.database.startswith("postgresql://"):
-            params.setdefault("conninfo", db.database)
-        else:
-            params.setdefault("dbname", db.database)
-        conninfo = params.pop("conninfo", "")
-        return GeventConnection.connect(conninfo, **params)
+            if db._encoding:
+                params.setdefault("client_encoding", db._encoding)
+            if db.database.startswith("postgresql://"):
+                params.setdefault("conninfo", db.database)
+            else:
+                params.setdefault("dbname", db.database)
+            return GeventConnection.connect(params.pop("conninfo", ""), **params)
 
-    _ADAPTERS[base] = adapter = type(f"Gevent{base.__name__}", (base,), {"connect": connect})
-    return adapter
-
-
-class PooledPostgresqlDatabase(_PooledPostgresqlDatabase, peewee.PostgresqlDatabase):  # type: ignore[misc]
-    """Pooled `PostgresqlDatabase` (psycopg 3)."""
+        _ADAPTERS[base] = type(f"Gevent{base.__name__}", (base,), {"connect": connect})
+    return _ADAPTERS[base]
 
 
-def _postgres_ext() -> tuple[type, type]:
-    from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
+class _MySQLBackend(_Backend):
+    """pymysql: pure Python on the `socket` module, so under gevent it
+    cooperates once `monkey.patch_all()` has run (before or after import)."""
 
-    return PostgresqlExtDatabase, Psycopg3Database
+    marks_busy = True
 
+    def connect(self, db: Any) -> Any:
+        if _SharedContextConnection is None or getattr(peewee, "mysql", None) is not _pymysql():
+            return None
+        # As peewee's MySQLDatabase._connect, sharing pymysql's TLS context.
+        return _SharedContextConnection(database=db.database, autocommit=True, **db.connect_params)
 
-_PostgresqlExtDatabase, _Psycopg3Database = _postgres_ext()
-
-
-class PooledPostgresqlExtDatabase(_PooledPostgresqlDatabase, _PostgresqlExtDatabase):  # type: ignore[misc, valid-type]
-    """Pooled `playhouse.postgres_ext.PostgresqlExtDatabase` (psycopg 3)."""
-
-
-class PooledPsycopg3Database(_PooledPostgresqlDatabase, _Psycopg3Database):  # type: ignore[misc, valid-type]
-    """Pooled `playhouse.postgres_ext.Psycopg3Database`."""
-
-
-class _PooledMySQLDatabase(PooledDatabase):
-    """MySQL/MariaDB through pymysql.
-
-    pymysql is pure Python on the `socket` module: under gevent it cooperates
-    only once `monkey.patch_all()` has run (before or after import).
-    """
-
-    def _connect_raw(self) -> Any:
-        if getattr(peewee, "mysql", None) is _pymysql():
-            # As peewee's MySQLDatabase._connect, sharing pymysql's default
-            # TLS context (see _SharedContextConnection).
-            return _SharedContextConnection(
-                database=self.database,  # type: ignore[attr-defined]
-                autocommit=True,
-                **self.connect_params,  # type: ignore[attr-defined]
-            )
-        return super()._connect_raw()
-
-    def _conn_status(self, conn: Any) -> int:
+    def status(self, conn: Any) -> int:
+        if getattr(conn, "_greenpool_busy", False):
+            # A query was interrupted mid-flight (pymysql may have closed the
+            # socket already): it still runs on the server until killed.
+            return DIRTY
         if not getattr(conn, "open", True):
             return BROKEN
-        if getattr(conn, "_greenpool_busy", False):
-            return DIRTY  # a query was interrupted mid-flight
         server_status = getattr(conn, "server_status", 0) or 0
         return DIRTY if server_status & 1 else OK  # SERVER_STATUS_IN_TRANS
 
-    def _execute_cursor(self, sql: str, params: Any, **options: Any) -> Any:
-        if self.is_closed() and self.autoconnect:  # type: ignore[attr-defined]
-            self.connect()  # type: ignore[attr-defined]
-        conn = self._state.conn
-        if conn is None:
-            return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
-        # Stays set only if the query is interrupted (gevent.Timeout, a
-        # kill): then the connection is mid-result and can't be reused.
-        conn._greenpool_busy = True
-        try:
-            cursor = super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
-        except Exception:
-            conn._greenpool_busy = False
-            raise
-        conn._greenpool_busy = False
-        return cursor
-
-    def _is_closed(self, conn: Any) -> bool:
+    def is_closed(self, db: Any, conn: Any) -> bool:
         try:
             conn.ping(False)  # never pymysql's silent reconnect
         except Exception:
             return True
         return False
 
-    def _can_reuse(self, conn: Any) -> bool:
+    def can_reuse(self, db: Any, conn: Any) -> bool:
         if getattr(conn, "_greenpool_busy", False):
             # The protocol stream is mid-result: stop the query on the server
             # from another connection, and drop this one.
-            self._kill_query(conn)
+            self._kill_query(db, conn)
             return False
         try:
             conn.rollback()
@@ -451,15 +460,53 @@ class _PooledMySQLDatabase(PooledDatabase):
             return False
         return True
 
-    def _kill_query(self, conn: Any) -> None:
+    @staticmethod
+    def _kill_query(db: Any, conn: Any) -> None:
         try:
-            killer = self._connect_raw()
+            killer = db._connect_raw()
             try:
                 killer.cursor().execute(f"KILL QUERY {int(conn.thread_id())}")
             finally:
-                self._close_raw(killer)
+                db._close_raw(killer)
         except Exception as ex:
             logger.warning("couldn't cancel the interrupted query: %s", ex)
+
+
+class _SqliteBackend(_Backend):
+    def configure(self, connect_kwargs: dict[str, Any]) -> None:
+        # The pool's background jobs make and close connections.
+        connect_kwargs.setdefault("check_same_thread", False)
+
+    def status(self, conn: Any) -> int:
+        try:
+            return DIRTY if conn.in_transaction else OK
+        except Exception:
+            return BROKEN
+
+    def is_closed(self, db: Any, conn: Any) -> bool:
+        try:
+            return conn.total_changes is None  # raises once closed
+        except Exception:
+            return True
+
+    def can_reuse(self, db: Any, conn: Any) -> bool:
+        try:
+            if conn.in_transaction:
+                conn.rollback()
+        except Exception:
+            return False
+        return True
+
+
+def _backend_for(db: Any) -> _Backend:
+    for base, backend in (
+        (peewee.PostgresqlDatabase, _PostgresBackend),
+        (peewee.MySQLDatabase, _MySQLBackend),
+        (peewee.SqliteDatabase, _SqliteBackend),
+    ):
+        if isinstance(db, base):
+            return backend()
+    return _Backend()
 
 
 def _pymysql() -> Any:
@@ -500,41 +547,32 @@ def _shared_context_connection_class() -> Any:
 _SharedContextConnection = _shared_context_connection_class()
 
 
-class PooledMySQLDatabase(_PooledMySQLDatabase, peewee.MySQLDatabase):  # type: ignore[misc]
+def _postgres_ext() -> tuple[type, type]:
+    from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
+
+    return PostgresqlExtDatabase, Psycopg3Database
+
+
+_PostgresqlExtDatabase, _Psycopg3Database = _postgres_ext()
+
+
+class PooledPostgresqlDatabase(PooledDatabase, peewee.PostgresqlDatabase):  # type: ignore[misc]
+    """Pooled `PostgresqlDatabase` (psycopg 3)."""
+
+
+class PooledPostgresqlExtDatabase(PooledDatabase, _PostgresqlExtDatabase):  # type: ignore[misc, valid-type]
+    """Pooled `playhouse.postgres_ext.PostgresqlExtDatabase` (psycopg 3)."""
+
+
+class PooledPsycopg3Database(PooledDatabase, _Psycopg3Database):  # type: ignore[misc, valid-type]
+    """Pooled `playhouse.postgres_ext.Psycopg3Database`."""
+
+
+class PooledMySQLDatabase(PooledDatabase, peewee.MySQLDatabase):  # type: ignore[misc]
     """Pooled `MySQLDatabase` (pymysql)."""
 
 
-class _PooledSqliteDatabase(PooledDatabase):
-    """SQLite; connections are made and closed by the pool's background jobs,
-    so `check_same_thread` defaults to False."""
-
-    def init(self, database: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """As `PooledDatabase.init`."""
-        kwargs.setdefault("check_same_thread", False)
-        super().init(database, **kwargs)
-
-    def _conn_status(self, conn: Any) -> int:
-        try:
-            return DIRTY if conn.in_transaction else OK
-        except Exception:
-            return BROKEN
-
-    def _is_closed(self, conn: Any) -> bool:
-        try:
-            return conn.total_changes is None  # raises once closed
-        except Exception:
-            return True
-
-    def _can_reuse(self, conn: Any) -> bool:
-        try:
-            if conn.in_transaction:
-                conn.rollback()
-        except Exception:
-            return False
-        return True
-
-
-class PooledSqliteDatabase(_PooledSqliteDatabase, peewee.SqliteDatabase):  # type: ignore[misc]
+class PooledSqliteDatabase(PooledDatabase, peewee.SqliteDatabase):  # type: ignore[misc]
     """Pooled `SqliteDatabase`."""
 
 
