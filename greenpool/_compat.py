@@ -131,12 +131,11 @@ class GreenWakeup:
     is harmless. `slot` carries what the firing party hands over.
     """
 
-    __slots__ = ("slot", "_hub", "_thread", "_greenlet", "_fired")
+    __slots__ = ("slot", "_hub", "_greenlet", "_fired")
 
     def __init__(self, hub: Any) -> None:
         self.slot: Any = None
         self._hub = hub
-        self._thread = get_thread_ident()
         self._greenlet: Any = None
         self._fired = False
 
@@ -173,7 +172,7 @@ class GreenWakeup:
 
     def fire(self) -> None:
         """Wake the waiter; callable from any greenlet or thread."""
-        if get_thread_ident() == self._thread:
+        if get_thread_ident() == self._hub.thread_ident:
             self._hub.loop.run_callback(self._wake)
         else:
             self._hub.loop.run_callback_threadsafe(self._wake)

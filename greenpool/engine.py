@@ -528,7 +528,17 @@ class Pool(Generic[C]):
     def _release(self, slot: Slot[C]) -> None:
         """Hand a good slot to the first waiter, or park it idle."""
         if self._nwaiting:
-            req = self._hand_to_waiter(slot)
+            with self._lock:
+                waiters = self._waiters
+                while waiters:
+                    req = waiters.popleft()
+                    if req.slot is None:
+                        slot.state = OUT
+                        req.slot = slot
+                        self._nwaiting -= 1
+                        break
+                else:
+                    req = None
             if req is not None:
                 req.fire()
                 return
@@ -547,18 +557,6 @@ class Pool(Generic[C]):
         elif self._closed:
             for idle in self._take_all_idle():
                 self._discard(idle, close_now=True)
-
-    def _hand_to_waiter(self, slot: Slot[C]) -> _Request | None:
-        with self._lock:
-            waiters = self._waiters
-            while waiters:
-                req = waiters.popleft()
-                if req.slot is None:
-                    slot.state = OUT
-                    req.slot = slot
-                    self._nwaiting -= 1
-                    return req
-        return None
 
     def _rebalance(self) -> None:
         """Hand idle connections to waiting requests."""

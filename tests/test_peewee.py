@@ -401,8 +401,7 @@ def sleep_sql(kind, seconds):
 CHILD_GREENLET_CHECKS = """
 import gevent, gevent.event
 
-def greenlet_checks(db, kind, n=10):
-    out = {"errors": []}
+def distinct_check(db, kind, out, n=10):
     ids = []
     everyone_in = gevent.event.Event()
 
@@ -420,6 +419,7 @@ def greenlet_checks(db, kind, n=10):
     out["held"] = len(ids)
     out["distinct"] = len(set(ids))
 
+def sleep_check(db, kind, out, n=10):
     def sleeper(i):
         try:
             with db.connection_context():
@@ -430,6 +430,12 @@ def greenlet_checks(db, kind, n=10):
     t0 = time.monotonic()
     gevent.joinall([gevent.spawn(sleeper, i) for i in range(n)], timeout=15)
     out["elapsed"] = time.monotonic() - t0
+
+def greenlet_checks(db, kind, sleep_first=False):
+    out = {"errors": []}
+    checks = [distinct_check, sleep_check]
+    for check in reversed(checks) if sleep_first else checks:
+        check(db, kind, out)
     out["errors"] = out["errors"][:3]
     return out
 """
@@ -1019,6 +1025,67 @@ def test_mysql_greenlets_patched(child: Callable[..., dict[str, Any]]) -> None:
     assert out["peak"] <= 5 and out["distinct"] <= 5, out
 
 
+@backends("pg")
+def test_pool_opened_before_any_greenlet_serves_greenlets(backend: Backend) -> None:
+    """Used from the plain main thread first (no hub yet), then by greenlets."""
+    db = backend.make(max_connections=10, timeout=10)
+    assert db.execute_sql("select 1").fetchone() == (1,)
+    db.close()
+
+    def sleeper(i: int) -> int:
+        with db.connection_context():
+            db.execute_sql("select pg_sleep(0.2)").fetchall()
+            return backend.ident(db)
+
+    t0 = time.monotonic()
+    idents = run_greenlets(sleeper, 10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"10 x 0.2 s over 10 connections took {elapsed:.2f} s"
+    assert len(set(idents)) == 10
+
+
+@pytest.mark.parametrize("how", ["kill", "timeout"])
+@backends("pg", "sqlite")
+def test_greenlet_giving_up_while_waiting_for_a_connection(backend: Backend, how: str) -> None:
+    """A greenlet killed (or timed out) while queued for a connection leaves
+    no trace: the connection freed later goes to the next request."""
+    db = backend.make(max_connections=1, timeout=10)
+    held = gevent.event.Event()
+    release = gevent.event.Event()
+
+    def holder(i: int) -> None:
+        with db.connection_context():
+            held.set()
+            release.wait(10)
+
+    def waiter() -> Any:
+        with db.connection_context():
+            return db.execute_sql("select 7").fetchone()
+
+    h = gevent.spawn(holder, 0)
+    assert held.wait(5)
+    if how == "kill":
+        w = gevent.spawn(waiter)
+        wait_until(lambda: db.pool_stats()["requests_waiting"] == 1, what="the waiter to queue")
+        w.kill(block=True, timeout=5)
+        assert w.dead
+    else:
+        def impatient() -> None:
+            with gevent.Timeout(0.2):
+                waiter()
+
+        w = gevent.spawn(impatient)
+        w.join(5)
+        assert isinstance(w.exception, gevent.Timeout)
+    assert db.pool_stats()["requests_waiting"] == 0
+    release.set()
+    h.join(5)
+    wait_until(lambda: db.pool_stats()["pool_available"] == 1, what="the connection back")
+    late = gevent.spawn(waiter)
+    assert late.get(timeout=5) == (7,)
+    assert db.pool_stats()["pool_size"] == 1
+
+
 # --------------------------------------------------------------------------
 # Plain OS threads
 # --------------------------------------------------------------------------
@@ -1130,6 +1197,32 @@ def test_import_order_database_created_before_patch_all(child: Callable[..., dic
     assert out["elapsed"] < 1.0, out
 
 
+@pytest.mark.parametrize("kind", ["pg", "mysql"])
+def test_import_order_pool_used_before_patch_all(child: Callable[..., dict[str, Any]], kind: str) -> None:
+    """Worse than (b): the database is used (the pool opened, a connection
+    made and returned) before patch_all(), e.g. create_tables() at import
+    time. Connections made before patching must not stall greenlets later."""
+    out = child(
+        f"""
+        import peewee
+        import greenpool.peewee as gpw
+        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
+        db.execute_sql("select 1")
+        db.close()
+        from gevent import monkey; monkey.patch_all()
+        """,
+        CHILD_GREENLET_CHECKS,
+        f"""
+        # Sleepers first: greenlets that each find the pre-patch connection
+        # idle would all run on it.
+        result(**greenlet_checks(db, {kind!r}, sleep_first=True))
+        """,
+    )
+    assert out["errors"] == []
+    assert out["held"] == 10 and out["distinct"] == 10, out
+    assert out["elapsed"] < 1.0, out
+
+
 def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callable[..., dict[str, Any]]) -> None:
     """The bug greenpool fixes: playhouse.pool's database made before
     patch_all() keeps a real `threading.local` (every greenlet shares one
@@ -1222,36 +1315,134 @@ def test_greenlet_ending_in_transaction_is_rolled_back(backend: Backend) -> None
     assert backend.server.count(Item._meta.table_name) == (2 if backend.kind == "sqlite" else 1)
 
 
-@pytest.mark.parametrize("with_context", [False, True], ids=["autoconnect", "connection_context"])
+def _returned_or_replaced(db: Any, max_connections: int) -> Callable[[], Any]:
+    def check() -> Any:
+        stats = db.pool_stats()
+        return stats["pool_available"] + (max_connections - stats["pool_size"]) >= 1 and stats
+
+    return check
+
+
+@pytest.mark.parametrize("how", ["autoconnect", "connection_context", "atomic"])
 @backends("pg")
-def test_killed_greenlet_mid_query_leaves_no_orphan(backend: Backend, with_context: bool) -> None:
+def test_killed_greenlet_mid_query_leaves_no_orphan(backend: Backend, how: str) -> None:
     db = backend.make(max_connections=2)
+    Item = backend.model(db)
     idents: list[int] = []
 
     def long_query(i: int) -> None:
-        if with_context:
-            with db.connection_context():
-                idents.append(backend.ident(db))
-                db.execute_sql("select pg_sleep(10)")
-        else:
+        if how == "autoconnect":
             idents.append(backend.ident(db))
             db.execute_sql("select pg_sleep(10)")
+            return
+        with db.connection_context():
+            if how == "atomic":
+                with db.atomic():
+                    Item.create(value=1)
+                    idents.append(backend.ident(db))
+                    db.execute_sql("select pg_sleep(10)")
+            else:
+                idents.append(backend.ident(db))
+                db.execute_sql("select pg_sleep(10)")
 
     g = gevent.spawn(long_query, 0)
     wait_until(lambda: idents and backend.server.running_query(idents[0]), what="the query to run")
+    # (Inside atomic() the greenlet dies of peewee's failed ROLLBACK on the
+    # busy connection rather than GreenletExit: peewee's behaviour.)
     g.kill(block=True, timeout=5)
     assert g.dead
     t0 = time.monotonic()
     wait_until(lambda: not backend.server.running_query(idents[0]), timeout=3, what="the orphaned query to stop")
     assert time.monotonic() - t0 < 3
-    stats = wait_until(
-        lambda: (s := db.pool_stats())["pool_available"] + (2 - s["pool_size"]) >= 1 and s,
-        timeout=3,
-        what="the connection returned or replaced",
-    )
+    stats = wait_until(_returned_or_replaced(db, 2), timeout=3, what="the connection returned or replaced")
     assert stats["pool_size"] <= 2
+    assert backend.server.count(Item._meta.table_name) == 0
     with db.connection_context():
         assert db.execute_sql("select 42").fetchone() == (42,)
+
+
+@pytest.mark.parametrize("query_again", [False, True], ids=["exit", "query-again-then-exit"])
+@backends("pg")
+def test_timeout_mid_query_leaves_no_orphan(backend: Backend, query_again: bool) -> None:
+    """A `gevent.Timeout` interrupts a query; the greenlet lives on (maybe
+    trying another query on the now unusable connection) and leaves the
+    context: the server query is stopped and the pool stays healthy."""
+    db = backend.make(max_connections=2)
+    seen: dict[str, Any] = {}
+
+    def request(i: int) -> None:
+        with db.connection_context():
+            seen["ident"] = backend.ident(db)
+            with pytest.raises(gevent.Timeout):
+                with gevent.Timeout(0.5):
+                    db.execute_sql("select pg_sleep(10)")
+            if query_again:
+                try:
+                    db.execute_sql("select 1")
+                except peewee.DatabaseError as ex:  # the connection is mid-query
+                    seen["second"] = ex
+
+    run_greenlets(request, 1)
+    t0 = time.monotonic()
+    wait_until(lambda: not backend.server.running_query(seen["ident"]), timeout=3, what="the query to stop")
+    assert time.monotonic() - t0 < 3
+    with db.connection_context():
+        assert db.execute_sql("select 42").fetchone() == (42,)
+
+
+def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -> None:
+    """MariaDB, patched: as test_timeout_mid_query_leaves_no_orphan."""
+    out = child(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import gevent, pymysql
+        import greenpool.peewee as gpw
+
+        def wait_until(pred, timeout):
+            deadline = time.monotonic() + timeout
+            while not pred():
+                if time.monotonic() > deadline:
+                    return False
+                gevent.sleep(0.02)
+            return True
+
+        mon = pymysql.connect(autocommit=True, **MY)
+        def running(ident):
+            cur = mon.cursor()
+            cur.execute("select 1 from information_schema.processlist where id = %s and command = 'Query'", (ident,))
+            return bool(cur.fetchall())
+
+        out = {}
+        for query_again in (False, True):
+            db = make_db(gpw, "mysql", max_connections=2)
+            seen = {}
+            def request():
+                with db.connection_context():
+                    seen["ident"] = db.execute_sql("select connection_id()").fetchone()[0]
+                    try:
+                        with gevent.Timeout(0.5):
+                            db.execute_sql("select sleep(10)")
+                    except gevent.Timeout:
+                        seen["timed_out"] = True
+                    if query_again:
+                        try:
+                            db.execute_sql("select 1")
+                        except Exception as ex:
+                            seen["second"] = repr(ex)
+            gevent.spawn(request).join(10)
+            key = "query_again" if query_again else "exit"
+            out[key + "_timed_out"] = seen.get("timed_out", False)
+            out[key + "_orphan_gone"] = wait_until(lambda: not running(seen["ident"]), 3)
+            with db.connection_context():
+                out[key + "_works"] = db.execute_sql("select 42").fetchone()[0] == 42
+            db.close_all()
+        result(**out)
+        """
+    )
+    for key in ("exit", "query_again"):
+        assert out[f"{key}_timed_out"], out
+        assert out[f"{key}_orphan_gone"], f"{key}: sleep(10) still running 3 s after the timeout: {out}"
+        assert out[f"{key}_works"], out
 
 
 def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> None:
@@ -1318,6 +1509,21 @@ def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> N
         out["recovered"] = wait_until(recovered, 3)
         with db.connection_context():
             out["works"] = db.execute_sql("select 42").fetchone()[0] == 42
+
+        # 4. killed in the middle of a long query inside atomic().
+        ids.clear()
+        def in_atomic():
+            with db.connection_context():
+                with db.atomic():
+                    db.execute_sql(f"insert into {table} (value) values (4)")
+                    ids.append(db.execute_sql("select connection_id()").fetchone()[0])
+                    db.execute_sql("select sleep(10)")
+        g = gevent.spawn(in_atomic)
+        out["atomic_started"] = wait_until(running, 5)
+        g.kill(block=True, timeout=5)
+        out["atomic_orphan_gone"] = wait_until(lambda: not running(), 3)
+        out["atomic_rows"] = q(f"select count(*) from {table}")[0][0]
+        out["atomic_recovered"] = wait_until(recovered, 3)
         q(f"drop table {table}")
         result(**out)
         """
@@ -1327,6 +1533,8 @@ def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> N
     assert out["started"], out
     assert out["orphan_gone"], f"sleep(10) still running 3 s after its greenlet was killed: {out}"
     assert out["recovered"] and out["works"], out
+    assert out["atomic_started"] and out["atomic_orphan_gone"], out
+    assert out["atomic_rows"] == 0 and out["atomic_recovered"], out
 
 
 # --------------------------------------------------------------------------
