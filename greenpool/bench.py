@@ -15,6 +15,8 @@ Contenders (`CONTENDERS`, in table order), with the backends they run on:
                       PooledMySQLDatabase, peewee's own pool (both)
 ``dedicated``         P greenlets each owning one connection: the same driver
                       with no pool, the upper bound (both)
+``peewee-dedicated``  P greenlets each owning one connected, non-pooled Peewee
+                      database: the upper bound through Peewee (both)
 ``shared``            one connection behind a gevent lock, used by all G
                       greenlets (PostgreSQL)
 
@@ -24,8 +26,15 @@ contenders run one query per borrow the way Peewee code does,
 ``with db.connection_context(): db.execute_sql(sql).fetchall()``; greenpool's
 adapter connects with the same gevent-aware class, playhouse with peewee's own
 ``psycopg.connect`` (psycopg 3; its default wait function cooperates once
-``select`` is patched). On MySQL everything is pymysql, which cooperates on the
-patched ``socket``. Adding a contender is one class::
+``select`` is patched). ``peewee-dedicated`` connects as greenpool's adapter
+does and runs ``db.execute_sql(sql).fetchall()`` on its own open connection,
+so Peewee's per-query CPU is in it too. On MySQL everything is pymysql, which
+cooperates on the patched ``socket``.
+
+The fixed-work report compares every contender with ``dedicated`` (q/s, and
+p99 against the FIFO ideal G/P x its median latency), and the ``peewee-*``
+ones also with ``peewee-dedicated`` (`BOUNDS`). Adding a contender is one
+class::
 
     @contender("mypool", storm=True, backends=("postgres",))
     class MyPool(BorrowingContender):
@@ -625,15 +634,18 @@ def contender(
     return register
 
 
-def _connect_many(config: ContenderConfig, count: int) -> list[Any]:
-    """Open `count` connections concurrently (closing them all if one fails)."""
+def _connect_many(connect: Callable[[], Any], count: int) -> list[Any]:
+    """What `count` concurrent `connect()` calls return: connections, or anything with a ``close()``.
+
+    If one call fails, those already made are closed.
+    """
     conns: list[Any] = []
 
-    def connect() -> None:
-        conns.append(config.backend.connect(config))
+    def one() -> None:
+        conns.append(connect())
 
     try:
-        _run_parallel([connect] * count)
+        _run_parallel([one] * count)
     except BaseException:
         _close_all(conns)
         raise
@@ -805,10 +817,7 @@ class PeeweePlayhouse(PeeweeContender):
             **params,
         )
         if config.backend.name == POSTGRES:
-            import peewee
-
-            if not isinstance(db._adapter, peewee.Psycopg3Adapter):
-                raise RuntimeError(f"peewee chose {type(db._adapter).__name__}, not psycopg 3")
+            _require_psycopg3(db)
         return db
 
     def warm(self) -> None:
@@ -854,6 +863,14 @@ class PeeweePlayhouse(PeeweeContender):
         return {"connections_num": self.db.bench_connects} if self.db is not None else None
 
 
+def _require_psycopg3(db: Any) -> None:
+    """Refuse a Peewee PostgreSQL database whose adapter is not psycopg 3's."""
+    import peewee
+
+    if not isinstance(db._adapter, peewee.Psycopg3Adapter):
+        raise RuntimeError(f"peewee chose {type(db._adapter).__name__}, not psycopg 3")
+
+
 _PLAYHOUSE_CLASSES: dict[str, type[Any]] = {}
 
 
@@ -889,16 +906,21 @@ def _playhouse_class(backend: str) -> type[Any]:
 class DedicatedConnections(Contender):
     """P greenlets each owning a connection, no pool: the upper bound."""
 
+    #: What each worker owns: a driver connection here (`connect()`), opened up front.
     conns: list[Any]
 
     def open(self) -> None:
-        self.conns = _connect_many(self.config, self.config.pool_size)
+        self.conns = _connect_many(self.connect, self.config.pool_size)
+
+    def connect(self) -> Any:
+        """One open connection (or anything `execute()` takes and with a ``close()``)."""
+        return self.config.backend.connect(self.config)
 
     def close(self) -> None:
         _close_all(getattr(self, "conns", ()))
 
     def drive(self, work: Workload) -> None:
-        """P workers pull queries from the shared budget until it is spent.
+        """P workers, one per connection, pull queries from the shared budget until it is spent.
 
         The budget is G x queries_each, so the total matches the pools' runs.
         """
@@ -913,6 +935,44 @@ class DedicatedConnections(Contender):
         _run_parallel([partial(owner, conn) for conn in self.conns])
 
 
+@contender("peewee-dedicated", storm=False, backends=(POSTGRES, MYSQL))
+class PeeweeDedicated(DedicatedConnections):
+    """P greenlets each owning a connected, non-pooled Peewee database: the upper bound through Peewee."""
+
+    def database(self) -> Any:
+        """A Peewee database for one worker only, not connected yet.
+
+        ``thread_safe=False``: one plain connection state, not one per
+        greenlet (it is connected in `open()` and used by the worker
+        greenlets of each run); ``autoconnect=False``: a lost connection
+        fails the run rather than being reopened silently. On PostgreSQL it
+        is psycopg 3 (the DSN's parameters say ``prefer_psycopg3``) and the
+        adapter connects with `GeventConnection`, as `greenpool.peewee`'s does.
+        """
+        import peewee
+
+        config = self.config
+        database, params = config.backend.peewee_params(config.dsn)
+        if config.backend.name == MYSQL:
+            return peewee.MySQLDatabase(database, thread_safe=False, autoconnect=False, **params)
+        from greenpool.peewee import _gevent_adapter
+
+        db = peewee.PostgresqlDatabase(database, thread_safe=False, autoconnect=False, **params)
+        _require_psycopg3(db)
+        db._adapter.__class__ = _gevent_adapter(type(db._adapter))  # type: ignore[attr-defined]
+        return db
+
+    def connect(self) -> Any:
+        """One worker's database, connected."""
+        db = self.database()
+        db.connect()
+        return db
+
+    def execute(self, conn: Any, sql: str) -> None:
+        # `conn` is the worker's database; no connection_context(): it keeps its connection.
+        conn.execute_sql(sql).fetchall()
+
+
 @contender("shared", storm=False)
 class SharedConnection(BorrowingContender):
     """One connection behind a gevent lock, used by all G greenlets."""
@@ -923,7 +983,7 @@ class SharedConnection(BorrowingContender):
         # gevent's lock is not FIFO: a greenlet releasing it and asking again
         # without yielding gets it back. That is what naive code gets, so keep it.
         self.lock = gevent.lock.BoundedSemaphore(1)
-        (self.conn,) = _connect_many(self.config, 1)
+        (self.conn,) = _connect_many(partial(self.config.backend.connect, self.config), 1)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -1129,30 +1189,71 @@ def _row_note(summary: Summary) -> str:
     return f"{summary.rounds_ok}/{summary.rounds} rounds ok"
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A no-pool upper bound the fixed-work report compares contenders with."""
+
+    #: The bound's contender.
+    contender: str
+    #: What the report calls the FIFO ideal derived from its median latency.
+    ideal: str
+    #: The contenders compared with it: those whose name starts with this.
+    prefix: str = ""
+
+    def covers(self, name: str) -> bool:
+        """Whether `name`'s row is compared with this bound."""
+        return name.startswith(self.prefix)
+
+    def describe(self) -> str:
+        """One line for --list."""
+        who = "every contender" if not self.prefix else f"the {self.prefix}* contenders"
+        return f"{who}: q/s vs {self.contender}, p99 vs {self.ideal} (G/P x {self.contender} median latency)"
+
+
+#: The upper bounds of the fixed-work report, in column order: the raw driver,
+#: and Peewee without a pool (so that Peewee's own per-query CPU is not
+#: counted against the Peewee pools).
+BOUNDS: tuple[Bound, ...] = (
+    Bound("dedicated", "FIFO ideal"),
+    Bound("peewee-dedicated", "peewee FIFO ideal", prefix="peewee-"),
+)
+
+
 def report_fixed(
     scenario: Scenario,
     results: Sequence[RunResult],
     names: Sequence[str],
     skipped: Mapping[str, str] | None = None,
 ) -> str:
-    """Table of a fixed-work scenario, relative to `dedicated` and the FIFO ideal.
+    """Table of a fixed-work scenario, relative to each of `BOUNDS` and its FIFO ideal.
 
-    Contenders in `skipped` (name -> why) get a "not run" row.
+    A bound's columns are filled for the rows it covers ("-" for the others):
+    q/s relative to the bound's (1.00x for the bound itself), and p99
+    relative to its FIFO ideal, G/P x the bound's median latency (a fair FIFO
+    pool makes each query wait for G/P queries ahead of it; "-" for the
+    bounds, which never wait). Each bound covering a row gets a line under
+    the table giving its ideal. Contenders in `skipped` (name -> why) get a
+    "not run" row.
     """
     skipped = skipped or {}
     summaries = {name: summarize(results, name, "run") for name in names}
-    base = summaries.get("dedicated")
-    base_qps = base.qps if base else math.nan
-    # A fair FIFO pool makes each query wait for G/P queries ahead of it.
-    ideal_ms = scenario.greenlets / scenario.pool_size * base.p50_ms if base is not None else math.nan
+    bound_names = {b.contender for b in BOUNDS}
+    # bound -> (its q/s, its FIFO ideal p99 in ms, its summary); NaN if it didn't run.
+    figures: dict[Bound, tuple[float, float, Summary | None]] = {}
+    for bound in BOUNDS:
+        base = summaries.get(bound.contender)
+        if base is None:
+            figures[bound] = (math.nan, math.nan, None)
+        else:
+            figures[bound] = (base.qps, scenario.greenlets / scenario.pool_size * base.p50_ms, base)
     headers = [
         "contender",
         "q/s",
         "p50 ms",
         "p99 ms",
         "max ms",
-        "q/s vs dedicated",
-        "p99 vs FIFO ideal",
+        *(f"q/s vs {b.contender}" for b in BOUNDS),
+        *(f"p99 vs {b.ideal}" for b in BOUNDS),
         "",
     ]
     rows = []
@@ -1163,7 +1264,11 @@ def report_fixed(
         if s.rounds_ok == 0:
             rows.append([name, f"ERROR {s.errors[0] if s.errors else ''}"])
             continue
-        vs_ideal = "-" if name == "dedicated" else _fmt(_ratio(s.p99_ms, ideal_ms), ".2f", "x")
+        vs_qps = [_fmt(_ratio(s.qps, figures[b][0]), ".2f", "x") if b.covers(name) else "-" for b in BOUNDS]
+        vs_ideal = [
+            _fmt(_ratio(s.p99_ms, figures[b][1]), ".2f", "x") if b.covers(name) and name not in bound_names else "-"
+            for b in BOUNDS
+        ]
         rows.append(
             [
                 name,
@@ -1171,20 +1276,23 @@ def report_fixed(
                 _fmt(s.p50_ms, ".2f"),
                 _fmt(s.p99_ms, ".2f"),
                 _fmt(s.max_ms, ".2f"),
-                _fmt(_ratio(s.qps, base_qps), ".2f", "x"),
-                vs_ideal,
+                *vs_qps,
+                *vs_ideal,
                 _row_note(s),
             ]
         )
     lines = [_table(headers, rows)]
-    if math.isnan(ideal_ms):
-        lines.append("FIFO ideal p99: unknown (needs a successful `dedicated` run)")
-    else:
-        assert base is not None
-        lines.append(
-            f"FIFO ideal p99 = G/P x dedicated median latency = {scenario.greenlets}/"
-            f"{scenario.pool_size} x {base.p50_ms:.2f} ms = {ideal_ms:.1f} ms"
-        )
+    for bound in BOUNDS:
+        if not any(bound.covers(name) for name in names):
+            continue
+        _, ideal_ms, base = figures[bound]
+        if base is None or math.isnan(ideal_ms):
+            lines.append(f"{bound.ideal} p99: unknown (needs a successful `{bound.contender}` run)")
+        else:
+            lines.append(
+                f"{bound.ideal} p99 = G/P x {bound.contender} median latency = {scenario.greenlets}/"
+                f"{scenario.pool_size} x {base.p50_ms:.2f} ms = {ideal_ms:.1f} ms"
+            )
     lines += _error_lines(summaries.values())
     return "\n".join(lines)
 
@@ -1498,7 +1606,7 @@ def _write_json(path: str, document: dict[str, Any]) -> None:
 
 
 def print_catalogue(quick: bool) -> None:
-    """Print the scenarios (full or --quick sizes) and the registered contenders."""
+    """Print the scenarios (full or --quick sizes), the registered contenders and the report's bounds."""
     print("scenarios:")
     for name, sizes in SCENARIOS.items():
         scenario = sizes[1 if quick else 0]
@@ -1508,6 +1616,9 @@ def print_catalogue(quick: bool) -> None:
     print("contenders:")
     for spec in CONTENDERS.values():
         print(f"  {spec.name:<16} {spec.label()}")
+    print("upper bounds (fixed-work reports):")
+    for bound in BOUNDS:
+        print(f"  {bound.contender:<16} {bound.describe()}")
 
 
 def plan(

@@ -476,7 +476,10 @@ class Pool(Generic[C]):
         slot.state = OUT
         slot.taken_at = now
         if self.leak_threshold is not None:
-            slot.stack = traceback.extract_stack()[:-3]
+            stack = traceback.extract_stack()
+            while stack and stack[-1].filename == __file__:
+                stack.pop()  # the engine's own frames
+            slot.stack = stack
             slot.leak_reported = False
         return slot
 

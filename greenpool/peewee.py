@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Any
 
 import peewee
@@ -287,12 +288,14 @@ class PooledDatabase:
         if conn is None:
             return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
         # Stays set only if the query is interrupted (gevent.Timeout, a
-        # kill): then the connection is mid-result and can't be reused.
+        # kill): then the connection is mid-result and can't be reused. A
+        # query failing afterwards on the dead connection must not clear it.
+        was_busy = getattr(conn, "_greenpool_busy", False)
         conn._greenpool_busy = True
         try:
             cursor = super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
         except Exception:
-            conn._greenpool_busy = False
+            conn._greenpool_busy = was_busy
             raise
         conn._greenpool_busy = False
         return cursor
@@ -436,7 +439,7 @@ class _MySQLBackend(_Backend):
             # A query was interrupted mid-flight (pymysql may have closed the
             # socket already): it still runs on the server until killed.
             return DIRTY
-        if not getattr(conn, "open", True):
+        if not getattr(conn, "open", True) or _blocking_under_gevent(conn):
             return BROKEN
         server_status = getattr(conn, "server_status", 0) or 0
         return DIRTY if server_status & 1 else OK  # SERVER_STATUS_IN_TRANS
@@ -496,6 +499,20 @@ class _SqliteBackend(_Backend):
         except Exception:
             return False
         return True
+
+
+def _blocking_under_gevent(conn: Any) -> bool:
+    """True for a pymysql connection made before `monkey.patch_all()`.
+
+    Its socket blocks the hub: replace it with one made on patched sockets.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("socket"):
+        return False
+    from gevent.socket import socket as green_socket
+
+    sock = getattr(conn, "_sock", None)
+    return sock is not None and not isinstance(sock, green_socket)
 
 
 def _backend_for(db: Any) -> _Backend:

@@ -12,10 +12,12 @@ against the benchmark runner does so in a subprocess.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,19 +52,36 @@ def _plan(scenario: str, requested: list[str] | None = None, quick: bool = False
 
 def test_postgres_scenarios_run_every_postgres_contender() -> None:
     names, skipped = _plan("steady")
-    assert names == ["greenpool", "psycopg_pool", "peewee-greenpool", "peewee-playhouse", "dedicated", "shared"]
+    assert names == [
+        "greenpool",
+        "psycopg_pool",
+        "peewee-greenpool",
+        "peewee-playhouse",
+        "dedicated",
+        "peewee-dedicated",
+        "shared",
+    ]
     assert skipped == {}
 
 
 def test_mysql_scenarios_run_only_contenders_supporting_mysql() -> None:
     for scenario in ("mysql-steady", "mysql-overhead"):
         assert bench.SCENARIOS[scenario][0].backend == bench.MYSQL
-        assert _plan(scenario) == (["peewee-greenpool", "peewee-playhouse", "dedicated"], {})
+        assert _plan(scenario) == (["peewee-greenpool", "peewee-playhouse", "dedicated", "peewee-dedicated"], {})
+
+
+@pytest.mark.parametrize("scenario", ["steady", "overhead", "scale", "mysql-steady", "mysql-overhead"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_peewee_dedicated_runs_in_every_fixed_work_scenario(scenario: str, quick: bool) -> None:
+    assert "peewee-dedicated" in _plan(scenario, quick=quick)[0]
+    assert _plan(scenario, ["peewee-dedicated"], quick=quick) == (["peewee-dedicated"], {})
 
 
 def test_storms_run_only_storm_contenders_of_their_backend() -> None:
     assert _plan("storm")[0] == ["greenpool", "psycopg_pool", "peewee-greenpool", "peewee-playhouse"]
     assert _plan("mysql-storm")[0] == ["peewee-greenpool", "peewee-playhouse"]
+    # The no-pool bounds have no lifetime to expire, not even when named.
+    assert _plan("storm", ["dedicated", "peewee-dedicated"]) == ([], {})
 
 
 @pytest.mark.parametrize("quick", [False, True])
@@ -73,6 +92,67 @@ def test_scale_leaves_shared_out_unless_asked_for(quick: bool) -> None:
     assert _plan("scale", ["shared"], quick=quick) == (["shared"], {})
     # Naming another contender does not bring shared back.
     assert _plan("scale", ["greenpool"], quick=quick) == (["greenpool"], {})
+
+
+def _config(backend: str, dsn: str) -> bench.ContenderConfig:
+    return bench.ContenderConfig(
+        dsn=dsn,
+        pool_size=2,
+        max_lifetime=bench.CALM_LIFETIME,
+        connection_class=object,
+        connect_kwargs=bench.CONNECT_KWARGS,
+        timeout=1.0,
+        backend=bench.BACKENDS[backend],
+    )
+
+
+def test_peewee_dedicated_postgres_database_is_plain_psycopg3_through_gevent_connection() -> None:
+    pytest.importorskip("psycopg")
+    import peewee
+
+    from greenpool import peewee as gpw
+
+    config = _config(bench.POSTGRES, "host=127.0.0.1 port=5432 user=postgres dbname=test")
+    db: Any = bench.PeeweeDedicated(config).database()
+    assert type(db._adapter) is gpw._gevent_adapter(peewee.Psycopg3Adapter)
+    assert type(db) is peewee.PostgresqlDatabase  # no pool, not even greenpool's
+    assert (db.database, db.connect_params["host"], db.connect_params["port"]) == ("test", "127.0.0.1", "5432")
+    assert (db.thread_safe, db.autoconnect, db.is_closed()) == (False, False, True)
+
+
+def test_peewee_dedicated_mysql_database_is_plain() -> None:
+    pytest.importorskip("pymysql")
+    import peewee
+
+    config = _config(bench.MYSQL, "mysql://me:pw@db.example:3307/name")
+    db: Any = bench.PeeweeDedicated(config).database()
+    assert type(db) is peewee.MySQLDatabase
+    assert (db.database, db.connect_params["host"], db.connect_params["port"]) == ("name", "db.example", 3307)
+    assert (db.thread_safe, db.autoconnect) == (False, False)
+
+
+def test_peewee_dedicated_shares_dedicated_runner_and_queries_without_connection_context() -> None:
+    assert bench.CONTENDERS["peewee-dedicated"].factory is bench.PeeweeDedicated
+    assert bench.PeeweeDedicated.drive is bench.DedicatedConnections.drive  # one runner for both bounds
+
+    class FakeDatabase:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def execute_sql(self, sql: str) -> FakeDatabase:
+            self.calls.append(sql)
+            return self
+
+        def fetchall(self) -> list[object]:
+            self.calls.append("fetchall")
+            return []
+
+        def connection_context(self) -> None:  # pragma: no cover - must not be called
+            raise AssertionError("peewee-dedicated keeps its connection")
+
+    db = FakeDatabase()
+    bench.PeeweeDedicated(_config(bench.MYSQL, bench.MYSQL_DEFAULT_URL)).execute(db, "select 1")
+    assert db.calls == ["select 1", "fetchall"]
 
 
 def test_contender_backends_are_checked() -> None:
@@ -151,6 +231,63 @@ def _rows(text: str) -> dict[str, str]:
     return {line.split()[0]: line for line in text.splitlines() if line and not line[0].isspace()}
 
 
+def _cells(text: str) -> dict[str, dict[str, str]]:
+    """Cells of the table's result rows, by contender and column (columns are 2+ spaces apart)."""
+    lines = text.splitlines()
+    headers = re.split(r"\s{2,}", lines[0].strip())
+    return {
+        cells[0]: dict(zip(headers, cells))
+        for line in lines[1:]
+        if line and not line[0].isspace()
+        for cells in [re.split(r"\s{2,}", line.strip())]
+        if len(cells) > 2
+    }
+
+
+def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
+    scenario = bench.SCENARIOS["steady"][0]  # G/P = 200/20 = 10
+    results = [
+        _result("greenpool", ok=True, qps=900.0, p50_ms=15.0, p99_ms=30.0, max_ms=40.0),
+        _result("peewee-greenpool", ok=True, qps=600.0, p50_ms=20.0, p99_ms=50.0, max_ms=60.0),
+        _result("dedicated", ok=True, qps=1000.0, p50_ms=2.0, p99_ms=4.0, max_ms=5.0),
+        _result("peewee-dedicated", ok=True, qps=800.0, p50_ms=2.5, p99_ms=5.0, max_ms=6.0),
+    ]
+    names = ["greenpool", "peewee-greenpool", "dedicated", "peewee-dedicated"]
+    text = bench.report_fixed(scenario, results, names)
+    columns = ["q/s vs dedicated", "q/s vs peewee-dedicated", "p99 vs FIFO ideal", "p99 vs peewee FIFO ideal"]
+    cells = _cells(text)
+    assert [cells["greenpool"][c] for c in columns] == ["0.90x", "-", "1.50x", "-"]
+    assert [cells["peewee-greenpool"][c] for c in columns] == ["0.60x", "0.75x", "2.50x", "2.00x"]
+    assert [cells["dedicated"][c] for c in columns] == ["1.00x", "-", "-", "-"]
+    assert [cells["peewee-dedicated"][c] for c in columns] == ["0.80x", "1.00x", "-", "-"]
+    assert "FIFO ideal p99 = G/P x dedicated median latency = 200/20 x 2.00 ms = 20.0 ms" in text.splitlines()
+    assert (
+        "peewee FIFO ideal p99 = G/P x peewee-dedicated median latency = 200/20 x 2.50 ms = 25.0 ms"
+        in text.splitlines()
+    )
+
+
+def test_fixed_report_without_peewee_dedicated() -> None:
+    scenario = bench.SCENARIOS["steady"][0]
+    results = [
+        _result("greenpool", ok=True, qps=900.0, p50_ms=15.0, p99_ms=30.0, max_ms=40.0),
+        _result("peewee-greenpool", ok=True, qps=600.0, p50_ms=20.0, p99_ms=50.0, max_ms=60.0),
+        _result("dedicated", ok=True, qps=1000.0, p50_ms=2.0, p99_ms=4.0, max_ms=5.0),
+        _result("peewee-dedicated", error="OperationalError: refused"),
+    ]
+    # A failed peewee-dedicated: its columns stay empty, its ideal unknown.
+    text = bench.report_fixed(scenario, results, ["peewee-greenpool", "dedicated", "peewee-dedicated"])
+    assert _cells(text)["peewee-greenpool"]["q/s vs peewee-dedicated"] == "-"
+    assert _cells(text)["peewee-greenpool"]["p99 vs peewee FIFO ideal"] == "-"
+    assert _cells(text)["peewee-greenpool"]["q/s vs dedicated"] == "0.60x"
+    assert "peewee FIFO ideal p99: unknown (needs a successful `peewee-dedicated` run)" in text
+    assert "ERROR round 1: OperationalError: refused" in _rows(text)["peewee-dedicated"]
+    # No Peewee row: no Peewee ideal.
+    text = bench.report_fixed(scenario, results, ["greenpool", "dedicated"])
+    assert "peewee FIFO ideal" not in text.split("\n", 1)[1]
+    assert _cells(text)["greenpool"]["q/s vs peewee-dedicated"] == "-"
+
+
 def test_fixed_report_rows() -> None:
     scenario = bench.SCENARIOS["scale"][0]
     results = [
@@ -204,6 +341,12 @@ def test_cli_list() -> None:
     for name in ("mysql-steady", "mysql-overhead", "mysql-storm", "peewee-greenpool", "peewee-playhouse"):
         assert name in done.stdout
     assert "without shared" in done.stdout
+    contenders = done.stdout.split("contenders:\n", 1)[1]
+    assert "  peewee-dedicated P greenlets each owning a connected, non-pooled Peewee database" in contenders
+    assert "[PostgreSQL, MySQL; not in storm]" in contenders.split("peewee-dedicated", 1)[1].splitlines()[0]
+    bounds = done.stdout.split("upper bounds (fixed-work reports):\n", 1)[1].splitlines()
+    assert bounds[0].split()[:3] == ["dedicated", "every", "contender:"]
+    assert bounds[1].split()[:3] == ["peewee-dedicated", "the", "peewee-*"]
 
 
 # ---------------------------------------------------------------- failures stay in their row
