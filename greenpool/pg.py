@@ -141,13 +141,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         conn._pool = None
         if self._configure is not None:
             try:
-                self._configure(conn)
-                status = conn.pgconn.transaction_status
-                if status != _IDLE:
-                    raise e.ProgrammingError(
-                        f"connection left in status {TransactionStatus(status).name}"
-                        f" by configure function {self._configure}: discarded"
-                    )
+                _run_callback("configure", self._configure, conn)
             except BaseException:
                 conn.close()
                 raise
@@ -166,13 +160,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
     def _clean(self, conn: CT) -> None:
         settle(conn)
         if self._reset is not None:
-            self._reset(conn)
-            status = conn.pgconn.transaction_status
-            if status != _IDLE:
-                raise e.ProgrammingError(
-                    f"connection left in status {TransactionStatus(status).name}"
-                    f" by reset function {self._reset}: discarded"
-                )
+            _run_callback("reset", self._reset, conn)
 
     def _ping(self, conn: CT) -> None:
         self.check_connection(conn)
@@ -248,6 +236,16 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         """Called when reconnection failed for longer than `reconnect_timeout`."""
         if self._reconnect_failed is not None:
             self._reconnect_failed(self)
+
+
+def _run_callback(role: str, callback: Callable[[Any], None], conn: Any) -> None:
+    """Run a user callback on a connection, which it must leave idle."""
+    callback(conn)
+    status = conn.pgconn.transaction_status
+    if status != _IDLE:
+        raise e.ProgrammingError(
+            f"connection left in status {TransactionStatus(status).name} by {role} function {callback}: discarded"
+        )
 
 
 class _Lease(Generic[CT]):
