@@ -111,6 +111,15 @@ def pg_dsn() -> str:
     return dsn
 
 
+@pytest.fixture
+def monitor(pg_dsn: str) -> Iterator[Any]:
+    """A plain autocommit psycopg connection to ``pg_dsn``, outside any pool."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        yield conn
+
+
 def _mysql_params_from_url(url: str) -> dict[str, Any]:
     parts = urlsplit(url)
     if parts.scheme not in ("mysql", "mariadb", "mysql+pymysql"):

@@ -34,16 +34,11 @@ Notes on greenpool's knobs used here:
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import logging
-import signal
-import sqlite3
-import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +46,14 @@ from typing import Any
 
 import gevent
 import gevent.event
+import helpers
 import peewee
 import psycopg
 import pymysql
 import pytest
+from helpers import deadline, destroy_main_hub, pg_params, unique, wait_until
 from playhouse.db_url import connect as url_connect
 from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
-from psycopg.conninfo import conninfo_to_dict
 
 import greenpool.peewee as gpw
 from greenpool.pgconn import GeventConnection
@@ -66,71 +62,17 @@ from greenpool.pgconn import GeventConnection
 TEST_DEADLINE = 90
 
 
-class DeadlineExceeded(BaseException):
-    """Raised in the main thread when a test overruns TEST_DEADLINE."""
-
-
-def _destroy_main_hub() -> None:
-    """Drop the gevent hub of this thread, if any.
-
-    greenpool decides "greenlets or threads?" by looking for a hub in the
-    calling thread: a hub left over by an in-process gevent test would turn
-    the next plain-thread test into a greenlet test.
-    """
-    hub_local = sys.modules.get("gevent._hub_local")
-    if hub_local is not None:
-        hub = hub_local.get_hub_if_exists()
-        if hub is not None:
-            hub.destroy(destroy_loop=True)
-
-
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     """Fresh hub state, and fail (rather than hang) a test that overruns."""
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise DeadlineExceeded(f"test still running after {TEST_DEADLINE} s")
-
-    _destroy_main_hub()
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
-    faulthandler.dump_traceback_later(TEST_DEADLINE * 2, exit=True)
-    try:
+    destroy_main_hub()
+    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 2):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    """Poll `predicate` until truthy (cooperatively under a hub); fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
-        if _hub_exists():
-            gevent.sleep(0.02)
-        else:
-            time.sleep(0.02)
-
-
-def _hub_exists() -> bool:
-    from gevent._hub_local import get_hub_if_exists
-
-    return get_hub_if_exists() is not None
 
 
 def run_greenlets(fn: Callable[[int], Any], n: int, timeout: float = 15.0) -> list[Any]:
@@ -148,26 +90,30 @@ def run_greenlets(fn: Callable[[int], Any], n: int, timeout: float = 15.0) -> li
 
 def run_threads(fn: Callable[[int], Any], n: int, timeout: float = 15.0) -> list[Any]:
     """Run `fn(i)` in `n` OS threads; re-raise the first failure; bounded."""
-    results: list[Any] = [None] * n
-    errors: list[BaseException] = []
-
-    def target(i: int) -> None:
-        try:
-            results[i] = fn(i)
-        except BaseException as ex:  # noqa: BLE001 - reported below
-            errors.append(ex)
-
-    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in threads):
-        pytest.fail(f"threads still running after {timeout} s")
+    results, errors = helpers.run_threads(fn, n, timeout)
     if errors:
         raise errors[0]
     return results
+
+
+def timed_sleepers(
+    db: Any,
+    run: Callable[..., list[Any]],
+    sql: str = "select pg_sleep(0.2)",
+    then: Callable[[], Any] = lambda: None,
+) -> tuple[float, list[Any]]:
+    """Run 10 workers through `run` (run_greenlets or run_threads), each
+    running `sql` on its own connection of `db`, then `then()` on it; return
+    the time they took and the values of `then()`."""
+
+    def sleeper(i: int) -> Any:
+        with db.connection_context():
+            db.execute_sql(sql).fetchall()
+            return then()
+
+    t0 = time.monotonic()
+    values = run(sleeper, 10)
+    return time.monotonic() - t0, values
 
 
 # --------------------------------------------------------------------------
@@ -190,18 +136,7 @@ class Server:
             self.query("set session lock_wait_timeout = 5")
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        if self.kind == "pg":
-            cur = self.conn.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-        if self.kind == "mysql":
-            with self.conn.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-        conn = sqlite3.connect(str(self.path), timeout=1, isolation_level=None)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return helpers.server_query(self.kind, self.conn, self.path, sql, params, sqlite_timeout=1)
 
     def create_items_table(self, table: str) -> None:
         if self.kind == "pg":
@@ -304,24 +239,8 @@ class Backend:
         return Item
 
     def cleanup(self) -> None:
-        for db in self.dbs:
-            try:
-                db.close()
-            except Exception:  # noqa: BLE001 - e.g. still in a transaction
-                pass
-            for step in (db.close_idle, lambda db=db: db.close_stale(0)):
-                try:
-                    step()
-                except Exception:  # noqa: BLE001
-                    pass
-            pool = getattr(db, "pool", None)
-            if pool is not None:
-                pool.close()
-        for table in self.tables:
-            try:
-                self.server.query(f"drop table if exists {table}")
-            except Exception:  # noqa: BLE001
-                pass
+        helpers.close_dbs(self.dbs)
+        helpers.drop_tables(self.server.query, self.tables)
         self.server.close()
 
 
@@ -332,10 +251,6 @@ GREEN_CLASSES = {
     "mysql": (gpw.PooledMySQLDatabase, peewee.MySQLDatabase, "mysql"),
     "sqlite": (gpw.PooledSqliteDatabase, peewee.SqliteDatabase, "sqlite"),
 }
-
-
-def pg_params(pg_dsn: str) -> dict[str, Any]:
-    return {k: v for k, v in conninfo_to_dict(pg_dsn).items() if v is not None}
 
 
 @pytest.fixture
@@ -395,6 +310,17 @@ def make_db(module, kind, **kwargs):
 IDENT = {{"pg": "select pg_backend_pid()", "mysql": "select connection_id()"}}
 def sleep_sql(kind, seconds):
     return f"select pg_sleep({{seconds}})" if kind == "pg" else f"select sleep({{seconds}})"
+"""
+
+#: A cooperative `wait_until(pred, timeout) -> bool` for children that import gevent.
+CHILD_GREEN_WAIT_UNTIL = """
+def wait_until(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.02)
+    return True
 """
 
 #: Greenlet checks run in a child once gevent is imported (patched or not).
@@ -667,19 +593,26 @@ def test_mixin_with_plain_postgresql_greenlets_run_concurrently(backend: Backend
 
     db = backend.make(MyDB, max_connections=10, timeout=10)
 
-    def sleeper(i: int) -> None:
-        with db.connection_context():
-            db.execute_sql("select pg_sleep(0.2)").fetchall()
-
-    t0 = time.monotonic()
-    run_greenlets(sleeper, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, _ = timed_sleepers(db, run_greenlets)
     assert elapsed < 1.0, f"10 x 0.2 s took {elapsed:.2f} s: greenlets serialized"
 
 
 # --------------------------------------------------------------------------
 # db_url
 # --------------------------------------------------------------------------
+
+
+def check_url_db(db: Any, cls: type, pool_settings: tuple[float, float], what: str = "") -> None:
+    """`db` (from a URL) is a `cls` whose pool has (max_size, max_lifetime)
+    `pool_settings` and which runs a query; its pool is closed afterwards."""
+    try:
+        assert type(db) is cls, what
+        assert (db.pool.max_size, db.pool.max_lifetime) == pool_settings
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
 
 
 def test_db_url_postgres(pg_dsn: str) -> None:
@@ -704,14 +637,7 @@ def test_db_url_postgres(pg_dsn: str) -> None:
         ("greenpool+psycopg3", gpw.PooledPsycopg3Database),
     ):
         db = url_connect(f"{scheme}://{user}@{host}:{port}/{params['dbname']}?max_connections=2&stale_timeout=2.5")
-        try:
-            assert type(db) is cls, scheme
-            assert (db.pool.max_size, db.pool.max_lifetime) == (2, 2.5)
-            assert db.execute_sql("select 1").fetchone() == (1,)
-            db.close()
-        finally:
-            db.close_all()
-            db.pool.close()
+        check_url_db(db, cls, (2, 2.5), scheme)
 
 
 def test_db_url_mysql(mysql_params: dict[str, Any]) -> None:
@@ -719,27 +645,13 @@ def test_db_url_mysql(mysql_params: dict[str, Any]) -> None:
     auth = p["user"] + (f":{p['password']}" if p.get("password") else "")
     url = f"greenpool+mysql://{auth}@{p['host']}:{p['port']}/{p.get('database', 'test')}"
     db = url_connect(url + "?max_connections=5&stale_timeout=300&timeout=2")
-    try:
-        assert type(db) is gpw.PooledMySQLDatabase
-        assert (db.pool.max_size, db.pool.max_lifetime) == (5, 300)
-        assert db.execute_sql("select 1").fetchone() == (1,)
-        db.close()
-    finally:
-        db.close_all()
-        db.pool.close()
+    check_url_db(db, gpw.PooledMySQLDatabase, (5, 300))
 
 
 def test_db_url_sqlite(tmp_path: Path) -> None:
     db = url_connect(f"greenpool+sqlite:///{tmp_path}/url.db?max_connections=5&stale_timeout=300")
-    try:
-        assert type(db) is gpw.PooledSqliteDatabase
-        assert db.database == f"{tmp_path}/url.db"
-        assert (db.pool.max_size, db.pool.max_lifetime) == (5, 300)
-        assert db.execute_sql("select 1").fetchone() == (1,)
-        db.close()
-    finally:
-        db.close_all()
-        db.pool.close()
+    assert db.database == f"{tmp_path}/url.db"
+    check_url_db(db, gpw.PooledSqliteDatabase, (5, 300))
 
 
 # --------------------------------------------------------------------------
@@ -962,13 +874,7 @@ def test_greenlets_never_exceed_max_connections(backend: Backend) -> None:
 def test_greenlet_queries_run_concurrently(backend: Backend) -> None:
     db = backend.make(max_connections=10, timeout=10)
 
-    def sleeper(i: int) -> None:
-        with db.connection_context():
-            db.execute_sql("select pg_sleep(0.2)").fetchall()
-
-    t0 = time.monotonic()
-    run_greenlets(sleeper, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, _ = timed_sleepers(db, run_greenlets)
     assert elapsed < 1.0, f"10 x 0.2 s over 10 connections took {elapsed:.2f} s"
 
 
@@ -1032,14 +938,7 @@ def test_pool_opened_before_any_greenlet_serves_greenlets(backend: Backend) -> N
     assert db.execute_sql("select 1").fetchone() == (1,)
     db.close()
 
-    def sleeper(i: int) -> int:
-        with db.connection_context():
-            db.execute_sql("select pg_sleep(0.2)").fetchall()
-            return backend.ident(db)
-
-    t0 = time.monotonic()
-    idents = run_greenlets(sleeper, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, idents = timed_sleepers(db, run_greenlets, then=lambda: backend.ident(db))
     assert elapsed < 1.0, f"10 x 0.2 s over 10 connections took {elapsed:.2f} s"
     assert len(set(idents)) == 10
 
@@ -1117,15 +1016,7 @@ def test_threads_each_hold_their_own_connection(backend: Backend) -> None:
 @backends("pg", "mysql")
 def test_thread_queries_run_concurrently(backend: Backend) -> None:
     db = backend.make(max_connections=10, timeout=10)
-    sql = backend.sleep_sql(0.2)
-
-    def sleeper(i: int) -> None:
-        with db.connection_context():
-            db.execute_sql(sql).fetchall()
-
-    t0 = time.monotonic()
-    run_threads(sleeper, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, _ = timed_sleepers(db, run_threads, sql=backend.sleep_sql(0.2))
     assert elapsed < 1.0, f"10 x 0.2 s over 10 connections took {elapsed:.2f} s"
 
 
@@ -1159,42 +1050,43 @@ def test_threads_never_exceed_max_connections(backend: Backend) -> None:
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["pg", "mysql"])
-def test_import_order_patch_all_first(child: Callable[..., dict[str, Any]], kind: str) -> None:
-    out = child(
-        """
-        from gevent import monkey; monkey.patch_all()
-        import peewee
-        import greenpool.peewee as gpw
-        """,
-        CHILD_GREENLET_CHECKS,
-        f"""
-        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
-        result(**greenlet_checks(db, {kind!r}))
-        """
-    )
+#: Child code: patch everything with gevent.
+CHILD_PATCH_ALL = """
+from gevent import monkey; monkey.patch_all()
+"""
+
+#: Child code: a greenpool Peewee database `db` (format with `kind`).
+CHILD_GPW_DB = """
+import peewee
+import greenpool.peewee as gpw
+db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
+"""
+
+
+def check_greenlets_in_child(
+    child: Callable[..., dict[str, Any]], kind: str, *parts: str, sleep_first: bool = False
+) -> None:
+    """Run `parts` then CHILD_GREENLET_CHECKS in a child, and `greenlet_checks`
+    on its `db`: 10 greenlets must hold 10 distinct connections at once,
+    without errors, in well under a second.
+
+    With `sleep_first`, sleepers go first: greenlets that each find a
+    pre-patch connection idle would all run on it."""
+    options = ", sleep_first=True" if sleep_first else ""
+    out = child(*parts, CHILD_GREENLET_CHECKS, f"result(**greenlet_checks(db, {kind!r}{options}))\n")
     assert out["errors"] == []
     assert out["held"] == 10 and out["distinct"] == 10, out
     assert out["elapsed"] < 1.0, out
+
+
+@pytest.mark.parametrize("kind", ["pg", "mysql"])
+def test_import_order_patch_all_first(child: Callable[..., dict[str, Any]], kind: str) -> None:
+    check_greenlets_in_child(child, kind, CHILD_PATCH_ALL, CHILD_GPW_DB.format(kind=kind))
 
 
 @pytest.mark.parametrize("kind", ["pg", "mysql"])
 def test_import_order_database_created_before_patch_all(child: Callable[..., dict[str, Any]], kind: str) -> None:
-    out = child(
-        f"""
-        import peewee
-        import greenpool.peewee as gpw
-        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
-        from gevent import monkey; monkey.patch_all()
-        """,
-        CHILD_GREENLET_CHECKS,
-        f"""
-        result(**greenlet_checks(db, {kind!r}))
-        """
-    )
-    assert out["errors"] == []
-    assert out["held"] == 10 and out["distinct"] == 10, out
-    assert out["elapsed"] < 1.0, out
+    check_greenlets_in_child(child, kind, CHILD_GPW_DB.format(kind=kind), CHILD_PATCH_ALL)
 
 
 @pytest.mark.parametrize("kind", ["pg", "mysql"])
@@ -1202,25 +1094,8 @@ def test_import_order_pool_used_before_patch_all(child: Callable[..., dict[str, 
     """Worse than (b): the database is used (the pool opened, a connection
     made and returned) before patch_all(), e.g. create_tables() at import
     time. Connections made before patching must not stall greenlets later."""
-    out = child(
-        f"""
-        import peewee
-        import greenpool.peewee as gpw
-        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10)
-        db.execute_sql("select 1")
-        db.close()
-        from gevent import monkey; monkey.patch_all()
-        """,
-        CHILD_GREENLET_CHECKS,
-        f"""
-        # Sleepers first: greenlets that each find the pre-patch connection
-        # idle would all run on it.
-        result(**greenlet_checks(db, {kind!r}, sleep_first=True))
-        """,
-    )
-    assert out["errors"] == []
-    assert out["held"] == 10 and out["distinct"] == 10, out
-    assert out["elapsed"] < 1.0, out
+    used = 'db.execute_sql("select 1")\ndb.close()\n'
+    check_greenlets_in_child(child, kind, CHILD_GPW_DB.format(kind=kind), used, CHILD_PATCH_ALL, sleep_first=True)
 
 
 def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callable[..., dict[str, Any]]) -> None:
@@ -1397,15 +1272,9 @@ def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -
         from gevent import monkey; monkey.patch_all()
         import gevent, pymysql
         import greenpool.peewee as gpw
-
-        def wait_until(pred, timeout):
-            deadline = time.monotonic() + timeout
-            while not pred():
-                if time.monotonic() > deadline:
-                    return False
-                gevent.sleep(0.02)
-            return True
-
+        """,
+        CHILD_GREEN_WAIT_UNTIL,
+        """
         mon = pymysql.connect(autocommit=True, **MY)
         def running(ident):
             cur = mon.cursor()
@@ -1452,15 +1321,9 @@ def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> N
         from gevent import monkey; monkey.patch_all()
         import gevent, pymysql
         import greenpool.peewee as gpw
-
-        def wait_until(pred, timeout):
-            deadline = time.monotonic() + timeout
-            while not pred():
-                if time.monotonic() > deadline:
-                    return False
-                gevent.sleep(0.02)
-            return True
-
+        """,
+        CHILD_GREEN_WAIT_UNTIL,
+        """
         db = make_db(gpw, "mysql", max_connections=2)
         mon = pymysql.connect(autocommit=True, **MY)
         def q(sql, *args):

@@ -36,24 +36,21 @@ Intended differences, asserted as such (greenpool's side is tested):
 
 from __future__ import annotations
 
-import faulthandler
-import signal
 import sqlite3
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import helpers
 import peewee
 import playhouse.pool as ph
 import psycopg
 import pymysql
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from helpers import deadline, destroy_main_hub, pg_params, unique, wait_until
 
 import greenpool.peewee as gpw
 
@@ -73,46 +70,12 @@ IMPLS = {
 }
 
 
-class DeadlineExceeded(BaseException):
-    """Raised in the main thread when a test overruns TEST_DEADLINE."""
-
-
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     """No gevent hub in this thread (pure thread mode); fail a test that overruns."""
-    hub_local = sys.modules.get("gevent._hub_local")
-    if hub_local is not None:
-        hub = hub_local.get_hub_if_exists()
-        if hub is not None:
-            hub.destroy(destroy_loop=True)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise DeadlineExceeded(f"test still running after {TEST_DEADLINE} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
-    faulthandler.dump_traceback_later(TEST_DEADLINE * 2, exit=True)
-    try:
+    destroy_main_hub()
+    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 2):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
-        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------
@@ -161,18 +124,7 @@ class Backend:
     # -- observing the server --------------------------------------------
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        if self.kind == "pg":
-            cur = self.monitor.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-        if self.kind == "mysql":
-            with self.monitor.cursor() as cur:
-                cur.execute(sql, params)
-                return list(cur.fetchall())
-        conn = sqlite3.connect(str(self.path), timeout=0.5, isolation_level=None)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        return helpers.server_query(self.kind, self.monitor, self.path, sql, params, sqlite_timeout=0.5)
 
     def current(self, db: Any) -> Conn:
         """The calling thread's connection (checked out if needed)."""
@@ -245,19 +197,7 @@ class Backend:
         return int(self.query(f"select count(*) from {table}")[0][0])
 
     def cleanup(self) -> None:
-        for db in self.dbs:
-            try:
-                db.close()
-            except Exception:  # noqa: BLE001
-                pass
-            for step in (db.close_idle, lambda db=db: db.close_stale(0)):
-                try:
-                    step()
-                except Exception:  # noqa: BLE001
-                    pass
-            pool = getattr(db, "pool", None)  # greenpool's engine
-            if pool is not None:
-                pool.close()
+        helpers.close_dbs(self.dbs)
         # Connections a test let go of without closing them (dispose()).
         for conn in self.raw_conns:
             try:
@@ -267,17 +207,9 @@ class Backend:
                     self.kill(conn)
             except Exception:  # noqa: BLE001
                 pass
-        for name in self.tables:
-            try:
-                self.query(f"drop table if exists {name}")
-            except Exception:  # noqa: BLE001
-                pass
+        helpers.drop_tables(self.query, self.tables)
         if self.monitor is not None:
             self.monitor.close()
-
-
-def _pg_params(pg_dsn: str) -> dict[str, Any]:
-    return {k: v for k, v in conninfo_to_dict(pg_dsn).items() if v is not None}
 
 
 @pytest.fixture(
@@ -286,7 +218,7 @@ def _pg_params(pg_dsn: str) -> dict[str, Any]:
 def backend(request: pytest.FixtureRequest, tmp_path: Path, _bounded: None) -> Iterator[Backend]:
     impl, kind = request.param
     if kind == "pg":
-        params = _pg_params(request.getfixturevalue("pg_dsn"))
+        params = pg_params(request.getfixturevalue("pg_dsn"))
         database = params.pop("dbname")
         monitor = psycopg.connect(autocommit=True, dbname=database, **params)
         monitor.execute("set lock_timeout = '5s'")
@@ -556,15 +488,20 @@ def test_string_parameters(backend: Backend) -> None:
     assert attempt.elapsed is not None and 0.8 <= attempt.elapsed < 4
 
 
-def test_init_reconfigures_max_connections(backend: Backend) -> None:
-    db = backend.make(max_connections=5)
-    db.init(backend.database, max_connections=1, **backend.params)
+def assert_exhausted_while_held(backend: Backend, db: Any) -> None:
+    """While a Holder holds db's only connection, `db.connect()` fails."""
     holder = Holder(backend, db).start()
     try:
         with pytest.raises(ph.MaxConnectionsExceeded):
             db.connect()
     finally:
         holder.release()
+
+
+def test_init_reconfigures_max_connections(backend: Backend) -> None:
+    db = backend.make(max_connections=5)
+    db.init(backend.database, max_connections=1, **backend.params)
+    assert_exhausted_while_held(backend, db)
 
 
 def test_deferred_init(backend: Backend) -> None:
@@ -574,12 +511,7 @@ def test_deferred_init(backend: Backend) -> None:
     db.init(backend.database, max_connections=1, **backend.params)
     assert db.execute_sql("select 1").fetchone() == (1,)
     db.close()
-    holder = Holder(backend, db).start()
-    try:
-        with pytest.raises(ph.MaxConnectionsExceeded):
-            db.connect()
-    finally:
-        holder.release()
+    assert_exhausted_while_held(backend, db)
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,6 @@ Timing assertions are about gross effects only (e.g. 20 x 0.2 s queries over
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import signal
@@ -33,9 +32,11 @@ from typing import Any, Callable
 
 import gevent
 import gevent.event
+import helpers
 import psycopg
 import pytest
 from greenlet import GreenletExit
+from helpers import close_pools, last_resort_deadline, open_pool
 
 import greenpool
 from greenpool.proxy import Proxy
@@ -57,9 +58,8 @@ RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 def _last_resort_deadline() -> Iterator[None]:
     """If the hub is blocked so that no gevent timeout can fire, dump the
     stacks and end the process instead of hanging forever."""
-    faulthandler.dump_traceback_later(TEST_DEADLINE * 3, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    with last_resort_deadline(TEST_DEADLINE * 3):
+        yield
 
 
 @pytest.fixture
@@ -84,23 +84,12 @@ def make_pool(hub: Any, pg_dsn: str) -> Iterator[Callable[..., Any]]:
     def factory(conninfo: str | None = None, wait: bool = True, **kwargs: Any) -> Any:
         app = f"gp_gevent_{uuid.uuid4().hex[:12]}"
         kwargs.setdefault("kwargs", {"application_name": app})
-        pool = GREEN(pg_dsn if conninfo is None else conninfo, open=False, **kwargs)
+        pool = open_pool(pools, GREEN, pg_dsn if conninfo is None else conninfo, wait=wait, **kwargs)
         pool.test_app_name = app
-        pools.append(pool)
-        pool.open(wait=wait, timeout=20)
         return pool
 
     yield factory
-    for pool in pools:
-        pool.close()
-
-
-@pytest.fixture
-def monitor(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
-    """A plain autocommit psycopg connection outside the pool (it blocks the
-    hub for each short query, which is fine)."""
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        yield conn
+    close_pools(pools)
 
 
 def run_green(fn: Callable[[], Any], timeout: float = TEST_DEADLINE) -> Any:
@@ -115,14 +104,7 @@ def run_green(fn: Callable[[], Any], timeout: float = TEST_DEADLINE) -> Any:
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll cooperatively until `predicate()` is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
-        gevent.sleep(0.005)
+    return helpers.wait_until(predicate, timeout, what, interval=0.005)
 
 
 def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
@@ -140,6 +122,22 @@ def active_queries(monitor: psycopg.Connection[Any], app: str, like: str) -> lis
         " where application_name = %s and state <> 'idle' and query like %s",
         (app, like),
     ).fetchall()
+
+
+def record_outcome(
+    outcomes: list[str], fn: Callable[[], Any], completed: str, interrupted: dict[type[BaseException], str]
+) -> None:
+    """Run `fn` and append to `outcomes` `completed`, or the label that
+    `interrupted` maps the class of the exception `fn` raised to (a
+    GreenletExit is re-raised after that, so the greenlet still dies)."""
+    try:
+        fn()
+    except tuple(interrupted) as ex:
+        outcomes.append(next(label for cls, label in interrupted.items() if isinstance(ex, cls)))
+        if isinstance(ex, GreenletExit):
+            raise
+    else:
+        outcomes.append(completed)
 
 
 def run_child(run_python: RunPython, code: str, timeout: float = 90) -> dict[str, Any]:
@@ -394,21 +392,17 @@ def test_interrupted_queries_are_cancelled(
         pool = make_pool(min_size=4, max_size=4)
         outcomes: list[str] = []
 
-        def worker() -> None:
-            try:
-                if how == "gevent.Timeout":
-                    with gevent.Timeout(0.05):
-                        with pool.connection() as conn:
-                            conn.execute(f"select pg_sleep({sleep})")
-                else:
+        def query() -> None:
+            if how == "gevent.Timeout":
+                with gevent.Timeout(0.05):
                     with pool.connection() as conn:
                         conn.execute(f"select pg_sleep({sleep})")
-                outcomes.append("completed")
-            except gevent.Timeout:
-                outcomes.append("interrupted")
-            except GreenletExit:
-                outcomes.append("interrupted")
-                raise
+            else:
+                with pool.connection() as conn:
+                    conn.execute(f"select pg_sleep({sleep})")
+
+        def worker() -> None:
+            record_outcome(outcomes, query, "completed", {gevent.Timeout: "interrupted", GreenletExit: "interrupted"})
 
         workers = [gevent.spawn(worker) for _ in range(20)]
         if how == "gevent.kill":
@@ -563,24 +557,23 @@ def test_waiters_giving_up_dont_swallow_connections(make_pool: Callable[..., Any
         h1, h2 = pool.getconn(), pool.getconn()
         outcomes: list[str] = []
 
+        def request() -> None:
+            if how == "gevent.Timeout":
+                with gevent.Timeout(0.1):
+                    pool.getconn(timeout=10)
+            elif how == "pool-timeout":
+                pool.getconn(timeout=0.1)
+            else:
+                with pool.connection(timeout=10):
+                    gevent.sleep(10)
+
         def waiter() -> None:
-            try:
-                if how == "gevent.Timeout":
-                    with gevent.Timeout(0.1):
-                        pool.getconn(timeout=10)
-                elif how == "pool-timeout":
-                    pool.getconn(timeout=0.1)
-                else:
-                    with pool.connection(timeout=10):
-                        gevent.sleep(10)
-                outcomes.append("served")
-            except gevent.Timeout:
-                outcomes.append("timeout")
-            except greenpool.PoolTimeout:
-                outcomes.append("pool-timeout")
-            except GreenletExit:
-                outcomes.append("killed")
-                raise
+            record_outcome(
+                outcomes,
+                request,
+                "served",
+                {gevent.Timeout: "timeout", greenpool.PoolTimeout: "pool-timeout", GreenletExit: "killed"},
+            )
 
         waiters = [gevent.spawn(waiter) for _ in range(10)]
         wait_until(lambda: pool.get_stats()["requests_waiting"] == 10, 5.0, "10 queued requests")

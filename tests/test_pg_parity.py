@@ -36,19 +36,17 @@ Intended differences, asserted as such:
 
 from __future__ import annotations
 
-import faulthandler
-import signal
 import socket
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import helpers
 import psycopg
 import psycopg_pool
 import pytest
+from helpers import backends, deadline, destroy_main_hub, unique
 
 import greenpool
 from greenpool import pg as gp
@@ -85,26 +83,11 @@ PSYCOPG_POOL_STATS = {
 }
 
 
-class DeadlineExceeded(BaseException):
-    """Raised in the main thread when a test overruns TEST_DEADLINE."""
-
-
 @pytest.fixture(autouse=True)
 def _deadline() -> Iterator[None]:
     """Fail (rather than hang) a test that overruns; hard-exit as a last resort."""
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise DeadlineExceeded(f"test still running after {TEST_DEADLINE} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_DEADLINE)
-    faulthandler.dump_traceback_later(TEST_DEADLINE * 3, exit=True)
-    try:
+    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 3):
         yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
@@ -114,11 +97,7 @@ def _no_gevent_hub() -> None:
     A gevent hub left in the main thread by an in-process gevent test would
     make greenpool treat this thread as a greenlet thread; drop it.
     """
-    gevent_hub_local = sys.modules.get("gevent._hub_local")
-    if gevent_hub_local is not None:
-        hub = gevent_hub_local.get_hub_if_exists()
-        if hub is not None:
-            hub.destroy(destroy_loop=True)
+    destroy_main_hub()
 
 
 # --------------------------------------------------------------------------
@@ -136,25 +115,7 @@ def is_null(cls: type) -> bool:
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll `predicate` until truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
-        time.sleep(0.01)
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def monitor(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
-    """A plain autocommit psycopg connection, outside any pool."""
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        yield conn
+    return helpers.wait_until(predicate, timeout, what, interval=0.01)
 
 
 @pytest.fixture
@@ -186,12 +147,6 @@ def make_pool(pg_dsn: str) -> Iterator[Callable[..., Any]]:
         pool.close()
 
 
-def backends(monitor: psycopg.Connection[Any], app: str) -> set[int]:
-    """Server pids of the connections with application_name `app`."""
-    rows = monitor.execute("select pid from pg_stat_activity where application_name = %s", (app,)).fetchall()
-    return {pid for (pid,) in rows}
-
-
 def terminate(monitor: psycopg.Connection[Any], pid: int) -> None:
     """Kill a backend and wait until the server has let it go."""
     assert monitor.execute("select pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
@@ -217,6 +172,19 @@ def settle(pool: Any, available: int, timeout: float = 10.0) -> dict[str, int]:
         return None
 
     return dict(wait_until(ready, timeout, f"pool_available == {available}"))
+
+
+def assert_usable(conns: list[Any]) -> None:
+    """Each of `conns` runs a query (then commits)."""
+    for c in conns:
+        assert c.execute("select 1").fetchone() == (1,)
+        c.commit()
+
+
+def opened(pool: Any) -> Any:
+    """`pool`, opened: waits (10 s at most) for its min_size connections."""
+    pool.open(wait=True, timeout=10)
+    return pool
 
 
 def hold_all(pool: Any, n: int) -> list[Any]:
@@ -250,8 +218,7 @@ def refused_port() -> Iterator[int]:
 def test_connection_commits_on_success_rolls_back_on_error(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], table: str
 ) -> None:
-    pool = make_pool(cls, **sizes(cls, 1, 2))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 1, 2)))
 
     with pool.connection() as conn:
         conn.execute(f"insert into {table} values (1)")
@@ -274,8 +241,7 @@ def test_connection_commits_on_success_rolls_back_on_error(
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_getconn_putconn(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, **sizes(cls, 2, 2))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
     conn = pool.getconn()
     assert conn.execute("select 1").fetchone() == (1,)
     conn.commit()
@@ -307,8 +273,7 @@ def test_pool_is_context_manager(cls: type, pg_dsn: str) -> None:
 def test_min_size_connections_after_open_wait(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
 ) -> None:
-    pool = make_pool(cls, min_size=3, max_size=5)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=3, max_size=5))
     stats = pool.get_stats()
     assert stats["pool_size"] == 3
     assert stats["pool_available"] == 3
@@ -330,8 +295,7 @@ def test_min_size_connections_after_open_wait(
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_timeout_when_exhausted(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, **sizes(cls, 1, 1), timeout=0.3)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 1, 1), timeout=0.3))
     held = pool.getconn()
     try:
         for kwargs in ({}, {"timeout": 0.3}):  # the pool's timeout, then an explicit one
@@ -357,8 +321,7 @@ def test_timeout_when_exhausted(cls: type, make_pool: Callable[..., Any]) -> Non
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_max_waiting_raises_too_many_requests(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, **sizes(cls, 1, 1), max_waiting=2)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 1, 1), max_waiting=2))
     held = pool.getconn()
     results: list[Any] = []
 
@@ -429,8 +392,7 @@ def test_putconn_foreign_connection(cls: type, make_pool: Callable[..., Any], pg
 @pytest.mark.parametrize("cls", NULL_POOLS)
 def test_null_pool_hands_returned_connection_to_waiter(cls: type, make_pool: Callable[..., Any]) -> None:
     """A null pool closes a returned connection, unless a request waits for it."""
-    pool = make_pool(cls, max_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, max_size=1))
     held = pool.getconn()
     pid = pid_of(held)
     got: list[Any] = []
@@ -451,8 +413,7 @@ def test_null_pool_hands_returned_connection_to_waiter(cls: type, make_pool: Cal
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_putconn_twice(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, **sizes(cls, 2, 2))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
     conn = pool.getconn()
     pool.putconn(conn)
     with pytest.raises(ValueError):
@@ -501,8 +462,7 @@ def test_use_before_open_and_after_close(cls: type, make_pool: Callable[..., Any
 
 @pytest.mark.parametrize("cls", POOLS)
 def test_close_fails_waiting_requests_and_closes_lent_on_return(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, min_size=1, max_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=1, max_size=1))
     held = pool.getconn()
     errors: list[BaseException] = []
 
@@ -534,17 +494,22 @@ def _tag(conn: Any) -> str:
     return row[0] or ""
 
 
+def _recording(sql: str, calls: list[Any]) -> Callable[[Any], None]:
+    """A configure/reset callback: run `sql` and commit, then record the connection."""
+
+    def callback(conn: Any) -> None:
+        conn.execute(sql)
+        conn.commit()
+        calls.append(conn)
+
+    return callback
+
+
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_configure_applied_to_each_new_connection(cls: type, make_pool: Callable[..., Any]) -> None:
     configured: list[Any] = []
-
-    def configure(conn: Any) -> None:
-        conn.execute("select set_config('greenpool.tag', 'configured', false)")
-        conn.commit()
-        configured.append(conn)
-
-    pool = make_pool(cls, **sizes(cls, 2, 4), configure=configure)
-    pool.open(wait=True, timeout=10)
+    configure = _recording("select set_config('greenpool.tag', 'configured', false)", configured)
+    pool = opened(make_pool(cls, **sizes(cls, 2, 4), configure=configure))
     conns = hold_all(pool, 4)  # 2 from open, 2 more made on demand
     try:
         for conn in conns:
@@ -571,14 +536,8 @@ def test_configure_leaving_a_transaction_discards_the_connection(cls: type, make
 @pytest.mark.parametrize("cls", POOLS)
 def test_reset_called_on_return(cls: type, make_pool: Callable[..., Any]) -> None:
     resets: list[Any] = []
-
-    def reset(conn: Any) -> None:
-        conn.execute("reset greenpool.tag")
-        conn.commit()
-        resets.append(conn)
-
-    pool = make_pool(cls, min_size=1, max_size=1, reset=reset)
-    pool.open(wait=True, timeout=10)
+    reset = _recording("reset greenpool.tag", resets)
+    pool = opened(make_pool(cls, min_size=1, max_size=1, reset=reset))
     conn = pool.getconn()
     pid = pid_of(conn)
     conn.execute("select set_config('greenpool.tag', 'dirty', false)")
@@ -602,8 +561,7 @@ def test_check_callback_replaces_failing_connection(
         checked.append(pid_of(conn))
         cls.check_connection(conn)  # type: ignore[attr-defined]
 
-    pool = make_pool(cls, min_size=2, max_size=2, check=check)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=2, max_size=2, check=check))
     pids = {pid_of(c) for c in _hold_and_return(pool, 2)}
     assert len(pids) == 2
     checked.clear()
@@ -615,9 +573,7 @@ def test_check_callback_replaces_failing_connection(
         lent = {pid_of(c) for c in conns}
         assert victim not in lent
         assert len(lent) == 2
-        for c in conns:
-            assert c.execute("select 1").fetchone() == (1,)
-            c.commit()
+        assert_usable(conns)
     finally:
         for c in conns:
             pool.putconn(c)
@@ -642,8 +598,7 @@ def _hold_and_return(pool: Any, n: int) -> list[Any]:
 def test_returned_in_transaction_is_rolled_back(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], table: str
 ) -> None:
-    pool = make_pool(cls, min_size=1, max_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=1, max_size=1))
 
     conn = pool.getconn()
     conn.execute(f"insert into {table} values (1)")
@@ -671,8 +626,7 @@ def test_returned_in_transaction_is_rolled_back(
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_returned_closed_is_replaced(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, **sizes(cls, 2, 2))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
     conn = pool.getconn()
     conn.close()
     pool.putconn(conn)
@@ -695,8 +649,7 @@ def test_returned_closed_is_replaced(cls: type, make_pool: Callable[..., Any]) -
 def test_terminated_backend_discarded_by_check(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
 ) -> None:
-    pool = make_pool(cls, min_size=2, max_size=2)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=2, max_size=2))
     pids = {pid_of(c) for c in _hold_and_return(pool, 2)}
     victim = min(pids)
     terminate(monitor, victim)
@@ -709,9 +662,7 @@ def test_terminated_backend_discarded_by_check(
         lent = {pid_of(c) for c in conns}
         assert victim not in lent and len(lent) == 2
         assert lent - pids  # a new backend replaced the dead one
-        for c in conns:
-            assert c.execute("select 1").fetchone() == (1,)
-            c.commit()
+        assert_usable(conns)
     finally:
         for c in conns:
             pool.putconn(c)
@@ -722,8 +673,7 @@ def test_terminated_backend_discarded_by_check(
 def test_terminated_backend_discarded_on_return(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
 ) -> None:
-    pool = make_pool(cls, **sizes(cls, 2, 2))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
     with pytest.raises(psycopg.OperationalError):
         with pool.connection() as conn:
             victim = pid_of(conn)
@@ -745,8 +695,7 @@ def test_terminated_backend_discarded_on_return(
 @pytest.mark.parametrize("cls", POOLS)
 def test_close_returns(cls: type, make_pool: Callable[..., Any]) -> None:
     """With close_returns=True, conn.close() gives the connection back."""
-    pool = make_pool(cls, min_size=1, max_size=1, close_returns=True)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=1, max_size=1, close_returns=True))
     conn = pool.getconn()
     pid = pid_of(conn)
     conn.close()
@@ -778,8 +727,7 @@ def test_conninfo_and_kwargs_callables(
         calls.append("kwargs")
         return {"application_name": app}
 
-    pool = make_pool(cls, conninfo, kwargs=kwargs, **sizes(cls, 1, 2))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, conninfo, kwargs=kwargs, **sizes(cls, 1, 2)))
     conns = hold_all(pool, 2)
     try:
         assert backends(monitor, app) == {pid_of(c) for c in conns}
@@ -795,8 +743,7 @@ class _MyConnection(psycopg.Connection[Any]):
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_connection_class(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, connection_class=_MyConnection, **sizes(cls, 1, 1))
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, connection_class=_MyConnection, **sizes(cls, 1, 1)))
     with pool.connection() as conn:
         assert type(conn) is _MyConnection
         assert conn.execute("select 1").fetchone() == (1,)
@@ -805,8 +752,7 @@ def test_connection_class(cls: type, make_pool: Callable[..., Any]) -> None:
 def test_greenpool_default_connection_class_is_a_psycopg_connection(make_pool: Callable[..., Any]) -> None:
     """greenpool's default class is GeventConnection, a psycopg.Connection
     (psycopg_pool's default is psycopg.Connection itself)."""
-    pool = make_pool(GREEN, min_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(GREEN, min_size=1))
     with pool.connection() as conn:
         assert isinstance(conn, greenpool.GeventConnection)
         assert isinstance(conn, psycopg.Connection)
@@ -835,8 +781,7 @@ def test_reconnect_failed_called(cls: type, make_pool: Callable[..., Any], pg_ds
 
 @pytest.mark.parametrize("cls", POOLS)
 def test_resize(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
-    pool = make_pool(cls, min_size=1, max_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=1, max_size=1))
 
     pool.resize(3, 4)
     assert (pool.min_size, pool.max_size) == (3, 4)
@@ -868,8 +813,7 @@ def test_resize(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Conne
 
 @pytest.mark.parametrize("cls", NULL_POOLS)
 def test_resize_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, max_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, max_size=1))
     pool.resize(0, 3)
     assert (pool.min_size, pool.max_size) == (0, 3)
     with pytest.raises(ValueError, match="min_size"):
@@ -884,8 +828,7 @@ def test_resize_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
 
 @pytest.mark.parametrize("cls", POOLS)
 def test_drain_replaces_connections(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
-    pool = make_pool(cls, min_size=3, max_size=3)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=3, max_size=3))
     before = {pid_of(c) for c in _hold_and_return(pool, 3)}
     assert len(before) == 3
     settle(pool, 3)
@@ -923,8 +866,7 @@ def test_max_size_holds_while_lent_connections_expire(
     max_size backends of the pool.
     """
     extra = {"lifetime_jitter": 0.0} if is_green(cls) else {}
-    pool = make_pool(cls, min_size=2, max_size=2, max_lifetime=1.0, **extra)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=2, max_size=2, max_lifetime=1.0, **extra))
     a, b = hold_all(pool, 2)
     first = {pid_of(a), pid_of(b)}
     try:
@@ -961,8 +903,7 @@ def test_requests_served_up_to_max_size_while_lent_connections_expire(
     held past their max_lifetime: a max_size=3 pool with 2 expired
     connections lent still lends a 3rd (and no more than 3 exist)."""
     extra = {"lifetime_jitter": 0.0} if is_green(cls) else {}
-    pool = make_pool(cls, min_size=2, max_size=3, max_lifetime=1.0, **extra)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=2, max_size=3, max_lifetime=1.0, **extra))
     a, b = hold_all(pool, 2)
     third = fourth = None
     try:
@@ -1010,8 +951,7 @@ def _stats_workload(pool: Any, monitor: psycopg.Connection[Any]) -> None:
 
 @pytest.mark.parametrize("cls", POOLS)
 def test_stats_keys_and_values(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
-    pool = make_pool(cls, min_size=2, max_size=2)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, min_size=2, max_size=2))
     _stats_workload(pool, monitor)
     stats = pool.get_stats()
 
@@ -1050,8 +990,7 @@ def test_stats_keys_and_values(cls: type, make_pool: Callable[..., Any], monitor
 
 @pytest.mark.parametrize("cls", NULL_POOLS)
 def test_stats_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
-    pool = make_pool(cls, max_size=1)
-    pool.open(wait=True, timeout=10)
+    pool = opened(make_pool(cls, max_size=1))
     held = pool.getconn()
     with pytest.raises(psycopg_pool.PoolTimeout):
         pool.getconn(timeout=0.2)

@@ -13,18 +13,18 @@ thread itself.
 
 from __future__ import annotations
 
-import faulthandler
 import random
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any, Callable
 
+import helpers
 import psycopg
 import psycopg_pool
 import pytest
+from helpers import close_pools, destroy_main_hub, last_resort_deadline, open_pool
 
 import greenpool
 
@@ -36,20 +36,15 @@ TEST_DEADLINE = 60
 
 @pytest.fixture(autouse=True)
 def _last_resort_deadline() -> Iterator[None]:
-    faulthandler.dump_traceback_later(TEST_DEADLINE * 3, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
+    with last_resort_deadline(TEST_DEADLINE * 3):
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _no_gevent_hub() -> None:
     """These tests are about plain threads: drop a gevent hub that an
     in-process gevent test may have left in the main thread."""
-    hub_local = sys.modules.get("gevent._hub_local")
-    if hub_local is not None:
-        hub = hub_local.get_hub_if_exists()
-        if hub is not None:
-            hub.destroy(destroy_loop=True)
+    destroy_main_hub()
 
 
 @pytest.fixture
@@ -59,14 +54,10 @@ def make_pool(pg_dsn: str) -> Iterator[Callable[..., Any]]:
 
     def factory(cls: type = GREEN, **kwargs: Any) -> Any:
         kwargs.setdefault("kwargs", {"application_name": f"gp_threads_{uuid.uuid4().hex[:12]}"})
-        pool = cls(pg_dsn, open=False, **kwargs)
-        pools.append(pool)
-        pool.open(wait=True, timeout=20)
-        return pool
+        return open_pool(pools, cls, pg_dsn, **kwargs)
 
     yield factory
-    for pool in pools:
-        pool.close()
+    close_pools(pools)
 
 
 def run_threads(target: Callable[[int], None], n: int, timeout: float = 30.0) -> list[BaseException]:
@@ -74,22 +65,7 @@ def run_threads(target: Callable[[int], None], n: int, timeout: float = 30.0) ->
 
     Fails the test if a thread is still running after `timeout` seconds.
     """
-    errors: list[BaseException] = []
-
-    def wrapper(i: int) -> None:
-        try:
-            target(i)
-        except BaseException as ex:
-            errors.append(ex)
-
-    threads = [threading.Thread(target=wrapper, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    alive = [t.name for t in threads if t.is_alive()]
-    assert not alive, f"threads still running after {timeout} s: {alive}"
+    _, errors = helpers.run_threads(target, n, timeout)
     return errors
 
 
