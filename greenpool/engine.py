@@ -532,16 +532,7 @@ class Pool(Generic[C]):
         """Hand a good slot to the first waiter, or park it idle."""
         if self._nwaiting:
             with self._lock:
-                waiters = self._waiters
-                while waiters:
-                    req = waiters.popleft()
-                    if req.slot is None:
-                        slot.state = OUT
-                        req.slot = slot
-                        self._nwaiting -= 1
-                        break
-                else:
-                    req = None
+                req = self._hand_locked(slot)
             if req is not None:
                 req.fire()
                 return
@@ -561,27 +552,28 @@ class Pool(Generic[C]):
             for idle in self._take_all_idle():
                 self._discard(idle, close_now=True)
 
+    def _hand_locked(self, slot: Slot[C]) -> _Request | None:
+        """Hand `slot` to the first waiting request (under the pool lock)."""
+        waiters = self._waiters
+        while waiters:
+            req = waiters.popleft()
+            if req.slot is None:
+                slot.state = OUT
+                req.slot = slot
+                self._nwaiting -= 1
+                return req
+        return None
+
     def _rebalance(self) -> None:
         """Hand idle connections to waiting requests."""
         handed = []
         with self._lock:
             while self._nwaiting:
-                slot = None
-                for seg in self._segments:
-                    if seg.idle:
-                        with seg.lock:
-                            if seg.idle:
-                                slot = seg.idle.pop()
-                                break
+                slot = self._pop_idle()
                 if slot is None:
                     break
-                while True:
-                    req = self._waiters.popleft()
-                    if req.slot is None:
-                        break
-                slot.state = OUT
-                req.slot = slot
-                self._nwaiting -= 1
+                req = self._hand_locked(slot)
+                assert req is not None  # _nwaiting counts uncancelled requests
                 handed.append(req)
         for req in handed:
             req.fire()

@@ -372,26 +372,25 @@ class _Backend:
 class _PostgresBackend(_Backend):
     """psycopg 3, connected through `GeventConnection`."""
 
+    def __init__(self) -> None:
+        # psycopg is an optional extra: import it only for a PostgreSQL database.
+        from .pgconn import pool_status, settle
+
+        self.status = pool_status  # type: ignore[method-assign]
+        self._settle = settle
+
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         connect_kwargs["prefer_psycopg3"] = True
 
     def adopt(self, db: Any) -> None:
         db._adapter.__class__ = _gevent_adapter(type(db._adapter))
 
-    def status(self, conn: Any) -> int:
-        status = conn.pgconn.transaction_status
-        if status == 0:  # IDLE
-            return OK
-        return BROKEN if status == 4 else DIRTY  # 4: UNKNOWN
-
     def is_closed(self, db: Any, conn: Any) -> bool:
         return bool(conn.closed) or bool(db._adapter.is_connection_closed(conn))
 
     def can_reuse(self, db: Any, conn: Any) -> bool:
-        from .pgconn import settle
-
         try:
-            settle(conn)
+            self._settle(conn)
         except Exception as ex:
             logger.warning("discarding connection: %s", ex)
             return False

@@ -18,8 +18,8 @@ from psycopg import errors as e
 from psycopg.pq import TransactionStatus
 
 from . import errors
-from .engine import BROKEN, DIRTY, OK, Pool
-from .pgconn import GeventConnection, settle
+from .engine import DIRTY, OK, Pool
+from .pgconn import GeventConnection, pool_status, settle
 
 logger = logging.getLogger("greenpool")
 
@@ -51,7 +51,6 @@ class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # t
 
 
 _IDLE = TransactionStatus.IDLE
-_UNKNOWN = TransactionStatus.UNKNOWN
 _ACTIVE = TransactionStatus.ACTIVE
 
 _UNLIMITED = 2**31 - 1
@@ -152,10 +151,9 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         conn.close()
 
     def _status(self, conn: CT) -> int:
-        status = conn.pgconn.transaction_status
-        if status == _IDLE:
-            return DIRTY if self._reset is not None else OK
-        return BROKEN if status == _UNKNOWN else DIRTY
+        status = pool_status(conn)
+        # The reset callback runs on every return, so every return is dirty.
+        return DIRTY if status == OK and self._reset is not None else status
 
     def _clean(self, conn: CT) -> None:
         settle(conn)

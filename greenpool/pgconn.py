@@ -21,6 +21,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.waiting import Ready
 
 from ._compat import allocate_lock, gevent_hub
+from .engine import BROKEN, DIRTY, OK
 
 logger = logging.getLogger("greenpool")
 
@@ -177,6 +178,14 @@ class GeventConnection(psycopg.Connection[Any]):
             _green_wait(hub, self._cancel_gen(), None, timeout or None)
         except e._WaitTimeout:
             raise e.CancellationTimeout("cancellation timeout expired") from None
+
+
+def pool_status(conn: psycopg.Connection[Any]) -> int:
+    """The engine's view of a connection, without I/O: OK, DIRTY or BROKEN."""
+    status = conn.pgconn.transaction_status
+    if status == TransactionStatus.IDLE:
+        return OK
+    return BROKEN if status == TransactionStatus.UNKNOWN else DIRTY
 
 
 def settle(conn: psycopg.Connection[Any]) -> None:
