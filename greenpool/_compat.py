@@ -35,7 +35,18 @@ getcurrent = greenlet.getcurrent
 INFINITY = float("inf")
 
 
-_get_hub_if_exists: Callable[[], Any] | None = None
+def _hub_if_exists_before_gevent() -> Any | None:
+    """Stand-in for gevent's `get_hub_if_exists` until gevent is imported."""
+    global _hub_if_exists
+    if "gevent" not in sys.modules:
+        return None  # no hub can exist yet
+    from gevent._hub_local import get_hub_if_exists
+
+    _hub_if_exists = get_hub_if_exists
+    return get_hub_if_exists()
+
+
+_hub_if_exists: Callable[[], Any] = _hub_if_exists_before_gevent
 
 
 def gevent_hub() -> Any | None:
@@ -47,15 +58,9 @@ def gevent_hub() -> Any | None:
     a plain thread, even if a hub object exists there: nothing guarantees
     that hub ever runs, so the caller must block the OS thread.
     """
-    global _get_hub_if_exists
-    if _get_hub_if_exists is None:
-        if "gevent" not in sys.modules:
-            return None
-        from gevent._hub_local import get_hub_if_exists
-
-        _get_hub_if_exists = get_hub_if_exists
+    # Called for every checkout and every query: the common case first.
     if getcurrent().parent is not None:
-        hub = _get_hub_if_exists()
+        hub = _hub_if_exists()
         if hub is not None:
             return hub
     monkey = sys.modules.get("gevent.monkey")
@@ -127,17 +132,17 @@ class Executor:
 class GreenWakeup:
     """A one-shot signal for a greenlet, fired through a hub loop callback.
 
-    The party firing it never switches; a late fire after the waiter gave up
-    is harmless. `slot` carries what the firing party hands over.
+    `slot` carries what the firing party hands over; it is set before
+    `fire()`, so a waiter that finds it set doesn't park. The party firing
+    never switches; a late fire after the waiter gave up is harmless.
     """
 
-    __slots__ = ("slot", "_hub", "_greenlet", "_fired")
+    __slots__ = ("slot", "_hub", "_greenlet")
 
     def __init__(self, hub: Any) -> None:
         self.slot: Any = None
         self._hub = hub
         self._greenlet: Any = None
-        self._fired = False
 
     def wait(self, timeout: float) -> bool:
         """Block this greenlet until fired or `timeout` seconds pass.
@@ -145,15 +150,16 @@ class GreenWakeup:
         Exceptions thrown into the greenlet (`gevent.Timeout`,
         `GreenletExit`) propagate: the caller settles who owns what.
         """
-        if self._fired:
+        if self.slot is not None:
             return True
+        hub = self._hub
         # An infinite timeout (Peewee's timeout=0, "wait forever") arms no timer.
-        timer = self._hub.loop.timer(max(timeout, 0.0)) if timeout != INFINITY else None
+        timer = hub.loop.timer(max(timeout, 0.0)) if timeout != INFINITY else None
         self._greenlet = getcurrent()
         if timer is not None:
             timer.start(self._expire)
         try:
-            return bool(self._hub.switch())
+            return bool(hub.switch())
         finally:
             self._greenlet = None
             if timer is not None:
@@ -165,17 +171,17 @@ class GreenWakeup:
             greenlet.switch(False)
 
     def _wake(self) -> None:
-        self._fired = True
         greenlet = self._greenlet
         if greenlet is not None:
             greenlet.switch(True)
 
     def fire(self) -> None:
         """Wake the waiter; callable from any greenlet or thread."""
-        if get_thread_ident() == self._hub.thread_ident:
-            self._hub.loop.run_callback(self._wake)
+        hub = self._hub
+        if get_thread_ident() == hub.thread_ident:
+            hub.loop.run_callback(self._wake)
         else:
-            self._hub.loop.run_callback_threadsafe(self._wake)
+            hub.loop.run_callback_threadsafe(self._wake)
 
 
 class ThreadWakeup:
@@ -197,9 +203,3 @@ class ThreadWakeup:
     def fire(self) -> None:
         """Wake the waiter; callable from any greenlet or thread."""
         self._lock.release()
-
-
-def new_wakeup() -> GreenWakeup | ThreadWakeup:
-    """A one-shot signal suited to the calling greenlet or thread."""
-    hub = gevent_hub()
-    return ThreadWakeup() if hub is None else GreenWakeup(hub)

@@ -26,7 +26,7 @@ from time import monotonic
 from typing import Any, Callable, Generic, TypeVar, Union
 
 from . import errors
-from ._compat import Executor, GreenWakeup, ThreadWakeup, allocate_lock, getcurrent, new_wakeup, sleep
+from ._compat import Executor, GreenWakeup, ThreadWakeup, allocate_lock, getcurrent, gevent_hub, sleep
 from .stats import WaitTimes
 
 logger = logging.getLogger("greenpool")
@@ -58,6 +58,7 @@ class Slot(Generic[C]):
         "replacing",
         "stack",
         "leak_reported",
+        "handed_fresh",
     )
 
     def __init__(self, conn: C, now: float, lifetime: float) -> None:
@@ -72,6 +73,9 @@ class Slot(Generic[C]):
         self.replacing = False
         self.stack: list[traceback.FrameSummary] | None = None
         self.leak_reported = False
+        # Handed straight from a check-in that found it OK: no need to
+        # look at its status again.
+        self.handed_fresh = False
 
     def retire(self) -> None:
         """Close this connection as soon as it is not in use."""
@@ -184,6 +188,7 @@ class Pool(Generic[C]):
 
         self._lock = allocate_lock()
         self._segments = [_Segment() for _ in range(segments)]
+        self._idle_lists = [seg.idle for seg in self._segments]
         self._waiters: deque[_Request] = deque()
         self._nwaiting = 0  # requests in _waiters not cancelled
         self._slots: set[Slot[C]] = set()  # live connections
@@ -340,15 +345,20 @@ class Pool(Generic[C]):
 
     def _pop_idle(self) -> Slot[C] | None:
         """Take an idle connection, own segment first; no global lock."""
+        # On the hot path, explicit acquire/release: `with lock` costs twice as much.
         segments = self._segments
         n = len(segments)
         start = hash(getcurrent()) % n
         for i in range(n):
             seg = segments[(start + i) % n]
             if seg.idle:
-                with seg.lock:
+                lock = seg.lock
+                lock.acquire()
+                try:
                     if seg.idle:
                         return seg.idle.pop()
+                finally:
+                    lock.release()
         return None
 
     def acquire(self, timeout: float | None = None, *, fail_if_full: bool = False) -> Slot[C]:
@@ -367,30 +377,34 @@ class Pool(Generic[C]):
         if not self._nwaiting:
             slot = self._pop_idle()
             while slot is not None:
-                if self._usable(slot, now):
-                    return self._lend(slot, now)
+                if self._lend(slot, now):
+                    return slot
                 slot = self._pop_idle()
-        if timeout is None:
-            timeout = self.timeout
-        return self._acquire_queued(now, now + timeout, timeout, fail_if_full)
+        return self._acquire_queued(now, self.timeout if timeout is None else timeout, fail_if_full)
 
-    def _acquire_queued(self, start: float, deadline: float, timeout: float, fail_if_full: bool) -> Slot[C]:
+    def _acquire_queued(self, start: float, timeout: float, fail_if_full: bool) -> Slot[C]:
+        # The hot path when connections are scarce: keep it short.
+        deadline = start + timeout
+        remaining = timeout
         while True:
-            req = new_wakeup()
-            with self._lock:
+            hub = gevent_hub()
+            req: _Request = ThreadWakeup() if hub is None else GreenWakeup(hub)
+            lock = self._lock
+            lock.acquire()
+            try:
                 if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
                     self._refuse(fail_if_full)
                 self._waiters.append(req)
                 self._nwaiting += 1
+            finally:
+                lock.release()
             self.requests_queued += 1
             if len(self._slots) + len(self._todo) + self._inflight < self._max_size:
                 self._fill()
-            for seg in self._segments:
-                if seg.idle:
-                    self._rebalance()
-                    break
+            if any(self._idle_lists):
+                self._rebalance()
             try:
-                req.wait(deadline - monotonic())
+                req.wait(remaining)
             except BaseException:
                 # Killed or timed out from outside while waiting: keep a
                 # connection handed to us in the meantime for the others.
@@ -398,25 +412,26 @@ class Pool(Generic[C]):
                 if slot is not None:
                     self._release(slot)
                 self.requests_errors += 1
-                waited = monotonic() - start
-                self._wait_times.add(waited)
-                self._wait_total += waited
+                self._record_wait(monotonic() - start)
                 raise
             slot = req.slot
             if slot is None or slot is _CANCELLED:
                 slot = self._cancel(req)
             now = monotonic()
-            waited = now - start
-            self._wait_times.add(waited)
-            self._wait_total += waited
+            self._record_wait(now - start)
             if slot is None:
                 self.requests_errors += 1
                 self._check_open()
                 raise self.PoolTimeout(
                     f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
                 ) from self._last_error
-            if self._usable(slot, now):
-                return self._lend(slot, now)
+            if self._lend(slot, now):
+                return slot
+            remaining = deadline - now
+
+    def _record_wait(self, waited: float) -> None:
+        self._wait_times.add(waited)
+        self._wait_total += waited
 
     def _refuse(self, fail_if_full: bool) -> None:
         """Raise if a request may not queue (called under the lock)."""
@@ -448,17 +463,22 @@ class Pool(Generic[C]):
                 return None
         return None if slot is _CANCELLED else slot
 
-    def _usable(self, slot: Slot[C], now: float) -> bool:
-        """Local checks (and the `check` callback) before lending a slot."""
+    def _lend(self, slot: Slot[C], now: float) -> bool:
+        """Lend `slot` if the local checks (and the `check` callback) pass.
+
+        Otherwise discard it (its replacement is on the way) and return False.
+        """
         if now >= slot.expire_at:
             self._discard(slot)
             return False
-        if self._status(slot.conn) == BROKEN:
+        slot.state = OUT
+        if slot.handed_fresh:
+            slot.handed_fresh = False
+        elif self._status(slot.conn) == BROKEN:
             self.connections_lost += 1
             self._discard(slot)
             return False
         if self._check is not None and now - slot.last_used >= self.check_idle:
-            slot.state = OUT
             try:
                 self._check(slot.conn)
             except Exception as ex:
@@ -470,10 +490,6 @@ class Pool(Generic[C]):
                 slot.taken_at = now
                 self.release(slot)
                 raise
-        return True
-
-    def _lend(self, slot: Slot[C], now: float) -> Slot[C]:
-        slot.state = OUT
         slot.taken_at = now
         if self.leak_threshold is not None:
             stack = traceback.extract_stack()
@@ -481,7 +497,7 @@ class Pool(Generic[C]):
                 stack.pop()  # the engine's own frames
             slot.stack = stack
             slot.leak_reported = False
-        return slot
+        return True
 
     # -- checkin ---------------------------------------------------------
 
@@ -531,8 +547,15 @@ class Pool(Generic[C]):
     def _release(self, slot: Slot[C]) -> None:
         """Hand a good slot to the first waiter, or park it idle."""
         if self._nwaiting:
-            with self._lock:
+            lock = self._lock
+            lock.acquire()
+            try:
                 req = self._hand_locked(slot)
+                if req is not None:
+                    # Checked moments ago (by `release()`, a cleaner, a connector).
+                    slot.handed_fresh = True
+            finally:
+                lock.release()
             if req is not None:
                 req.fire()
                 return
@@ -542,8 +565,12 @@ class Pool(Generic[C]):
         slot.state = IDLE
         segments = self._segments
         seg = slot.segment = segments[hash(getcurrent()) % len(segments)]
-        with seg.lock:
+        lock = seg.lock
+        lock.acquire()
+        try:
             seg.idle.append(slot)
+        finally:
+            lock.release()
         # Re-check after publishing: a request may have queued meanwhile
         # (it re-checks the segments after queuing, so one of us sees it).
         if self._nwaiting:

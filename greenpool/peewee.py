@@ -181,10 +181,19 @@ class PooledDatabase:
         timeout: float | str | None = None,
         **connect_kwargs: Any,
     ) -> None:
-        """Reconfigure the database; pool options given here replace the old ones."""
+        """Reconfigure the database; pool options given here replace the old ones.
+
+        If the database or a connect parameter changes, the pooled connections
+        (made with the old ones) are replaced: idle ones now, lent ones when
+        they come back. playhouse keeps lending the old ones.
+        """
+        # Peewee's __init__ calls init() too, before these exist.
+        before = (getattr(self, "database", None), dict(getattr(self, "connect_params", {})))
         self._backend.configure(connect_kwargs)
         super().init(database, **connect_kwargs)  # type: ignore[misc]
         self._backend.adopt(self)
+        if (self.database, self.connect_params) != before:  # type: ignore[attr-defined]
+            self._pool.drain()
         if max_connections is not None:
             self._pool.resize(self._pool.min_size, self._max_size(max_connections, self._pool.min_size))
         if stale_timeout is not None:

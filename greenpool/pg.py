@@ -50,8 +50,8 @@ class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # t
     """Too many requests in the queue waiting for a connection from the pool."""
 
 
-_IDLE = TransactionStatus.IDLE
-_ACTIVE = TransactionStatus.ACTIVE
+_IDLE = int(TransactionStatus.IDLE)
+_ACTIVE = int(TransactionStatus.ACTIVE)
 
 _UNLIMITED = 2**31 - 1
 
@@ -127,6 +127,9 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             check_idle=check_idle,
             leak_threshold=leak_threshold,
         )
+        if reset is None:
+            # Checked on every return: skip a call layer when there's no reset.
+            self._status = pool_status  # type: ignore[method-assign]
         self._open_implicit = open is None
         if open is None or open:
             self.open()

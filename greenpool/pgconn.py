@@ -180,12 +180,17 @@ class GeventConnection(psycopg.Connection[Any]):
             raise e.CancellationTimeout("cancellation timeout expired") from None
 
 
+# Plain ints: an enum member lookup costs more than the rest of the check.
+_IDLE = int(TransactionStatus.IDLE)
+_UNKNOWN = int(TransactionStatus.UNKNOWN)
+
+
 def pool_status(conn: psycopg.Connection[Any]) -> int:
     """The engine's view of a connection, without I/O: OK, DIRTY or BROKEN."""
     status = conn.pgconn.transaction_status
-    if status == TransactionStatus.IDLE:
+    if status == _IDLE:
         return OK
-    return BROKEN if status == TransactionStatus.UNKNOWN else DIRTY
+    return BROKEN if status == _UNKNOWN else DIRTY
 
 
 def settle(conn: psycopg.Connection[Any]) -> None:

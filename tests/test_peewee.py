@@ -761,6 +761,34 @@ def test_init_reconfigures_pool(tmp_path: Path) -> None:
             db.pool.close()
 
 
+def test_init_with_another_database_replaces_pooled_connections(tmp_path: Path) -> None:
+    first, second = str(tmp_path / "first.db"), str(tmp_path / "second.db")
+    db = gpw.PooledSqliteDatabase(first, max_connections=2)
+    try:
+        db.connect()
+        db.execute_sql("create table only_in_first (x integer)")
+        old = db.connection()
+        db.close()
+        assert db.pool.get_stats()["pool_available"] == 1
+
+        db.init(second)
+        db.connect()
+        assert db.connection() is not old
+        tables = [row[0] for row in db.execute_sql("select name from sqlite_master").fetchall()]
+        assert tables == []
+        db.close()
+        db.init(second, timeout=1)  # same database and parameters: connections kept
+        db.connect()
+        kept = db.connection()
+        db.close()
+        db.connect()
+        assert db.connection() is kept
+        db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
 BAD_ARGUMENTS = [
     pytest.param({"max_connections": -1}, ValueError, "max_connections", id="max_connections=-1"),
     pytest.param({"max_connections": "-3"}, ValueError, "max_connections", id="max_connections='-3'"),
