@@ -96,6 +96,8 @@ MYSQL_CONNECT_TIMEOUT = 10
 CONNECT_KWARGS: Mapping[str, Any] = {"autocommit": True}
 #: Lifetime of the "no storm" runs: longer than any run.
 CALM_LIFETIME = 3600.0
+#: Untimed queries each client greenlet runs before a timed run.
+WARMUP_QUERIES = 2
 #: Pool `timeout` (getconn) and `open(wait=True)` timeout, in seconds.
 POOL_TIMEOUT = 30.0
 #: Peewee pools' `timeout`: generous, so that they wait rather than raise.
@@ -1075,8 +1077,10 @@ def run_once(
         instance.open()
         result.open_s = perf_counter() - started
 
-        # Warm-up: every connection serves a couple of queries, untimed.
-        warmup = Workload(scenario.sql, min(scenario.greenlets, scenario.pool_size), 2, None)
+        # Warm-up, untimed: the scenario's greenlets run WARMUP_QUERIES each,
+        # so that each connection is past its first queries (server caches,
+        # psycopg's prepared statements) and the timed part is steady state.
+        warmup = Workload(scenario.sql, scenario.greenlets, WARMUP_QUERIES, None)
         warmup.start()
         instance.drive(warmup)
         instance.reset_stats()
