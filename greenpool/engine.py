@@ -201,6 +201,7 @@ class Pool(Generic[C]):
         self._last_error: BaseException | None = None
         self._reconnect_reported = False
         self._connect_ewma = 0.05  # seconds, seeds replacement lead times
+        self._drains = 0  # drain() calls: a connect begun before one is stale
 
         self._opened = False
         self._closed = True
@@ -385,7 +386,6 @@ class Pool(Generic[C]):
     def _acquire_queued(self, start: float, timeout: float, fail_if_full: bool) -> Slot[C]:
         # The hot path when connections are scarce: keep it short.
         deadline = start + timeout
-        remaining = timeout
         while True:
             hub = gevent_hub()
             req: _Request = ThreadWakeup() if hub is None else GreenWakeup(hub)
@@ -404,7 +404,7 @@ class Pool(Generic[C]):
             if any(self._idle_lists):
                 self._rebalance()
             try:
-                req.wait(remaining)
+                req.wait(deadline - monotonic())
             except BaseException:
                 # Killed or timed out from outside while waiting: keep a
                 # connection handed to us in the meantime for the others.
@@ -427,7 +427,6 @@ class Pool(Generic[C]):
                 ) from self._last_error
             if self._lend(slot, now):
                 return slot
-            remaining = deadline - now
 
     def _record_wait(self, waited: float) -> None:
         self._wait_times.add(waited)
@@ -472,6 +471,7 @@ class Pool(Generic[C]):
             self._discard(slot)
             return False
         slot.state = OUT
+        slot.taken_at = now
         if slot.handed_fresh:
             slot.handed_fresh = False
         elif self._status(slot.conn) == BROKEN:
@@ -487,10 +487,8 @@ class Pool(Generic[C]):
                 self._discard(slot)
                 return False
             except BaseException:
-                slot.taken_at = now
                 self.release(slot)
                 raise
-        slot.taken_at = now
         if self.leak_threshold is not None:
             stack = traceback.extract_stack()
             while stack and stack[-1].filename == __file__:
@@ -550,10 +548,8 @@ class Pool(Generic[C]):
             lock = self._lock
             lock.acquire()
             try:
-                req = self._hand_locked(slot)
-                if req is not None:
-                    # Checked moments ago (by `release()`, a cleaner, a connector).
-                    slot.handed_fresh = True
+                # Checked moments ago (by `release()`, a cleaner, a connector).
+                req = self._hand_locked(slot, fresh=True)
             finally:
                 lock.release()
             if req is not None:
@@ -563,6 +559,7 @@ class Pool(Generic[C]):
             self._discard(slot, close_now=self._closed)
             return
         slot.state = IDLE
+        slot.handed_fresh = False  # may sit idle for long: look again when lent
         segments = self._segments
         seg = slot.segment = segments[hash(getcurrent()) % len(segments)]
         lock = seg.lock
@@ -579,13 +576,17 @@ class Pool(Generic[C]):
             for idle in self._take_all_idle():
                 self._discard(idle, close_now=True)
 
-    def _hand_locked(self, slot: Slot[C]) -> _Request | None:
-        """Hand `slot` to the first waiting request (under the pool lock)."""
+    def _hand_locked(self, slot: Slot[C], fresh: bool = False) -> _Request | None:
+        """Hand `slot` to the first waiting request (under the pool lock).
+
+        `fresh`: its status was just checked, the taker needn't look again.
+        """
         waiters = self._waiters
         while waiters:
             req = waiters.popleft()
             if req.slot is None:
                 slot.state = OUT
+                slot.handed_fresh = fresh
                 req.slot = slot
                 self._nwaiting -= 1
                 return req
@@ -690,6 +691,7 @@ class Pool(Generic[C]):
                     replaces = self._todo.popleft()
                     reserved = True
                     self._inflight += 1
+                    drains = self._drains
                 t0 = monotonic()
                 try:
                     self.connections_num += 1
@@ -714,6 +716,16 @@ class Pool(Generic[C]):
                     logger.warning("pool %r reconnected", self.name)
                     self._failing_since = None
                     self._reconnect_reported = False
+                with self._lock:
+                    stale = drains != self._drains
+                    if stale:
+                        self._todo.appendleft(replaces)
+                        self._inflight -= 1
+                        reserved = False
+                if stale:
+                    # Made with the settings drain() was called to get rid of.
+                    self._close_quietly(conn)
+                    continue
                 reserved = False  # _add_connection settles the reservation
                 self._add_connection(conn, replaces)
                 if recovered:
@@ -926,8 +938,12 @@ class Pool(Generic[C]):
         self._fill()
 
     def drain(self) -> None:
-        """Replace every connection: idle ones now, lent ones on return."""
+        """Replace every connection: idle ones now, lent ones on return.
+
+        Connections being made when it is called are closed and made again.
+        """
         with self._lock:
+            self._drains += 1
             for slot in self._slots:
                 slot.retire()
         for slot in self._take_all_idle():

@@ -183,16 +183,17 @@ class PooledDatabase:
     ) -> None:
         """Reconfigure the database; pool options given here replace the old ones.
 
-        If the database or a connect parameter changes, the pooled connections
-        (made with the old ones) are replaced: idle ones now, lent ones when
-        they come back. playhouse keeps lending the old ones.
+        If it names another database or passes connect parameters (they may
+        be the database class's own, like `encoding` or `pragmas`), the pooled
+        connections are replaced: idle ones now, lent ones when they come
+        back. playhouse keeps lending the old ones.
         """
-        # Peewee's __init__ calls init() too, before these exist.
-        before = (getattr(self, "database", None), dict(getattr(self, "connect_params", {})))
+        # Peewee's __init__ calls init() too, before `database` exists.
+        replace = bool(connect_kwargs) or database != getattr(self, "database", database)
         self._backend.configure(connect_kwargs)
         super().init(database, **connect_kwargs)  # type: ignore[misc]
         self._backend.adopt(self)
-        if (self.database, self.connect_params) != before:  # type: ignore[attr-defined]
+        if replace:
             self._pool.drain()
         if max_connections is not None:
             self._pool.resize(self._pool.min_size, self._max_size(max_connections, self._pool.min_size))

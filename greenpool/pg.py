@@ -127,7 +127,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             check_idle=check_idle,
             leak_threshold=leak_threshold,
         )
-        if reset is None:
+        if reset is None and type(self)._status is ConnectionPool._status:
             # Checked on every return: skip a call layer when there's no reset.
             self._status = pool_status  # type: ignore[method-assign]
         self._open_implicit = open is None

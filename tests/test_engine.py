@@ -212,6 +212,39 @@ def test_interrupted_waiters_never_swallow_connections(pool, how):
     assert len({s.conn.id for s in both}) == 2
 
 
+def test_connection_broken_while_idle_is_not_lent_after_an_interrupted_handoff():
+    """A connection handed to a waiter that is killed before it runs goes
+    back idle; if it breaks there, the next checkout must look at it again."""
+    p = make_pool(min_size=1, max_size=1, timeout=2)
+    held = p.acquire()
+    waiter = gevent.spawn(p.acquire)
+    gevent.sleep(0.02)
+    waiter.kill(block=False)  # the kill reaches it before the wakeup below
+    p.release(held)  # handed to the waiter, which hasn't run yet
+    gevent.joinall([waiter], timeout=2)
+    assert p.get_stats()["pool_available"] == 1
+    held.conn.closed = True  # the server drops it while idle
+    fresh = p.acquire(timeout=2)
+    assert fresh.conn is not held.conn and not fresh.conn.closed
+    p.release(fresh)
+    p.close()
+
+
+def test_failing_checks_count_against_the_timeout():
+    def slow_failing_check(conn: FakeConn) -> None:
+        gevent.sleep(0.4)
+        raise RuntimeError("probe failed")
+
+    p = make_pool(min_size=1, max_size=1, check=slow_failing_check, connect_delay=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(errors.PoolTimeout):
+        p.acquire(timeout=0.5)
+    # The check ran once or twice, each fails: the wait still ends near 0.5 s,
+    # not after the timeout plus the checks.
+    assert time.monotonic() - t0 < 1.0
+    p.close()
+
+
 def test_affinity_returns_a_greenlets_own_connection():
     p = make_pool(min_size=8, max_size=8, segments=4)
     first = p.acquire()
@@ -373,6 +406,22 @@ def test_drain_replaces_everything(pool):
     pool.release(held)
     pool.wait(timeout=2)
     assert not before & {s.conn.id for s in pool._slots}
+
+
+def test_drain_also_replaces_connections_being_made():
+    p = make_pool(min_size=1, max_size=2, connect_delay=0.2)
+    first = p.acquire()
+    second = gevent.spawn(p.acquire)  # starts a 0.2 s connect
+    gevent.sleep(0.05)
+    opened_before = len(p.opened)
+    p.drain()  # e.g. peewee init() with another database
+    p.release(first)
+    slot = second.get(timeout=2)
+    in_flight = p.opened[opened_before]  # the connect running during drain()
+    assert slot.conn is not in_flight and slot.conn is not first.conn
+    assert in_flight.closed
+    p.release(slot)
+    p.close()
 
 
 def test_resize_grows_the_pool(pool):
