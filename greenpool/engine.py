@@ -188,7 +188,6 @@ class Pool(Generic[C]):
 
         self._lock = allocate_lock()
         self._segments = [_Segment() for _ in range(segments)]
-        self._idle_lists = [seg.idle for seg in self._segments]
         self._waiters: deque[_Request] = deque()
         self._nwaiting = 0  # requests in _waiters not cancelled
         self._slots: set[Slot[C]] = set()  # live connections
@@ -401,8 +400,10 @@ class Pool(Generic[C]):
             self.requests_queued += 1
             if len(self._slots) + len(self._todo) + self._inflight < self._max_size:
                 self._fill()
-            if any(self._idle_lists):
-                self._rebalance()
+            for seg in self._segments:
+                if seg.idle:
+                    self._rebalance()
+                    break
             try:
                 req.wait(deadline - monotonic())
             except BaseException:
@@ -716,18 +717,8 @@ class Pool(Generic[C]):
                     logger.warning("pool %r reconnected", self.name)
                     self._failing_since = None
                     self._reconnect_reported = False
-                with self._lock:
-                    stale = drains != self._drains
-                    if stale:
-                        self._todo.appendleft(replaces)
-                        self._inflight -= 1
-                        reserved = False
-                if stale:
-                    # Made with the settings drain() was called to get rid of.
-                    self._close_quietly(conn)
-                    continue
                 reserved = False  # _add_connection settles the reservation
-                self._add_connection(conn, replaces)
+                self._add_connection(conn, replaces, drains)
                 if recovered:
                     self._start_connectors()
         except BaseException:
@@ -756,7 +747,8 @@ class Pool(Generic[C]):
         for req in failed:
             req.fire()
 
-    def _add_connection(self, conn: C, replaces: Slot[C] | None) -> None:
+    def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int) -> None:
+        """Put a new connection to use; `drains` is `_drains` when its connect began."""
         now = monotonic()
         lifetime = self.max_lifetime * (1.0 - self.lifetime_jitter * random.random())
         slot = Slot(conn, now, lifetime)
@@ -764,9 +756,14 @@ class Pool(Generic[C]):
         with self._lock:
             self._inflight -= 1
             closed = self._closed
-            if not closed:
+            # Made with the settings a drain() since was called to get rid of:
+            # make it again.
+            stale = not closed and drains != self._drains
+            if stale:
+                self._todo.appendleft(replaces)
+            elif not closed:
                 self._slots.add(slot)
-        if closed:
+        if closed or stale:
             self._close_quietly(conn)
             return
         if replaces is not None:

@@ -19,7 +19,7 @@ from psycopg.pq import TransactionStatus
 
 from . import errors
 from .engine import DIRTY, OK, Pool
-from .pgconn import GeventConnection, pool_status, settle
+from .pgconn import _ACTIVE, _IDLE, GeventConnection, pool_status, settle
 
 logger = logging.getLogger("greenpool")
 
@@ -50,8 +50,6 @@ class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # t
     """Too many requests in the queue waiting for a connection from the pool."""
 
 
-_IDLE = int(TransactionStatus.IDLE)
-_ACTIVE = int(TransactionStatus.ACTIVE)
 
 _UNLIMITED = 2**31 - 1
 

@@ -182,6 +182,7 @@ class GeventConnection(psycopg.Connection[Any]):
 
 # Plain ints: an enum member lookup costs more than the rest of the check.
 _IDLE = int(TransactionStatus.IDLE)
+_ACTIVE = int(TransactionStatus.ACTIVE)
 _UNKNOWN = int(TransactionStatus.UNKNOWN)
 
 
