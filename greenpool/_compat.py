@@ -37,13 +37,53 @@ INFINITY = float("inf")
 
 def _hub_if_exists_before_gevent() -> Any | None:
     """Stand-in for gevent's `get_hub_if_exists` until gevent is imported."""
-    global _hub_if_exists
     if "gevent" not in sys.modules:
         return None  # no hub can exist yet
+    _bind_gevent()
+    return _hub_if_exists()
+
+
+def _bind_gevent() -> None:
+    """Bind what needs gevent, once gevent is imported and a hub may exist."""
+    global _hub_if_exists, GreenRequest
     from gevent._hub_local import get_hub_if_exists
+    from gevent.hub import Waiter
+
+    class _GreenRequest(Waiter):  # type: ignore[misc]
+        """A request for a connection by a greenlet (see `GreenRequest`)."""
+
+        __slots__ = ("slot",)
+
+        def wait(self, timeout: float) -> None:
+            """Park this greenlet until fired or `timeout` seconds pass.
+
+            Exceptions thrown into the greenlet (`gevent.Timeout`,
+            `GreenletExit`) propagate: the caller settles who owns what.
+            """
+            if self.slot is not None:
+                return
+            if timeout == INFINITY:  # Peewee's timeout=0, "wait forever": no timer
+                self.get()
+                return
+            timer = self.hub.loop.timer(max(timeout, 0.0))
+            # Waiter.switch ignores a fire or expiry that comes after the
+            # wait ended, so neither needs cancelling.
+            timer.start(self.switch, None)
+            try:
+                self.get()
+            finally:
+                timer.close()
+
+        def fire(self) -> None:
+            """Wake the waiter; callable from any greenlet or thread."""
+            hub = self.hub
+            if get_thread_ident() == hub.thread_ident:
+                hub.loop.run_callback(self.switch, None)
+            else:
+                hub.loop.run_callback_threadsafe(self.switch, None)
 
     _hub_if_exists = get_hub_if_exists
-    return get_hub_if_exists()
+    GreenRequest = _GreenRequest
 
 
 _hub_if_exists: Callable[[], Any] = _hub_if_exists_before_gevent
@@ -67,6 +107,8 @@ def gevent_hub() -> Any | None:
     if monkey is not None and monkey.is_module_patched("threading"):
         from gevent import get_hub
 
+        if _hub_if_exists is _hub_if_exists_before_gevent:
+            _bind_gevent()
         return get_hub()
     return None
 
@@ -129,76 +171,36 @@ class Executor:
             gevent.sleep(seconds, ref=False)
 
 
-class GreenWakeup:
-    """A one-shot signal for a greenlet, fired through a hub loop callback.
-
-    `slot` carries what the firing party hands over; it is set before
-    `fire()`, so a waiter that finds it set doesn't park. The party firing
-    never switches; a late fire after the waiter gave up is harmless.
-    """
-
-    __slots__ = ("slot", "_hub", "_greenlet")
-
-    def __init__(self, hub: Any) -> None:
-        self.slot: Any = None
-        self._hub = hub
-        self._greenlet: Any = None
-
-    def wait(self, timeout: float) -> bool:
-        """Block this greenlet until fired or `timeout` seconds pass.
-
-        Exceptions thrown into the greenlet (`gevent.Timeout`,
-        `GreenletExit`) propagate: the caller settles who owns what.
-        """
-        if self.slot is not None:
-            return True
-        hub = self._hub
-        # An infinite timeout (Peewee's timeout=0, "wait forever") arms no timer.
-        timer = hub.loop.timer(max(timeout, 0.0)) if timeout != INFINITY else None
-        self._greenlet = getcurrent()
-        if timer is not None:
-            timer.start(self._expire)
-        try:
-            return bool(hub.switch())
-        finally:
-            self._greenlet = None
-            if timer is not None:
-                timer.close()
-
-    def _expire(self) -> None:
-        greenlet = self._greenlet
-        if greenlet is not None:
-            greenlet.switch(False)
-
-    def _wake(self) -> None:
-        greenlet = self._greenlet
-        if greenlet is not None:
-            greenlet.switch(True)
-
-    def fire(self) -> None:
-        """Wake the waiter; callable from any greenlet or thread."""
-        hub = self._hub
-        if get_thread_ident() == hub.thread_ident:
-            hub.loop.run_callback(self._wake)
-        else:
-            hub.loop.run_callback_threadsafe(self._wake)
+def _green_request_before_gevent(hub: Any) -> Any:
+    raise AssertionError("no gevent hub can exist before gevent is imported")
 
 
-class ThreadWakeup:
-    """A one-shot signal for a plain OS thread: a real lock, released once."""
+#: `GreenRequest(hub)`: a request for a connection by a greenlet of `hub`.
+#: A one-shot gevent `Waiter` (C code: no Python frame to create or wake
+#: it) whose `slot`, which the creator sets to None, carries what the
+#: firing party hands over. `slot` is set before `fire()`, so a waiter that
+#: finds it set doesn't park; the party firing never switches. Bound when
+#: gevent is imported.
+GreenRequest: Any = _green_request_before_gevent
+
+
+class ThreadRequest:
+    """A request for a connection by a plain OS thread: a real lock, released once."""
 
     __slots__ = ("slot", "_lock")
 
+    slot: Any  # set by the creator, then by the firing party
+
     def __init__(self) -> None:
-        self.slot: Any = None
         self._lock = allocate_lock()
         self._lock.acquire()
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float) -> None:
         """Block this thread until fired or `timeout` seconds pass."""
         if timeout == INFINITY:
-            return bool(self._lock.acquire())
-        return bool(self._lock.acquire(True, max(timeout, 0.0)))
+            self._lock.acquire()
+        else:
+            self._lock.acquire(True, max(timeout, 0.0))
 
     def fire(self) -> None:
         """Wake the waiter; callable from any greenlet or thread."""

@@ -23,10 +23,10 @@ import random
 import traceback
 from collections import deque
 from time import monotonic
-from typing import Any, Callable, Generic, TypeVar, Union
+from typing import Any, Callable, Generic, TypeVar
 
-from . import errors
-from ._compat import Executor, GreenWakeup, ThreadWakeup, allocate_lock, getcurrent, gevent_hub, sleep
+from . import _compat, errors
+from ._compat import Executor, ThreadRequest, allocate_lock, getcurrent, gevent_hub, sleep
 from .stats import WaitTimes
 
 logger = logging.getLogger("greenpool")
@@ -95,12 +95,13 @@ class _Segment:
         self.idle: list[Slot[Any]] = []
 
 
-# A waiting request is a wakeup (`GreenWakeup` or `ThreadWakeup`) whose `slot`
-# goes from None to either a handed slot or `_CANCELLED`, under the pool lock,
-# exactly once: that is the accept handshake. A connection is never handed to
-# a request that gave up, and a request that gave up never loses one handed
-# to it.
-_Request = Union[GreenWakeup, ThreadWakeup]
+# A request (`GreenRequest` or `ThreadRequest`) waits in the pool's queue
+# until, under the pool lock, exactly one of these happens: a check-in takes
+# it off the queue and sets its `slot`; it takes itself off the queue when it
+# gives up; the pool closes or fails and sets its `slot` to `_CANCELLED`.
+# That is the accept handshake: a connection is never handed to a request
+# that gave up, and a request that gave up never loses one handed to it.
+_Request = Any
 _CANCELLED = object()
 
 
@@ -189,7 +190,6 @@ class Pool(Generic[C]):
         self._lock = allocate_lock()
         self._segments = [_Segment() for _ in range(segments)]
         self._waiters: deque[_Request] = deque()
-        self._nwaiting = 0  # requests in _waiters not cancelled
         self._slots: set[Slot[C]] = set()  # live connections
         # Reserved connects: None to grow, or the Slot being replaced.
         self._todo: deque[Slot[C] | None] = deque()
@@ -318,9 +318,8 @@ class Pool(Generic[C]):
             if self._closed:
                 return
             self._closed = True
-            waiting = [req for req in self._waiters if req.slot is None]
+            waiting = list(self._waiters)
             self._waiters.clear()
-            self._nwaiting = 0
             self._todo.clear()
             for req in waiting:
                 req.slot = _CANCELLED
@@ -374,7 +373,7 @@ class Pool(Generic[C]):
         self.requests_num += 1
         now = monotonic()
         # Don't overtake queued requests: FIFO fairness.
-        if not self._nwaiting:
+        if not self._waiters:
             slot = self._pop_idle()
             while slot is not None:
                 if self._lend(slot, now):
@@ -387,28 +386,28 @@ class Pool(Generic[C]):
         deadline = start + timeout
         while True:
             hub = gevent_hub()
-            req: _Request = ThreadWakeup() if hub is None else GreenWakeup(hub)
+            req = ThreadRequest() if hub is None else _compat.GreenRequest(hub)
+            req.slot = None
             lock = self._lock
             lock.acquire()
             try:
                 if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
                     self._refuse(fail_if_full)
                 self._waiters.append(req)
-                self._nwaiting += 1
             finally:
                 lock.release()
             self.requests_queued += 1
-            if len(self._slots) + len(self._todo) + self._inflight < self._max_size:
-                self._fill()
-            for seg in self._segments:
-                if seg.idle:
-                    self._rebalance()
-                    break
             try:
+                if len(self._slots) + len(self._todo) + self._inflight < self._max_size:
+                    self._fill()
+                for seg in self._segments:
+                    if seg.idle:
+                        self._rebalance()
+                        break
                 req.wait(deadline - monotonic())
             except BaseException:
-                # Killed or timed out from outside while waiting: keep a
-                # connection handed to us in the meantime for the others.
+                # Killed, interrupted or timed out from outside while queued:
+                # keep a connection handed to us in the meantime for the others.
                 slot = self._cancel(req)
                 if slot is not None:
                     self._release(slot)
@@ -419,7 +418,9 @@ class Pool(Generic[C]):
             if slot is None or slot is _CANCELLED:
                 slot = self._cancel(req)
             now = monotonic()
-            self._record_wait(now - start)
+            waited = now - start
+            self._wait_times.add(waited)
+            self._wait_total += waited
             if slot is None:
                 self.requests_errors += 1
                 self._check_open()
@@ -436,13 +437,14 @@ class Pool(Generic[C]):
     def _refuse(self, fail_if_full: bool) -> None:
         """Raise if a request may not queue (called under the lock)."""
         self._check_open()
-        if self.max_waiting and self._nwaiting >= self.max_waiting:
+        waiting = len(self._waiters)
+        if self.max_waiting and waiting >= self.max_waiting:
             self.requests_errors += 1
-            raise self.TooManyRequests(f"the pool {self.name!r} has already {self._nwaiting} requests waiting")
+            raise self.TooManyRequests(f"the pool {self.name!r} has already {waiting} requests waiting")
         # Each request ahead of this one takes a pending connect or the next
         # returned connection; what's left of max_size is ours. Connections
         # being cleaned after their return count as free.
-        if fail_if_full and len(self._slots) - self._cleaning + self._nwaiting >= self._max_size:
+        if fail_if_full and len(self._slots) - self._cleaning + waiting >= self._max_size:
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
         if self._failing_since is not None and not self._slots:
@@ -458,8 +460,8 @@ class Pool(Generic[C]):
         with self._lock:
             slot = req.slot
             if slot is None:
+                self._waiters.remove(req)  # rare: no need for O(1)
                 req.slot = _CANCELLED
-                self._nwaiting -= 1
                 return None
         return None if slot is _CANCELLED else slot
 
@@ -545,12 +547,12 @@ class Pool(Generic[C]):
 
     def _release(self, slot: Slot[C]) -> None:
         """Hand a good slot to the first waiter, or park it idle."""
-        if self._nwaiting:
+        if self._waiters:
             lock = self._lock
             lock.acquire()
             try:
                 # Checked moments ago (by `release()`, a cleaner, a connector).
-                req = self._hand_locked(slot, fresh=True)
+                req = self._hand_locked(slot, fresh=True) if self._waiters else None
             finally:
                 lock.release()
             if req is not None:
@@ -571,39 +573,32 @@ class Pool(Generic[C]):
             lock.release()
         # Re-check after publishing: a request may have queued meanwhile
         # (it re-checks the segments after queuing, so one of us sees it).
-        if self._nwaiting:
+        if self._waiters:
             self._rebalance()
         elif self._closed:
             for idle in self._take_all_idle():
                 self._discard(idle, close_now=True)
 
-    def _hand_locked(self, slot: Slot[C], fresh: bool = False) -> _Request | None:
-        """Hand `slot` to the first waiting request (under the pool lock).
+    def _hand_locked(self, slot: Slot[C], fresh: bool = False) -> _Request:
+        """Hand `slot` to the first waiting request (under the pool lock; one waits).
 
         `fresh`: its status was just checked, the taker needn't look again.
         """
-        waiters = self._waiters
-        while waiters:
-            req = waiters.popleft()
-            if req.slot is None:
-                slot.state = OUT
-                slot.handed_fresh = fresh
-                req.slot = slot
-                self._nwaiting -= 1
-                return req
-        return None
+        req = self._waiters.popleft()
+        slot.state = OUT
+        slot.handed_fresh = fresh
+        req.slot = slot
+        return req
 
     def _rebalance(self) -> None:
         """Hand idle connections to waiting requests."""
         handed = []
         with self._lock:
-            while self._nwaiting:
+            while self._waiters:
                 slot = self._pop_idle()
                 if slot is None:
                     break
-                req = self._hand_locked(slot)
-                assert req is not None  # _nwaiting counts uncancelled requests
-                handed.append(req)
+                handed.append(self._hand_locked(slot))
         for req in handed:
             req.fire()
 
@@ -652,7 +647,7 @@ class Pool(Generic[C]):
         """Reserve connects up to `min_size`, and for waiters up to `max_size`."""
         pending = len(self._todo) + self._inflight
         size = len(self._slots) + pending
-        if size >= self._min_size and (size >= self._max_size or self._nwaiting <= pending):
+        if size >= self._min_size and (size >= self._max_size or len(self._waiters) <= pending):
             return  # nothing to do: the common case, decided without the lock
         with self._lock:
             if self._closed:
@@ -661,7 +656,7 @@ class Pool(Generic[C]):
             size = len(self._slots) + pending
             want = max(
                 self._min_size - size,
-                min(self._nwaiting - pending, self._max_size - size),
+                min(len(self._waiters) - pending, self._max_size - size),
             )
             self._todo.extend([None] * want)
         self._start_connectors()
@@ -739,9 +734,8 @@ class Pool(Generic[C]):
             if self._slots:
                 return
             # Nothing alive can come back to the waiters: fail them now.
-            failed = [req for req in self._waiters if req.slot is None]
+            failed = list(self._waiters)
             self._waiters.clear()
-            self._nwaiting = 0
             for req in failed:
                 req.slot = _CANCELLED
         for req in failed:
@@ -999,7 +993,7 @@ class Pool(Generic[C]):
             pool_max=self._max_size,
             pool_size=len(self._slots) + len(self._todo) + self._inflight,
             pool_available=sum(len(seg.idle) for seg in self._segments),
-            requests_waiting=self._nwaiting,
+            requests_waiting=len(self._waiters),
         )
         return stats
 

@@ -18,7 +18,7 @@ from psycopg import errors as e
 from psycopg.pq import TransactionStatus
 
 from . import errors
-from .engine import DIRTY, OK, Pool
+from .engine import DIRTY, OK, Pool, Slot
 from .pgconn import _ACTIVE, _IDLE, GeventConnection, pool_status, settle
 
 logger = logging.getLogger("greenpool")
@@ -181,10 +181,22 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         The connection's own context applies: commit on success, roll back
         on error. Wait up to `timeout` (default `self.timeout`) seconds.
         """
-        return _Lease(self, timeout)
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        # No __init__: calling into Python from C is the dearest part of a
+        # small object's creation, and one is made per checkout.
+        lease = _new_object(_Lease)
+        lease._pool = self
+        lease._timeout = timeout
+        return lease
 
     def getconn(self, timeout: float | None = None) -> CT:
         """Lend a connection; you must give it back with `putconn()`."""
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        return self._lend_connection(self.acquire(timeout))
+
+    def _lend_connection(self, slot: Slot[CT]) -> CT:
         if self._open_implicit:
             self._open_implicit = False
             warnings.warn(
@@ -192,12 +204,8 @@ class ConnectionPool(Pool[CT], Generic[CT]):
                 " in a future release. Please use open={True|False} explicitly, or use the pool"
                 f" as context manager using: `with {type(self).__name__}(...) as pool: ...`",
                 DeprecationWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        if timeout is not None:
-            if timeout < 0:
-                raise ValueError(f"timeout must be >= 0, got {timeout!r}")
-        slot = self.acquire(timeout)
         conn = slot.conn
         conn._pool = self  # type: ignore[assignment]
         conn._pool_slot = slot  # type: ignore[attr-defined]
@@ -247,21 +255,30 @@ def _run_callback(role: str, callback: Callable[[Any], None], conn: Any) -> None
         )
 
 
+_new_object = object.__new__
+
+
 class _Lease(Generic[CT]):
     """`pool.connection()`: a class, not a generator, to keep the hot path short."""
 
-    __slots__ = ("_pool", "_timeout", "_conn")
+    __slots__ = ("_pool", "_timeout", "_slot")
 
-    def __init__(self, pool: ConnectionPool[CT], timeout: float | None) -> None:
-        self._pool = pool
-        self._timeout = timeout
+    _pool: ConnectionPool[CT]
+    _timeout: float | None
+    _slot: Slot[CT]
 
     def __enter__(self) -> CT:
-        self._conn = conn = self._pool.getconn(self._timeout)
+        pool = self._pool
+        self._slot = slot = pool.acquire(self._timeout)
+        if pool._open_implicit:
+            return pool._lend_connection(slot)
+        conn = slot.conn
+        conn._pool = pool  # type: ignore[assignment]
+        conn._pool_slot = slot  # type: ignore[attr-defined]
         return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        conn = self._conn
+        conn = self._slot.conn
         try:
             # Commit/rollback like `with conn:`. Nothing to do on an idle
             # connection outside pipeline mode; nothing possible on a busy one
@@ -270,7 +287,12 @@ class _Lease(Generic[CT]):
             if (exc_type is not None or status != _IDLE or conn._pipeline) and status != _ACTIVE:
                 conn.__exit__(exc_type, exc, tb)
         finally:
-            self._pool.putconn(conn)
+            pool = self._pool
+            if conn._pool is pool:  # type: ignore[comparison-overlap]
+                conn._pool = None
+                pool.release(self._slot)
+            else:
+                pool.putconn(conn)  # returned already: say so
 
 
 class NullConnectionPool(ConnectionPool[CT]):

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 
 class WaitTimes:
-    """A ring of the last `size` queued requests' wait times, for percentiles.
+    """The last `size` queued requests' wait times, for percentiles.
 
-    Sorting happens only when stats are read.
+    `add(seconds)` records one request's wait; it is a bound `deque.append`,
+    so recording costs no Python call. Sorting happens only when stats are
+    read.
     """
 
-    __slots__ = ("_ring", "_mask", "_count")
+    __slots__ = ("_window", "add")
 
     def __init__(self, size: int = 4096) -> None:
-        if size <= 0 or size & (size - 1):
-            raise ValueError(f"size must be a power of two, got {size}")
-        self._ring = [0.0] * size
-        self._mask = size - 1
-        self._count = 0
-
-    def add(self, seconds: float) -> None:
-        """Record one request's wait."""
-        self._ring[self._count & self._mask] = seconds
-        self._count += 1
+        if size <= 0:
+            raise ValueError(f"size must be > 0, got {size}")
+        self._window: deque[float] = deque(maxlen=size)
+        self.add = self._window.append
 
     def clear(self) -> None:
         """Forget every recorded wait."""
-        self._count = 0
+        self._window.clear()
 
     def percentiles(self, requests: int, queued: int) -> dict[str, int]:
         """p50/p90/p99/max wait in microseconds, over all requests.
@@ -33,10 +31,10 @@ class WaitTimes:
         Only queued requests are recorded (the fast path stays free), so the
         `requests - queued` that never waited count as zeros.
         """
-        n = min(self._count, len(self._ring))
+        n = len(self._window)
         if not requests:
             return {}
-        waits = sorted(self._ring[:n])
+        waits = sorted(self._window)
         immediate = max(0.0, (requests - queued) / requests)
         result = {}
         for label, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):
