@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from time import monotonic
 from typing import Any, Callable
 
 import greenlet
@@ -52,27 +53,17 @@ def _bind_gevent() -> None:
     class _GreenRequest(Waiter):  # type: ignore[misc]
         """A request for a connection by a greenlet (see `GreenRequest`)."""
 
-        __slots__ = ("slot",)
+        __slots__ = ("slot", "deadline")
 
-        def wait(self, timeout: float) -> None:
-            """Park this greenlet until fired or `timeout` seconds pass.
+        def wait(self) -> None:
+            """Park this greenlet until fired (or woken by its `DeadlineTimer`).
 
             Exceptions thrown into the greenlet (`gevent.Timeout`,
             `GreenletExit`) propagate: the caller settles who owns what.
+            A fire that comes after the wait ended is ignored by `Waiter`.
             """
-            if self.slot is not None:
-                return
-            if timeout == INFINITY:  # Peewee's timeout=0, "wait forever": no timer
+            if self.slot is None:
                 self.get()
-                return
-            timer = self.hub.loop.timer(max(timeout, 0.0))
-            # Waiter.switch ignores a fire or expiry that comes after the
-            # wait ended, so neither needs cancelling.
-            timer.start(self.switch, None)
-            try:
-                self.get()
-            finally:
-                timer.close()
 
         def fire(self) -> None:
             """Wake the waiter; callable from any greenlet or thread."""
@@ -190,6 +181,7 @@ class ThreadRequest:
     __slots__ = ("slot", "_lock")
 
     slot: Any  # set by the creator, then by the firing party
+    hub = None  # not a greenlet's: no `DeadlineTimer` wakes it
 
     def __init__(self) -> None:
         self._lock = allocate_lock()
@@ -205,3 +197,60 @@ class ThreadRequest:
     def fire(self) -> None:
         """Wake the waiter; callable from any greenlet or thread."""
         self._lock.release()
+
+
+class DeadlineTimer:
+    """Wakes the queued greenlets of one hub whose requests reached their deadline.
+
+    A pool keeps one per hub instead of a libev timer per wait: making,
+    starting and closing a timer for every queued checkout, with hundreds
+    of them in libev's heap, cost 5-10 % of the contended checkout's
+    throughput. Requests mostly queue in deadline order (they share the
+    pool's timeout), so the timer stays armed for the earliest deadline it
+    has been shown; when it fires, `expire(now)` wakes the requests that are
+    due and returns the earliest deadline left, which it re-arms for.
+
+    Like the per-wait timers it replaces, it keeps the hub's loop alive only
+    while requests wait: `watch()` holds the loop, `unhold()` lets it go when
+    the queue empties. All methods run in the hub's thread.
+    """
+
+    __slots__ = ("at", "_held", "_loop", "_timer", "_expire")
+
+    def __init__(self, hub: Any, expire: Callable[[float], float]) -> None:
+        self._loop = hub.loop
+        self._expire = expire
+        self._timer: Any = None
+        self._held = False
+        self.at = INFINITY  # the deadline armed for
+
+    def watch(self, deadline: float) -> None:
+        """Make sure a request due at `deadline` (finite) is woken by then."""
+        if deadline < self.at:
+            self._arm(deadline)
+        elif not self._held:
+            self._timer.ref = True
+            self._held = True
+
+    def unhold(self) -> None:
+        """No request waits: stop keeping the loop alive until the timer fires."""
+        if self._held:
+            self._timer.ref = False
+            self._held = False
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.close()
+        self.at = deadline
+        self._timer = self._loop.timer(max(deadline - monotonic(), 0.0))
+        self._timer.start(self._fire)
+        self._held = True
+
+    def _fire(self) -> None:
+        self._timer.close()
+        self._timer = None
+        self._held = False
+        self.at = INFINITY
+        deadline = self._expire(monotonic())
+        if deadline != INFINITY:
+            self._arm(deadline)

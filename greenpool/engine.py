@@ -21,12 +21,22 @@ from __future__ import annotations
 import logging
 import random
 import traceback
+import weakref
 from collections import deque
 from time import monotonic
 from typing import Any, Callable, Generic, TypeVar
 
 from . import _compat, errors
-from ._compat import Executor, ThreadRequest, allocate_lock, getcurrent, gevent_hub, sleep
+from ._compat import (
+    INFINITY,
+    DeadlineTimer,
+    Executor,
+    ThreadRequest,
+    allocate_lock,
+    getcurrent,
+    gevent_hub,
+    sleep,
+)
 from .stats import WaitTimes
 
 logger = logging.getLogger("greenpool")
@@ -190,6 +200,11 @@ class Pool(Generic[C]):
         self._lock = allocate_lock()
         self._segments = [_Segment() for _ in range(segments)]
         self._waiters: deque[_Request] = deque()
+        # One DeadlineTimer per hub whose greenlets queue here; the last one
+        # used is kept at hand (the common case is a single hub).
+        self._timers: weakref.WeakKeyDictionary[Any, DeadlineTimer] = weakref.WeakKeyDictionary()
+        self._timer_hub: Any = None
+        self._timer: DeadlineTimer | None = None
         self._slots: set[Slot[C]] = set()  # live connections
         # Reserved connects: None to grow, or the Slot being replaced.
         self._todo: deque[Slot[C] | None] = deque()
@@ -325,6 +340,7 @@ class Pool(Generic[C]):
                 req.slot = _CANCELLED
         for req in waiting:
             req.fire()
+        self._queue_drained()
         for slot in self._take_all_idle():
             self._discard(slot, close_now=True)
 
@@ -386,7 +402,12 @@ class Pool(Generic[C]):
         deadline = start + timeout
         while True:
             hub = gevent_hub()
-            req = ThreadRequest() if hub is None else _compat.GreenRequest(hub)
+            req: Any
+            if hub is None:
+                req = ThreadRequest()
+            else:
+                req = _compat.GreenRequest(hub)
+                req.deadline = deadline  # before it's queued: _expire_due reads it
             req.slot = None
             lock = self._lock
             lock.acquire()
@@ -404,7 +425,15 @@ class Pool(Generic[C]):
                     if seg.idle:
                         self._rebalance()
                         break
-                req.wait(deadline - monotonic())
+                if hub is None:
+                    req.wait(deadline - monotonic())
+                else:
+                    if deadline != INFINITY:
+                        timer = self._timer
+                        if hub is not self._timer_hub or timer is None:
+                            timer = self._deadline_timer(hub)
+                        timer.watch(deadline)
+                    req.wait()
             except BaseException:
                 # Killed, interrupted or timed out from outside while queued:
                 # keep a connection handed to us in the meantime for the others.
@@ -429,6 +458,42 @@ class Pool(Generic[C]):
                 ) from self._last_error
             if self._lend(slot, now):
                 return slot
+
+    def _deadline_timer(self, hub: Any) -> DeadlineTimer:
+        timer = self._timers.get(hub)
+        if timer is None:
+            hub_ref = weakref.ref(hub)  # the timer is the hub's weak-keyed value
+            timer = self._timers[hub] = DeadlineTimer(hub, lambda now: self._expire_due(hub_ref(), now))
+        self._timer_hub, self._timer = hub, timer
+        return timer
+
+    def _expire_due(self, hub: Any, now: float) -> float:
+        """Wake `hub`'s queued requests whose deadline passed (in `hub`'s thread).
+
+        Return the earliest deadline of its requests left waiting.
+        """
+        if hub is None:
+            return INFINITY  # the hub is gone, and its greenlets with it
+        due = []
+        earliest = INFINITY
+        with self._lock:
+            for req in self._waiters:
+                if req.hub is hub and req.slot is None:
+                    deadline = req.deadline
+                    if deadline <= now:
+                        due.append(req)
+                    elif deadline < earliest:
+                        earliest = deadline
+        for req in due:
+            req.fire()  # each settles its own timeout
+        return earliest
+
+    def _queue_drained(self) -> None:
+        """No request waits any more: the deadline timer needn't hold the loop."""
+        hub = gevent_hub()
+        timer = self._timers.get(hub) if hub is not None else None
+        if timer is not None:
+            timer.unhold()
 
     def _record_wait(self, waited: float) -> None:
         self._wait_times.add(waited)
@@ -462,7 +527,11 @@ class Pool(Generic[C]):
             if slot is None:
                 self._waiters.remove(req)  # rare: no need for O(1)
                 req.slot = _CANCELLED
-                return None
+                drained = not self._waiters
+            else:
+                drained = False
+        if drained:
+            self._queue_drained()
         return None if slot is _CANCELLED else slot
 
     def _lend(self, slot: Slot[C], now: float) -> bool:
@@ -557,6 +626,8 @@ class Pool(Generic[C]):
                 lock.release()
             if req is not None:
                 req.fire()
+                if not self._waiters:
+                    self._queue_drained()
                 return
         if self._closed or not self._retain_idle:
             self._discard(slot, close_now=self._closed)
@@ -601,6 +672,8 @@ class Pool(Generic[C]):
                 handed.append(self._hand_locked(slot))
         for req in handed:
             req.fire()
+        if handed and not self._waiters:
+            self._queue_drained()
 
     def _take_all_idle(self) -> list[Slot[C]]:
         taken: list[Slot[C]] = []
@@ -740,6 +813,7 @@ class Pool(Generic[C]):
                 req.slot = _CANCELLED
         for req in failed:
             req.fire()
+        self._queue_drained()
 
     def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int) -> None:
         """Put a new connection to use; `drains` is `_drains` when its connect began."""

@@ -151,6 +151,51 @@ def test_timeout_when_exhausted(pool):
     assert pool.get_stats()["requests_errors"] == 1
 
 
+def test_each_waiter_times_out_at_its_own_deadline(pool):
+    """Greenlets share one deadline timer per hub: a later request with a
+    shorter timeout must not wait for the earlier, longer one."""
+    held = [pool.acquire(), pool.acquire()]
+    gave_up: dict[float, float] = {}
+
+    def waiter(timeout: float) -> None:
+        t0 = time.monotonic()
+        with pytest.raises(errors.PoolTimeout):
+            pool.acquire(timeout=timeout)
+        gave_up[timeout] = time.monotonic() - t0
+
+    greenlets = [gevent.spawn(waiter, timeout) for timeout in (1.2, 0.8, 0.4, 0.1)]
+    gevent.joinall(greenlets, timeout=5, raise_error=True)
+    for timeout, waited in gave_up.items():
+        assert timeout - 0.05 < waited < timeout + 0.35, (timeout, waited)
+    assert pool.get_stats()["requests_waiting"] == 0
+    for s in held:
+        pool.release(s)
+
+
+def test_served_waiters_leave_no_timer_holding_the_hub(pool):
+    """Once no request waits, the pool keeps nothing alive in the gevent
+    loop: `gevent.wait()` returns at once, not when a deadline passes."""
+    held = [pool.acquire(), pool.acquire()]
+    waiters = [gevent.spawn(pool.acquire, timeout=30) for _ in range(3)]
+    gevent.sleep(0.01)
+    pool.release(held.pop())
+    pool.release(held.pop())
+    gevent.sleep(0.01)
+    pool.release(waiters[0].get(timeout=1))
+    gevent.joinall(waiters, timeout=2, raise_error=True)
+    for g in waiters[1:]:
+        pool.release(g.value)
+    killed = gevent.spawn(pool.acquire, timeout=30)
+    held = [pool.acquire(), pool.acquire()]
+    gevent.sleep(0.01)
+    killed.kill()  # the last waiter leaves the queue by being killed
+    t0 = time.monotonic()
+    assert gevent.wait(timeout=10)
+    assert time.monotonic() - t0 < 2
+    for s in held:
+        pool.release(s)
+
+
 def test_waiters_are_served_in_fifo_order(pool):
     held = [pool.acquire(), pool.acquire()]
     order: list[int] = []
