@@ -211,30 +211,34 @@ class DeadlineTimer:
     due and returns the earliest deadline left, which it re-arms for.
 
     Like the per-wait timers it replaces, it keeps the hub's loop alive only
-    while requests wait: `watch()` holds the loop, `unhold()` lets it go when
-    the queue empties. All methods run in the hub's thread.
+    while a request waits: each waiting greenlet calls `watch()` before it
+    parks and `unwatch()` after, whoever served or cancelled it. All methods
+    run in the hub's thread.
     """
 
-    __slots__ = ("at", "_held", "_loop", "_timer", "_expire")
+    __slots__ = ("at", "_watching", "_held", "_loop", "_timer", "_expire")
 
     def __init__(self, hub: Any, expire: Callable[[float], float]) -> None:
         self._loop = hub.loop
         self._expire = expire
         self._timer: Any = None
+        self._watching = 0
         self._held = False
         self.at = INFINITY  # the deadline armed for
 
     def watch(self, deadline: float) -> None:
         """Make sure a request due at `deadline` (finite) is woken by then."""
+        self._watching += 1
         if deadline < self.at:
             self._arm(deadline)
         elif not self._held:
             self._timer.ref = True
             self._held = True
 
-    def unhold(self) -> None:
-        """No request waits: stop keeping the loop alive until the timer fires."""
-        if self._held:
+    def unwatch(self) -> None:
+        """A request stopped waiting; with none left, stop holding the loop."""
+        self._watching -= 1
+        if not self._watching and self._held:
             self._timer.ref = False
             self._held = False
 

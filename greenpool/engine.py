@@ -340,7 +340,6 @@ class Pool(Generic[C]):
                 req.slot = _CANCELLED
         for req in waiting:
             req.fire()
-        self._queue_drained()
         for slot in self._take_all_idle():
             self._discard(slot, close_now=True)
 
@@ -386,6 +385,10 @@ class Pool(Generic[C]):
         """
         if self._closed:
             self._check_open()
+        if timeout is None:
+            timeout = self.timeout
+        elif not timeout >= 0:  # NaN too
+            raise ValueError(f"timeout must be >= 0, got {timeout!r}")
         self.requests_num += 1
         now = monotonic()
         # Don't overtake queued requests: FIFO fairness.
@@ -395,7 +398,7 @@ class Pool(Generic[C]):
                 if self._lend(slot, now):
                     return slot
                 slot = self._pop_idle()
-        return self._acquire_queued(now, self.timeout if timeout is None else timeout, fail_if_full)
+        return self._acquire_queued(now, timeout, fail_if_full)
 
     def _acquire_queued(self, start: float, timeout: float, fail_if_full: bool) -> Slot[C]:
         # The hot path when connections are scarce: keep it short.
@@ -427,13 +430,17 @@ class Pool(Generic[C]):
                         break
                 if hub is None:
                     req.wait(deadline - monotonic())
-                else:
-                    if deadline != INFINITY:
-                        timer = self._timer
-                        if hub is not self._timer_hub or timer is None:
-                            timer = self._deadline_timer(hub)
-                        timer.watch(deadline)
+                elif deadline == INFINITY:
                     req.wait()
+                else:
+                    timer = self._timer
+                    if hub is not self._timer_hub or timer is None:
+                        timer = self._deadline_timer(hub)
+                    timer.watch(deadline)
+                    try:
+                        req.wait()
+                    finally:
+                        timer.unwatch()
             except BaseException:
                 # Killed, interrupted or timed out from outside while queued:
                 # keep a connection handed to us in the meantime for the others.
@@ -488,13 +495,6 @@ class Pool(Generic[C]):
             req.fire()  # each settles its own timeout
         return earliest
 
-    def _queue_drained(self) -> None:
-        """No request waits any more: the deadline timer needn't hold the loop."""
-        hub = gevent_hub()
-        timer = self._timers.get(hub) if hub is not None else None
-        if timer is not None:
-            timer.unhold()
-
     def _record_wait(self, waited: float) -> None:
         self._wait_times.add(waited)
         self._wait_total += waited
@@ -527,11 +527,6 @@ class Pool(Generic[C]):
             if slot is None:
                 self._waiters.remove(req)  # rare: no need for O(1)
                 req.slot = _CANCELLED
-                drained = not self._waiters
-            else:
-                drained = False
-        if drained:
-            self._queue_drained()
         return None if slot is _CANCELLED else slot
 
     def _lend(self, slot: Slot[C], now: float) -> bool:
@@ -626,8 +621,6 @@ class Pool(Generic[C]):
                 lock.release()
             if req is not None:
                 req.fire()
-                if not self._waiters:
-                    self._queue_drained()
                 return
         if self._closed or not self._retain_idle:
             self._discard(slot, close_now=self._closed)
@@ -672,8 +665,6 @@ class Pool(Generic[C]):
                 handed.append(self._hand_locked(slot))
         for req in handed:
             req.fire()
-        if handed and not self._waiters:
-            self._queue_drained()
 
     def _take_all_idle(self) -> list[Slot[C]]:
         taken: list[Slot[C]] = []
@@ -813,7 +804,6 @@ class Pool(Generic[C]):
                 req.slot = _CANCELLED
         for req in failed:
             req.fire()
-        self._queue_drained()
 
     def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int) -> None:
         """Put a new connection to use; `drains` is `_drains` when its connect began."""

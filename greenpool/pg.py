@@ -181,7 +181,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         The connection's own context applies: commit on success, roll back
         on error. Wait up to `timeout` (default `self.timeout`) seconds.
         """
-        if timeout is not None and timeout < 0:
+        if timeout is not None and not timeout >= 0:  # NaN too
             raise ValueError(f"timeout must be >= 0, got {timeout!r}")
         # No __init__: calling into Python from C is the dearest part of a
         # small object's creation, and one is made per checkout.
@@ -192,20 +192,22 @@ class ConnectionPool(Pool[CT], Generic[CT]):
 
     def getconn(self, timeout: float | None = None) -> CT:
         """Lend a connection; you must give it back with `putconn()`."""
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        if self._open_implicit:
+            self._warn_open_implicit()
         return self._lend_connection(self.acquire(timeout))
 
+    def _warn_open_implicit(self) -> None:
+        """psycopg_pool's warning, before the first checkout of a pool opened implicitly."""
+        self._open_implicit = False
+        warnings.warn(
+            f"the default for the {type(self).__name__} 'open' parameter will become 'False'"
+            " in a future release. Please use open={True|False} explicitly, or use the pool"
+            f" as context manager using: `with {type(self).__name__}(...) as pool: ...`",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
     def _lend_connection(self, slot: Slot[CT]) -> CT:
-        if self._open_implicit:
-            self._open_implicit = False
-            warnings.warn(
-                f"the default for the {type(self).__name__} 'open' parameter will become 'False'"
-                " in a future release. Please use open={True|False} explicitly, or use the pool"
-                f" as context manager using: `with {type(self).__name__}(...) as pool: ...`",
-                DeprecationWarning,
-                stacklevel=3,
-            )
         conn = slot.conn
         conn._pool = self  # type: ignore[assignment]
         conn._pool_slot = slot  # type: ignore[attr-defined]
@@ -269,13 +271,10 @@ class _Lease(Generic[CT]):
 
     def __enter__(self) -> CT:
         pool = self._pool
-        self._slot = slot = pool.acquire(self._timeout)
         if pool._open_implicit:
-            return pool._lend_connection(slot)
-        conn = slot.conn
-        conn._pool = pool  # type: ignore[assignment]
-        conn._pool_slot = slot  # type: ignore[attr-defined]
-        return conn
+            pool._warn_open_implicit()
+        self._slot = slot = pool.acquire(self._timeout)
+        return pool._lend_connection(slot)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         conn = self._slot.conn

@@ -31,10 +31,10 @@ class WaitTimes:
         Only queued requests are recorded (the fast path stays free), so the
         `requests - queued` that never waited count as zeros.
         """
-        n = len(self._window)
         if not requests:
             return {}
         waits = sorted(self._window)
+        n = len(waits)
         immediate = max(0.0, (requests - queued) / requests)
         result = {}
         for label, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):

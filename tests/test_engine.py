@@ -109,6 +109,16 @@ def test_bad_input_names_the_parameter(kwargs, param):
         FakePool(**kwargs)
 
 
+@pytest.mark.parametrize("timeout", [-1, float("nan")])
+def test_bad_acquire_timeout_is_refused_before_queueing(pool, timeout):
+    held = [pool.acquire(), pool.acquire()]
+    with pytest.raises(ValueError, match="timeout"):
+        pool.acquire(timeout=timeout)
+    assert pool.get_stats()["requests_waiting"] == 0
+    for s in held:
+        pool.release(s)
+
+
 def test_closed_pool_refuses_everything(pool):
     slot = pool.acquire()
     pool.close()
@@ -172,28 +182,37 @@ def test_each_waiter_times_out_at_its_own_deadline(pool):
         pool.release(s)
 
 
-def test_served_waiters_leave_no_timer_holding_the_hub(pool):
+@pytest.mark.parametrize("how", ["greenlet", "main greenlet", "thread", "kill", "close"])
+def test_no_timer_holds_the_hub_once_no_request_waits(how):
     """Once no request waits, the pool keeps nothing alive in the gevent
-    loop: `gevent.wait()` returns at once, not when a deadline passes."""
-    held = [pool.acquire(), pool.acquire()]
-    waiters = [gevent.spawn(pool.acquire, timeout=30) for _ in range(3)]
-    gevent.sleep(0.01)
-    pool.release(held.pop())
-    pool.release(held.pop())
-    gevent.sleep(0.01)
-    pool.release(waiters[0].get(timeout=1))
-    gevent.joinall(waiters, timeout=2, raise_error=True)
-    for g in waiters[1:]:
-        pool.release(g.value)
-    killed = gevent.spawn(pool.acquire, timeout=30)
-    held = [pool.acquire(), pool.acquire()]
-    gevent.sleep(0.01)
-    killed.kill()  # the last waiter leaves the queue by being killed
+    loop, whoever served or cancelled the last one: `gevent.wait()` returns
+    at once, not when the request's deadline passes."""
+    p = make_pool(min_size=1, max_size=1, timeout=30)
+    held = p.acquire()
+    waiter = gevent.spawn(p.acquire, timeout=30)
+    gevent.sleep(0.01)  # queued
+    if how == "greenlet":
+        gevent.spawn(p.release, held).join()
+    elif how == "main greenlet":
+        p.release(held)  # no hub in use here: the test's own greenlet
+    elif how == "thread":
+        releaser = threading.Thread(target=p.release, args=(held,))
+        releaser.start()
+        releaser.join()
+    elif how == "kill":
+        waiter.kill()
+    else:
+        p.close()
+    gevent.joinall([waiter], timeout=2)
+    assert waiter.ready()
     t0 = time.monotonic()
     assert gevent.wait(timeout=10)
     assert time.monotonic() - t0 < 2
-    for s in held:
-        pool.release(s)
+    if how in ("kill", "close"):
+        p.release(held)
+    else:
+        p.release(waiter.value)
+    p.close()
 
 
 def test_waiters_are_served_in_fifo_order(pool):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -409,6 +410,20 @@ def test_null_pool_hands_returned_connection_to_waiter(cls: type, make_pool: Cal
     assert not thread.is_alive()
     assert got == [(pid, (1,))]  # the same connection, handed over
     wait_until(lambda: held.closed, what="the connection to be closed once nobody waits")
+
+
+def test_implicit_open_warning_raised_as_error_leaks_no_connection(make_pool: Callable[..., Any]) -> None:
+    """psycopg_pool's DeprecationWarning for an implicit open comes before the
+    checkout: with warnings as errors (pytest's `-W error`), nothing is lent."""
+    pool = make_pool(gp.ConnectionPool, min_size=1, max_size=1, timeout=1, open=None)
+    pool.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DeprecationWarning, match="'open' parameter"):
+            pool.getconn()
+    conn = pool.getconn()
+    pool.putconn(conn)
+    assert pool.get_stats()["pool_available"] == 1
 
 
 @pytest.mark.parametrize("cls", ALL_POOLS)
