@@ -454,9 +454,7 @@ class Pool(Generic[C]):
             if slot is None or slot is _CANCELLED:
                 slot = self._cancel(req)
             now = monotonic()
-            waited = now - start
-            self._wait_times.add(waited)
-            self._wait_total += waited
+            self._record_wait(now - start)
             if slot is None:
                 self.requests_errors += 1
                 self._check_open()
@@ -485,7 +483,7 @@ class Pool(Generic[C]):
         earliest = INFINITY
         with self._lock:
             for req in self._waiters:
-                if req.hub is hub and req.slot is None:
+                if req.hub is hub:  # queued requests have no slot yet
                     deadline = req.deadline
                     if deadline <= now:
                         due.append(req)

@@ -50,7 +50,6 @@ class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # t
     """Too many requests in the queue waiting for a connection from the pool."""
 
 
-
 _UNLIMITED = 2**31 - 1
 
 
@@ -181,8 +180,6 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         The connection's own context applies: commit on success, roll back
         on error. Wait up to `timeout` (default `self.timeout`) seconds.
         """
-        if timeout is not None and not timeout >= 0:  # NaN too
-            raise ValueError(f"timeout must be >= 0, got {timeout!r}")
         # No __init__: calling into Python from C is the dearest part of a
         # small object's creation, and one is made per checkout.
         lease = _new_object(_Lease)
