@@ -211,50 +211,48 @@ class DeadlineTimer:
     due and returns the earliest deadline left, which it re-arms for.
 
     Like the per-wait timers it replaces, it keeps the hub's loop alive only
-    while a request waits: each waiting greenlet calls `watch()` before it
-    parks and `unwatch()` after, whoever served or cancelled it. All methods
-    run in the hub's thread.
+    while a request waits. The pool's contended checkout drives it inline,
+    without a call per wait: before parking a request it counts itself in
+    `waiting`, then `arm()`s for an earlier deadline than `at` or `hold()`s
+    the loop if not `held`; after, it counts itself out and, the last one
+    out, calls `let_go()`. All of it runs in the hub's thread.
     """
 
-    __slots__ = ("at", "_watching", "_held", "_loop", "_timer", "_expire")
+    __slots__ = ("at", "waiting", "held", "_loop", "_timer", "_expire")
 
     def __init__(self, hub: Any, expire: Callable[[float], float]) -> None:
         self._loop = hub.loop
         self._expire = expire
         self._timer: Any = None
-        self._watching = 0
-        self._held = False
+        self.waiting = 0  # requests of this hub parked with a finite deadline
+        self.held = False  # the timer keeps the loop alive
         self.at = INFINITY  # the deadline armed for
 
-    def watch(self, deadline: float) -> None:
-        """Make sure a request due at `deadline` (finite) is woken by then."""
-        self._watching += 1
-        if deadline < self.at:
-            self._arm(deadline)
-        elif not self._held:
-            self._timer.ref = True
-            self._held = True
-
-    def unwatch(self) -> None:
-        """A request stopped waiting; with none left, stop holding the loop."""
-        self._watching -= 1
-        if not self._watching and self._held:
-            self._timer.ref = False
-            self._held = False
-
-    def _arm(self, deadline: float) -> None:
+    def arm(self, deadline: float) -> None:
+        """Fire at `deadline` instead (it is earlier than `at`); hold the loop."""
         if self._timer is not None:
             self._timer.close()
         self.at = deadline
         self._timer = self._loop.timer(max(deadline - monotonic(), 0.0))
         self._timer.start(self._fire)
-        self._held = True
+        self.held = True
+
+    def hold(self) -> None:
+        """Keep the loop alive until the armed deadline (a request waits)."""
+        self._timer.ref = True
+        self.held = True
+
+    def let_go(self) -> None:
+        """No request waits any more: stop keeping the loop alive."""
+        if self.held:
+            self._timer.ref = False
+            self.held = False
 
     def _fire(self) -> None:
         self._timer.close()
         self._timer = None
-        self._held = False
+        self.held = False
         self.at = INFINITY
         deadline = self._expire(monotonic())
         if deadline != INFINITY:
-            self._arm(deadline)
+            self.arm(deadline)

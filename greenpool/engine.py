@@ -204,7 +204,7 @@ class Pool(Generic[C]):
         # used is kept at hand (the common case is a single hub).
         self._timers: weakref.WeakKeyDictionary[Any, DeadlineTimer] = weakref.WeakKeyDictionary()
         self._timer_hub: Any = None
-        self._timer: DeadlineTimer | None = None
+        self._timer: Any = None
         self._slots: set[Slot[C]] = set()  # live connections
         # Reserved connects: None to grow, or the Slot being replaced.
         self._todo: deque[Slot[C] | None] = deque()
@@ -401,7 +401,8 @@ class Pool(Generic[C]):
         return self._acquire_queued(now, timeout, fail_if_full)
 
     def _acquire_queued(self, start: float, timeout: float, fail_if_full: bool) -> Slot[C]:
-        # The hot path when connections are scarce: keep it short.
+        # The hot path when connections are scarce: every bytecode here runs
+        # once per contended checkout, so helpers are inlined.
         deadline = start + timeout
         while True:
             hub = gevent_hub()
@@ -417,30 +418,44 @@ class Pool(Generic[C]):
             try:
                 if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
                     self._refuse(fail_if_full)
-                self._waiters.append(req)
+                waiters = self._waiters
+                first = not waiters
+                waiters.append(req)
             finally:
                 lock.release()
             self.requests_queued += 1
             try:
-                if len(self._slots) + len(self._todo) + self._inflight < self._max_size:
+                # A full pool's slots alone reach max_size: one len() says so.
+                nslots = len(self._slots)
+                if nslots < self._max_size and nslots + len(self._todo) + self._inflight < self._max_size:
                     self._fill()
-                for seg in self._segments:
-                    if seg.idle:
-                        self._rebalance()
-                        break
+                if first:
+                    # A connection parked idle while the queue was empty: its
+                    # returner saw no one to hand it to. Behind another request
+                    # there is none such (see `_release`), so only the first looks.
+                    for seg in self._segments:
+                        if seg.idle:
+                            self._rebalance()
+                            break
                 if hub is None:
                     req.wait(deadline - monotonic())
                 elif deadline == INFINITY:
-                    req.wait()
+                    if req.slot is None:
+                        req.get()
                 else:
-                    timer = self._timer
-                    if hub is not self._timer_hub or timer is None:
-                        timer = self._deadline_timer(hub)
-                    timer.watch(deadline)
+                    timer = self._timer if hub is self._timer_hub else self._deadline_timer(hub)
+                    timer.waiting += 1
+                    if deadline < timer.at:
+                        timer.arm(deadline)
+                    elif not timer.held:
+                        timer.hold()
                     try:
-                        req.wait()
+                        if req.slot is None:
+                            req.get()
                     finally:
-                        timer.unwatch()
+                        timer.waiting -= 1
+                        if not timer.waiting:
+                            timer.let_go()
             except BaseException:
                 # Killed, interrupted or timed out from outside while queued:
                 # keep a connection handed to us in the meantime for the others.
@@ -454,13 +469,19 @@ class Pool(Generic[C]):
             if slot is None or slot is _CANCELLED:
                 slot = self._cancel(req)
             now = monotonic()
-            self._record_wait(now - start)
+            waited = now - start
+            self._wait_times.add(waited)
+            self._wait_total += waited
             if slot is None:
                 self.requests_errors += 1
                 self._check_open()
                 raise self.PoolTimeout(
                     f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
                 ) from self._last_error
+            # `_lend()`'s checks, when a returner just found it OK.
+            if slot.handed_fresh and now < slot.expire_at and self._check is None and self.leak_threshold is None:
+                slot.taken_at = now
+                return slot
             if self._lend(slot, now):
                 return slot
 
@@ -564,18 +585,39 @@ class Pool(Generic[C]):
 
     # -- checkin ---------------------------------------------------------
 
-    def release(self, slot: Slot[C]) -> None:
-        """Take back a lent slot: clean it if needed, then reuse or retire it."""
+    def release(self, slot: Slot[C], status: int | None = None) -> None:
+        """Take back a lent slot: clean it if needed, then reuse or retire it.
+
+        `status` is the connection's `_status()` if the caller just read it.
+        """
         if slot.state != OUT:
             raise ValueError(f"can't return {slot.conn!r} to pool {self.name!r}: it is not lent")
-        slot.state = IDLE
         now = monotonic()
         self._usage += now - slot.taken_at
-        status = self._status(slot.conn)
+        if status is None:
+            status = self._status(slot.conn)
         if status == OK and now < slot.expire_at and not self._closed:
             slot.last_used = now
-            self._release(slot)
-        elif self._closed:
+            # The hot path when connections are scarce: `_release()` inlined.
+            if self._waiters:
+                lock = self._lock
+                lock.acquire()
+                try:
+                    if self._waiters:
+                        req = self._waiters.popleft()
+                        slot.handed_fresh = True  # checked just now: the taker needn't
+                        req.slot = slot
+                    else:
+                        req = None
+                finally:
+                    lock.release()
+                if req is not None:
+                    req.fire()
+                    return
+            self._park(slot)
+            return
+        slot.state = IDLE
+        if self._closed:
             self._discard(slot, close_now=True)
         elif status == BROKEN:
             self.returns_bad += 1
@@ -620,6 +662,10 @@ class Pool(Generic[C]):
             if req is not None:
                 req.fire()
                 return
+        self._park(slot)
+
+    def _park(self, slot: Slot[C]) -> None:
+        """Put a good slot in the caller's idle segment (or close it)."""
         if self._closed or not self._retain_idle:
             self._discard(slot, close_now=self._closed)
             return
@@ -634,7 +680,9 @@ class Pool(Generic[C]):
         finally:
             lock.release()
         # Re-check after publishing: a request may have queued meanwhile
-        # (it re-checks the segments after queuing, so one of us sees it).
+        # (the first request to queue re-checks the segments after queuing,
+        # so one of us sees the other; with a request already queued, this
+        # check sees it). So no connection stays idle while a request waits.
         if self._waiters:
             self._rebalance()
         elif self._closed:

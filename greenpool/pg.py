@@ -124,9 +124,12 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             check_idle=check_idle,
             leak_threshold=leak_threshold,
         )
+        #: `_status()` of an idle connection, if it is always the same; None: ask.
+        self._idle_status: int | None = None
         if reset is None and type(self)._status is ConnectionPool._status:
             # Checked on every return: skip a call layer when there's no reset.
             self._status = pool_status  # type: ignore[method-assign]
+            self._idle_status = OK
         self._open_implicit = open is None
         if open is None or open:
             self.open()
@@ -271,22 +274,29 @@ class _Lease(Generic[CT]):
         if pool._open_implicit:
             pool._warn_open_implicit()
         self._slot = slot = pool.acquire(self._timeout)
-        return pool._lend_connection(slot)
+        conn = slot.conn  # `_lend_connection()`, inlined
+        conn._pool = pool  # type: ignore[assignment]
+        conn._pool_slot = slot  # type: ignore[attr-defined]
+        return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         conn = self._slot.conn
+        status = None
         try:
             # Commit/rollback like `with conn:`. Nothing to do on an idle
-            # connection outside pipeline mode; nothing possible on a busy one
-            # (an interrupted query): the pool cancels it.
-            status = conn.pgconn.transaction_status
-            if (exc_type is not None or status != _IDLE or conn._pipeline) and status != _ACTIVE:
+            # connection outside pipeline mode (then the status read is the
+            # pool's too); nothing possible on a busy one (an interrupted
+            # query): the pool cancels it.
+            pgstatus = conn.pgconn.transaction_status
+            if exc_type is None and pgstatus == _IDLE and not conn._pipeline:
+                status = self._pool._idle_status
+            elif pgstatus != _ACTIVE:
                 conn.__exit__(exc_type, exc, tb)
         finally:
             pool = self._pool
             if conn._pool is pool:  # type: ignore[comparison-overlap]
                 conn._pool = None
-                pool.release(self._slot)
+                pool.release(self._slot, status)
             else:
                 pool.putconn(conn)  # returned already: say so
 
