@@ -419,7 +419,11 @@ def test_interrupted_queries_are_cancelled(
         assert stats["returns_bad"] == 0
         assert stats["connections_lost"] == 0
         assert stats["connections_num"] == 4  # cancelled and kept, not replaced
-        assert stats["requests_errors"] >= 16  # the queued ones gave up
+        # Each request gave up while queued (an error) or was interrupted
+        # mid-query (a reset). Usually that is 16 and 4; on a loaded machine
+        # the 20 timeouts may not fall in one loop iteration, and a waiter
+        # may get a cleaned connection before its own timeout.
+        assert stats["requests_errors"] + stats["returns_reset"] == 20
 
     run_green(body)
 
