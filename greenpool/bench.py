@@ -1161,6 +1161,40 @@ def summarize(results: Sequence[RunResult], contender_name: str, phase: str) -> 
     return summary
 
 
+def paired_ratio(
+    results: Sequence[RunResult],
+    name: str,
+    phase: str,
+    base_name: str,
+    base_phase: str,
+    figure: Callable[[RunResult, RunResult], float],
+) -> float:
+    """Median over rounds of `figure(run, base_run)`, the two runs from the same round.
+
+    The machine drifts by 10-20 % between rounds (the bound's own q/s
+    does), more than some of the gaps measured; the runs of one round are
+    seconds apart, so a ratio within a round cancels most of the drift
+    that a ratio of medians over all rounds keeps. NaN if no round has
+    both runs.
+    """
+    runs = {r.round: r for r in results if r.contender == name and r.phase == phase and r.ok}
+    bases = {r.round: r for r in results if r.contender == base_name and r.phase == base_phase and r.ok}
+    ratios = [figure(runs[n], bases[n]) for n in sorted(runs.keys() & bases.keys())]
+    ratios = [x for x in ratios if not math.isnan(x)]
+    return statistics.median(ratios) if ratios else math.nan
+
+
+PAIRED_LEGEND = "ratios: the median over rounds of each round's own ratio; q/s, latencies: medians over rounds"
+
+
+def _qps_ratio(run: RunResult, base: RunResult) -> float:
+    return _ratio(run.qps, base.qps)
+
+
+def _max_ratio(run: RunResult, base: RunResult) -> float:
+    return _ratio(run.max_ms, base.max_ms)
+
+
 def _fmt(value: float, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None or math.isnan(value) else f"{value:{spec}}{suffix}"
 
@@ -1235,21 +1269,15 @@ def report_fixed(
     q/s relative to the bound's (1.00x for the bound itself), and p99
     relative to its FIFO ideal, G/P x the bound's median latency (a fair FIFO
     pool makes each query wait for G/P queries ahead of it; "-" for the
-    bounds, which never wait). Each bound covering a row gets a line under
+    bounds, which never wait). Each ratio is the median of the ratios
+    within each round (`paired_ratio`); the absolute figures are medians. Each bound covering a row gets a line under
     the table giving its ideal. Contenders in `skipped` (name -> why) get a
     "not run" row.
     """
     skipped = skipped or {}
     summaries = {name: summarize(results, name, "run") for name in names}
     bound_names = {b.contender for b in BOUNDS}
-    # bound -> (its q/s, its FIFO ideal p99 in ms, its summary); NaN if it didn't run.
-    figures: dict[Bound, tuple[float, float, Summary | None]] = {}
-    for bound in BOUNDS:
-        base = summaries.get(bound.contender)
-        if base is None:
-            figures[bound] = (math.nan, math.nan, None)
-        else:
-            figures[bound] = (base.qps, scenario.greenlets / scenario.pool_size * base.p50_ms, base)
+    fifo_wait = scenario.greenlets / scenario.pool_size
     headers = [
         "contender",
         "q/s",
@@ -1260,6 +1288,10 @@ def report_fixed(
         *(f"p99 vs {b.ideal}" for b in BOUNDS),
         "",
     ]
+
+    def over_ideal(run: RunResult, base: RunResult) -> float:
+        return _ratio(run.p99_ms, fifo_wait * base.p50_ms)
+
     rows = []
     for name, s in summaries.items():
         if name in skipped:
@@ -1268,9 +1300,16 @@ def report_fixed(
         if s.rounds_ok == 0:
             rows.append([name, f"ERROR {s.errors[0] if s.errors else ''}"])
             continue
-        vs_qps = [_fmt(_ratio(s.qps, figures[b][0]), ".2f", "x") if b.covers(name) else "-" for b in BOUNDS]
+        vs_qps = [
+            _fmt(paired_ratio(results, name, "run", b.contender, "run", _qps_ratio), ".2f", "x")
+            if b.covers(name)
+            else "-"
+            for b in BOUNDS
+        ]
         vs_ideal = [
-            _fmt(_ratio(s.p99_ms, figures[b][1]), ".2f", "x") if b.covers(name) and name not in bound_names else "-"
+            _fmt(paired_ratio(results, name, "run", b.contender, "run", over_ideal), ".2f", "x")
+            if b.covers(name) and name not in bound_names
+            else "-"
             for b in BOUNDS
         ]
         rows.append(
@@ -1289,14 +1328,15 @@ def report_fixed(
     for bound in BOUNDS:
         if not any(bound.covers(name) for name in names):
             continue
-        _, ideal_ms, base = figures[bound]
-        if base is None or math.isnan(ideal_ms):
+        base = summaries.get(bound.contender)
+        if base is None or math.isnan(base.p50_ms):
             lines.append(f"{bound.ideal} p99: unknown (needs a successful `{bound.contender}` run)")
         else:
             lines.append(
                 f"{bound.ideal} p99 = G/P x {bound.contender} median latency = {scenario.greenlets}/"
-                f"{scenario.pool_size} x {base.p50_ms:.2f} ms = {ideal_ms:.1f} ms"
+                f"{scenario.pool_size} x {base.p50_ms:.2f} ms = {fifo_wait * base.p50_ms:.1f} ms"
             )
+    lines.append(PAIRED_LEGEND)
     lines += _error_lines(summaries.values())
     return "\n".join(lines)
 
@@ -1343,18 +1383,18 @@ def report_storm(
                 name,
                 _fmt(calm.qps, ".0f"),
                 _fmt(storm.qps, ".0f"),
-                _fmt(_ratio(storm.qps, calm.qps), ".2f"),
+                _fmt(paired_ratio(results, name, "storm", name, "calm", _qps_ratio), ".2f"),
                 _fmt(calm.p99_ms, ".1f"),
                 _fmt(storm.p99_ms, ".1f"),
                 _fmt(calm.max_ms, ".1f"),
                 _fmt(storm.max_ms, ".1f"),
-                _fmt(_ratio(storm.max_ms, calm.max_ms), ".2f", "x"),
+                _fmt(paired_ratio(results, name, "storm", name, "calm", _max_ratio), ".2f", "x"),
                 _fmt(storm.new_connections, ".0f"),
                 "; ".join(notes),
             ]
         )
     legend = "storm new conns: connections the pool opened during the timed storm phase (from get_stats())"
-    return "\n".join([_table(headers, rows), legend, *_error_lines(all_summaries)])
+    return "\n".join([_table(headers, rows), legend, PAIRED_LEGEND, *_error_lines(all_summaries)])
 
 
 def _error_lines(summaries: Iterable[Summary]) -> list[str]:

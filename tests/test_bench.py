@@ -267,6 +267,34 @@ def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
     )
 
 
+def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
+    """The machine drifts between rounds: a round's contender is compared
+    with the same round's bound, not with the bound's median."""
+    scenario = bench.SCENARIOS["steady"][0]
+    figures = [(900.0, 1000.0), (800.0, 1000.0), (450.0, 500.0)]  # per round: pool, bound
+    results = []
+    for round_no, (pool_qps, bound_qps) in enumerate(figures, 1):
+        for name, qps in (("greenpool", pool_qps), ("dedicated", bound_qps)):
+            result = _result(name, ok=True, qps=qps, p50_ms=2.0, p99_ms=30.0, max_ms=40.0)
+            result.round = round_no
+            results.append(result)
+    text = bench.report_fixed(scenario, results, ["greenpool", "dedicated"])
+    cells = _cells(text)["greenpool"]
+    assert cells["q/s"] == "800"  # the median, where 800 / 1000 would say 0.80x
+    assert cells["q/s vs dedicated"] == "0.90x"
+    assert bench.PAIRED_LEGEND in text.splitlines()
+    # Storm: each round's storm phase over the same round's calm phase.
+    storm = []
+    for round_no, (storm_qps, calm_qps) in enumerate(figures, 1):
+        for phase, qps in (("storm", storm_qps), ("calm", calm_qps)):
+            result = _result("greenpool", ok=True, qps=qps, p50_ms=2.0, p99_ms=30.0, max_ms=qps / 10)
+            result.round, result.phase = round_no, phase
+            storm.append(result)
+    row = _cells(bench.report_storm(bench.SCENARIOS["storm"][0], storm, ["greenpool"]))["greenpool"]
+    assert row["storm/calm q/s"] == "0.90"
+    assert row["storm/calm max"] == "0.90x"
+
+
 def test_fixed_report_without_peewee_dedicated() -> None:
     scenario = bench.SCENARIOS["steady"][0]
     results = [
