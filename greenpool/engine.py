@@ -461,7 +461,7 @@ class Pool(Generic[C]):
                 # keep a connection handed to us in the meantime for the others.
                 slot = self._cancel(req)
                 if slot is not None:
-                    self._release(slot)
+                    self._release(slot, slot.handed_fresh)
                 self.requests_errors += 1
                 self._record_wait(monotonic() - start)
                 raise
@@ -649,14 +649,17 @@ class Pool(Generic[C]):
         else:
             self._release(slot)
 
-    def _release(self, slot: Slot[C]) -> None:
-        """Hand a good slot to the first waiter, or park it idle."""
+    def _release(self, slot: Slot[C], fresh: bool = True) -> None:
+        """Hand a good slot to the first waiter, or park it idle.
+
+        `fresh`: its status was checked moments ago (by `release()`, a
+        cleaner, a connector), the taker needn't look again.
+        """
         if self._waiters:
             lock = self._lock
             lock.acquire()
             try:
-                # Checked moments ago (by `release()`, a cleaner, a connector).
-                req = self._hand_locked(slot, fresh=True) if self._waiters else None
+                req = self._hand_locked(slot, fresh) if self._waiters else None
             finally:
                 lock.release()
             if req is not None:
@@ -1053,17 +1056,30 @@ class Pool(Generic[C]):
     def check(self) -> None:
         """Ping every idle connection now; discard and replace broken ones."""
         self._check_open()
-        for slot in self._take_all_idle():
-            slot.state = OUT
-            try:
-                self._ping(slot.conn)
-            except Exception as ex:
-                logger.warning("discarding broken connection in %r: %s", self.name, ex)
-                self.connections_lost += 1
-                self._discard(slot)
-            else:
+        idle = deque(self._take_all_idle())
+        try:
+            while idle:
+                slot = idle[0]
+                slot.state = OUT
+                try:
+                    self._ping(slot.conn)
+                except Exception as ex:
+                    idle.popleft()
+                    logger.warning("discarding broken connection in %r: %s", self.name, ex)
+                    self.connections_lost += 1
+                    self._discard(slot)
+                    continue
+                idle.popleft()
                 slot.last_used = monotonic()
                 self._release(slot)
+        finally:
+            # Interrupted (a gevent.Timeout, a kill): the connection being
+            # pinged goes back through the return path, which cleans it if the
+            # ping was cut short; the others go back unchecked.
+            if idle and idle[0].state == OUT:
+                self.release(idle.popleft())
+            for slot in idle:
+                self._release(slot, fresh=False)
 
     # -- stats -----------------------------------------------------------
 

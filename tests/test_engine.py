@@ -573,3 +573,32 @@ def test_replacement_opens_first_below_max_size():
     assert old.closed
     assert p.get_stats()["pool_size"] <= 4
     p.close()
+
+
+def test_check_interrupted_gives_every_connection_back() -> None:
+    """`check()` cut short by a gevent.Timeout mid-ping: the connection being
+    pinged is cleaned (the ping was cut short) and reused, the unchecked ones
+    go back as they were; none is lost."""
+    pinged: list[FakeConn] = []
+
+    class SlowPing(FakePool):
+        def _ping(self, conn: FakeConn) -> None:
+            pinged.append(conn)
+            conn.status = DIRTY  # a round trip in flight
+            gevent.sleep(0.2)
+            conn.status = OK
+
+    pool = SlowPing(min_size=3, max_size=3, timeout=2)
+    pool.open(wait=True, timeout=5)
+    try:
+        with gevent.Timeout(0.05, False):
+            pool.check()
+        assert len(pinged) == 1
+        slots = [pool.acquire(timeout=1) for _ in range(3)]
+        assert {s.conn for s in slots} == set(pool.opened)
+        assert pinged[0].cleaned == 1
+        assert pool.get_stats()["connections_num"] == 3
+        for s in slots:
+            pool.release(s)
+    finally:
+        pool.close()
