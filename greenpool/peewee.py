@@ -71,6 +71,9 @@ class _ConnectionState(peewee._ConnectionState):
     """Peewee's connection state, one per database and greenlet (or thread)."""
 
 
+#: Database class -> whether it may take `PooledDatabase`'s short connect/close paths.
+_LEAN: dict[type, bool] = {}
+
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
 _EXCEPTION_WRAPPER: Any = vars(peewee)["__exception_wrapper__"]
 
@@ -85,6 +88,9 @@ class _ConnectionContext(peewee.ConnectionContext):
 
     def __enter__(self) -> None:
         db = self.db
+        if not db._lean:
+            super().__enter__()
+            return
         state = db._state  # `connect()` fills this same object in
         if state.closed:
             db.connect()
@@ -92,6 +98,9 @@ class _ConnectionContext(peewee.ConnectionContext):
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         db = self.db
+        if not db._lean:
+            super().__exit__(exc_type, exc_val, exc_tb)
+            return
         ctx = db._state.ctx
         ctx.pop()
         if not ctx:
@@ -172,9 +181,6 @@ class PooledDatabase:
         self._lent: dict[int, tuple[Slot[Any], Any]] = {}
         self._link_key = f"_greenpool_linked_{id(self):x}"
         self._backend = _backend_for(self)
-        if type(self)._conn_status is PooledDatabase._conn_status:
-            # Asked at every return: skip the call layers in between.
-            self._pool._status = self._backend.status  # type: ignore[method-assign]
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
             # Greenlet-local state makes peewee's database lock pointless; a
@@ -283,11 +289,30 @@ class PooledDatabase:
     #
     # Peewee's own `connect()`, `close()` and `connection_context()`, with
     # the same checks, errors and results, minus the database lock (a no-op
-    # here) and with the greenlet-local state looked up once: each lookup
-    # costs ~0.15 us and a `reset()` of it ~0.8 us, several per query.
+    # here) and with the greenlet's state looked up once, not three or four
+    # times. They read the state where peewee calls `is_closed()` and
+    # `in_transaction()`, so a class that overrides one of those, or puts its
+    # own `connect()`/`close()` between this mixin and peewee's, gets peewee's.
+
+    @property
+    def _lean(self) -> bool:
+        """Whether this class may take the short paths (see above)."""
+        cls = type(self)
+        lean = _LEAN.get(cls)
+        if lean is None:
+            mro = cls.__mro__
+            after = mro[mro.index(PooledDatabase) + 1 :]
+            lean = _LEAN[cls] = all(
+                getattr(cls, name) is getattr(peewee.Database, name) for name in ("is_closed", "in_transaction")
+            ) and not any(
+                name in vars(base) for base in after if base is not peewee.Database for name in ("connect", "close")
+            )
+        return lean
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         """Take a pooled connection for the calling greenlet (peewee's semantics)."""
+        if not self._lean:
+            return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
         if self.deferred:  # type: ignore[attr-defined]
             raise peewee.InterfaceError("Error, database must be initialized before opening a connection.")
         state = self._state
@@ -310,6 +335,8 @@ class PooledDatabase:
 
     def close(self) -> bool:
         """Give the calling greenlet's connection back (peewee's semantics)."""
+        if not self._lean:
+            return super().close()  # type: ignore[misc, no-any-return]
         if self.deferred:  # type: ignore[attr-defined]
             raise peewee.InterfaceError("Error, database must be initialized before opening a connection.")
         state = self._state
@@ -346,10 +373,11 @@ class PooledDatabase:
         owner = getcurrent()
         self._lent[id(slot.conn)] = (slot, owner)
         # A gevent greenlet that ends without closing gives its connection
-        # back. Linked once per greenlet, not per checkout: a rawlink and an
-        # unlink per query cost more than the rest of this method.
+        # back (unless the state, hence the connection, is shared by all).
+        # Linked once per greenlet, not per checkout: a rawlink and an unlink
+        # per query cost more than the rest of this method.
         linked = owner.__dict__
-        if self._link_key not in linked:
+        if self._link_key not in linked and self._state_key is not None:
             link = getattr(owner, "rawlink", None)
             if link is not None:
                 link(self._owner_ended)
@@ -358,11 +386,14 @@ class PooledDatabase:
 
     def _owner_ended(self, greenlet: Any) -> None:
         """A linked greenlet ended: give back what it still holds."""
-        for key, (slot, owner) in list(self._lent.items()):
-            if owner is greenlet and self._lent.get(key, (None,))[0] is slot:
-                del self._lent[key]
+        for key, entry in list(self._lent.items()):
+            if entry[1] is greenlet and self._lent.get(key) is entry:
+                try:
+                    del self._lent[key]
+                except KeyError:  # given back meanwhile, from another thread
+                    continue
                 logger.warning("%r ended holding a connection of %r: returning it", greenlet, self._pool.name)
-                self._pool.release(slot)
+                self._pool.release(entry[0])
 
     def _forget_lent(self, conn: Any) -> Slot[Any] | None:
         entry = self._lent.pop(id(conn), None)

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import gevent
 import gevent.event
@@ -56,6 +57,7 @@ from playhouse.db_url import connect as url_connect
 from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
 
 import greenpool.peewee as gpw
+from greenpool.engine import BROKEN
 from greenpool.pgconn import GeventConnection
 
 #: Every test must end well within this (seconds); a hang fails the test.
@@ -572,6 +574,67 @@ def test_mixin_with_plain_peewee_class(backend: Backend) -> None:
     assert Item.select().count() == 1
     db.close()
     assert db.pool_stats()["pool_available"] >= 1
+
+
+@backends("sqlite")
+def test_mixin_hooks_between_pooled_database_and_peewee_are_called(backend: Backend) -> None:
+    """A class between the mixin and peewee's overriding connect/close/
+    is_closed/in_transaction is called as with peewee's own methods (the
+    mixin's short paths bypass them otherwise)."""
+    calls: list[str] = []
+
+    class Hooks:
+        def connect(self, reuse_if_open: bool = False) -> bool:
+            calls.append("connect")
+            return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
+
+        def close(self) -> bool:
+            calls.append("close")
+            return super().close()  # type: ignore[misc, no-any-return]
+
+        def is_closed(self) -> bool:
+            calls.append("is_closed")
+            return super().is_closed()  # type: ignore[misc, no-any-return]
+
+    class MyDB(gpw.PooledDatabase, Hooks, peewee.SqliteDatabase):  # type: ignore[misc]
+        pass
+
+    db = backend.make(MyDB, max_connections=3)
+    calls.clear()
+    with db.connection_context():
+        db.execute_sql("select 1")
+    assert calls == ["is_closed", "connect", "is_closed", "close"]
+    assert db.pool_stats()["pool_available"] == 1
+
+
+@backends("pg")
+def test_instance_conn_status_is_asked_at_return(backend: Backend) -> None:
+    """The backend hooks are looked up on the database at each use, as
+    methods: patching one on an instance takes effect."""
+    db = backend.make(max_connections=3)
+    db.connect()
+    db.close()
+    assert db.pool_stats()["pool_size"] == 1
+    with mock.patch.object(db, "_conn_status", lambda conn: BROKEN):
+        db.connect()
+        db.close()
+    wait_until(lambda: db.pool_stats()["pool_size"] == 0, what="the broken connection to be discarded")
+
+
+@backends("pg")
+def test_shared_state_connection_outlives_the_greenlet_that_opened_it(backend: Backend) -> None:
+    """`thread_safe=False`: one state, so one connection, for every greenlet.
+    The greenlet that opened it ending must not give it back while the
+    shared state still uses it (a greenlet-local state's connection is)."""
+    db = backend.make(max_connections=3, thread_safe=False)
+    gevent.spawn(db.connect).join()
+    assert not db.is_closed()
+    gevent.sleep(0.05)
+    stats = db.pool_stats()
+    assert (stats["pool_size"], stats["pool_available"]) == (1, 0)
+    db.execute_sql("select 1")
+    db.close()
+    assert db.pool_stats()["pool_available"] == 1
 
 
 @backends("pg")
