@@ -74,6 +74,20 @@ class _ConnectionState(peewee._ConnectionState):
 #: Database class -> whether it may take `PooledDatabase`'s short connect/close paths.
 _LEAN: dict[type, bool] = {}
 
+
+def _lean_paths(cls: type) -> bool:
+    """Whether `cls` may take the short paths (see `PooledDatabase.connect`)."""
+    lean = _LEAN.get(cls)
+    if lean is None:
+        mro = cls.__mro__
+        after = mro[mro.index(PooledDatabase) + 1 :]
+        reads_state = ("is_closed", "in_transaction")
+        bypassed = ("connect", "close")
+        overridden = any(getattr(cls, name) is not getattr(peewee.Database, name) for name in reads_state)
+        shadowed = any(name in vars(base) for base in after if base is not peewee.Database for name in bypassed)
+        lean = _LEAN[cls] = not (overridden or shadowed)
+    return lean
+
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
 _EXCEPTION_WRAPPER: Any = vars(peewee)["__exception_wrapper__"]
 
@@ -180,6 +194,7 @@ class PooledDatabase:
         # id(connection) -> (its slot, the greenlet or thread holding it).
         self._lent: dict[int, tuple[Slot[Any], Any]] = {}
         self._link_key = f"_greenpool_linked_{id(self):x}"
+        self._lean = _lean_paths(type(self))
         self._backend = _backend_for(self)
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
@@ -293,21 +308,6 @@ class PooledDatabase:
     # times. They read the state where peewee calls `is_closed()` and
     # `in_transaction()`, so a class that overrides one of those, or puts its
     # own `connect()`/`close()` between this mixin and peewee's, gets peewee's.
-
-    @property
-    def _lean(self) -> bool:
-        """Whether this class may take the short paths (see above)."""
-        cls = type(self)
-        lean = _LEAN.get(cls)
-        if lean is None:
-            mro = cls.__mro__
-            after = mro[mro.index(PooledDatabase) + 1 :]
-            lean = _LEAN[cls] = all(
-                getattr(cls, name) is getattr(peewee.Database, name) for name in ("is_closed", "in_transaction")
-            ) and not any(
-                name in vars(base) for base in after if base is not peewee.Database for name in ("connect", "close")
-            )
-        return lean
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         """Take a pooled connection for the calling greenlet (peewee's semantics)."""
