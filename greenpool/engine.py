@@ -598,23 +598,7 @@ class Pool(Generic[C]):
             status = self._status(slot.conn)
         if status == OK and now < slot.expire_at and not self._closed:
             slot.last_used = now
-            # The hot path when connections are scarce: `_release()` inlined.
-            if self._waiters:
-                lock = self._lock
-                lock.acquire()
-                try:
-                    if self._waiters:
-                        req = self._waiters.popleft()
-                        slot.handed_fresh = True  # checked just now: the taker needn't
-                        req.slot = slot
-                    else:
-                        req = None
-                finally:
-                    lock.release()
-                if req is not None:
-                    req.fire()
-                    return
-            self._park(slot)
+            self._release(slot)
             return
         slot.state = IDLE
         if self._closed:
