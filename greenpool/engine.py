@@ -432,7 +432,7 @@ class Pool(Generic[C]):
                 if first:
                     # A connection parked idle while the queue was empty: its
                     # returner saw no one to hand it to. Behind another request
-                    # there is none such (see `_release`), so only the first looks.
+                    # there is none such (see `_park`), so only the first looks.
                     for seg in self._segments:
                         if seg.idle:
                             self._rebalance()
