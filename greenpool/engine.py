@@ -469,9 +469,7 @@ class Pool(Generic[C]):
             if slot is None or slot is _CANCELLED:
                 slot = self._cancel(req)
             now = monotonic()
-            waited = now - start
-            self._wait_times.add(waited)
-            self._wait_total += waited
+            self._record_wait(now - start)
             if slot is None:
                 self.requests_errors += 1
                 self._check_open()

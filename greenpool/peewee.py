@@ -19,6 +19,7 @@ mixin, and the ready classes keep playhouse's names. Differences that matter:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -71,22 +72,17 @@ class _ConnectionState(peewee._ConnectionState):
     """Peewee's connection state, one per database and greenlet (or thread)."""
 
 
-#: Database class -> whether it may take `PooledDatabase`'s short connect/close paths.
-_LEAN: dict[type, bool] = {}
-
-
+@functools.cache
 def _lean_paths(cls: type) -> bool:
     """Whether `cls` may take the short paths (see `PooledDatabase.connect`)."""
-    lean = _LEAN.get(cls)
-    if lean is None:
-        mro = cls.__mro__
-        after = mro[mro.index(PooledDatabase) + 1 :]
-        reads_state = ("is_closed", "in_transaction")
-        bypassed = ("connect", "close")
-        overridden = any(getattr(cls, name) is not getattr(peewee.Database, name) for name in reads_state)
-        shadowed = any(name in vars(base) for base in after if base is not peewee.Database for name in bypassed)
-        lean = _LEAN[cls] = not (overridden or shadowed)
-    return lean
+    mro = cls.__mro__
+    after = mro[mro.index(PooledDatabase) + 1 :]
+    reads_state = ("is_closed", "in_transaction")
+    bypassed = ("connect", "close")
+    overridden = any(getattr(cls, name) is not getattr(peewee.Database, name) for name in reads_state)
+    shadowed = any(name in vars(base) for base in after if base is not peewee.Database for name in bypassed)
+    return not (overridden or shadowed)
+
 
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
 _EXCEPTION_WRAPPER: Any = vars(peewee)["__exception_wrapper__"]
@@ -194,7 +190,7 @@ class PooledDatabase:
         # id(connection) -> (its slot, the greenlet or thread holding it).
         self._lent: dict[int, tuple[Slot[Any], Any]] = {}
         self._link_key = f"_greenpool_linked_{id(self):x}"
-        self._lean = _lean_paths(type(self))
+        self._lean = _lean_paths(type(self))  # type: ignore[arg-type]
         self._backend = _backend_for(self)
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
