@@ -13,6 +13,9 @@ Contenders (`CONTENDERS`, in table order), with the backends they run on:
                       PooledMySQLDatabase (both)
 ``peewee-playhouse``  `playhouse.pool`'s PooledPostgresqlDatabase /
                       PooledMySQLDatabase, peewee's own pool (both)
+``bare-pool``         a featureless FIFO pool (an idle list and a gevent
+                      `Waiter` handoff): what lending P connections to G
+                      greenlets costs at the least (both)
 ``dedicated``         P greenlets each owning one connection: the same driver
                       with no pool, the upper bound (both)
 ``peewee-dedicated``  P greenlets each owning one connected, non-pooled Peewee
@@ -20,7 +23,7 @@ Contenders (`CONTENDERS`, in table order), with the backends they run on:
 ``shared``            one connection behind a gevent lock, used by all G
                       greenlets (PostgreSQL)
 
-The psycopg pools, ``dedicated`` and ``shared`` use the same connection class
+The psycopg pools, ``bare-pool``, ``dedicated`` and ``shared`` use the same connection class
 and autocommit, so differences come from the pools, not the driver. The Peewee
 contenders run one query per borrow the way Peewee code does,
 ``with db.connection_context(): db.execute_sql(sql).fetchall()``; greenpool's
@@ -71,6 +74,7 @@ import sys
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -79,6 +83,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import gevent.hub
 import gevent.lock
 from gevent import monkey
 
@@ -904,6 +909,52 @@ def _playhouse_class(backend: str) -> type[Any]:
     return _PLAYHOUSE_CLASSES[backend]
 
 
+@contender("bare-pool", storm=False, backends=(POSTGRES, MYSQL))
+class BarePool(BorrowingContender):
+    """A featureless FIFO pool (idle list, gevent Waiter handoff): the least a pool costs."""
+
+    # No timeout, lifetime, stats, return checks, thread safety or handshake:
+    # the gap between it and `dedicated` is what any pool of P connections
+    # for G greenlets costs on this machine (a parked greenlet woken per
+    # query), the gap between greenpool and it what greenpool's features do.
+
+    def open(self) -> None:
+        self.conns = _connect_many(partial(self.config.backend.connect, self.config), self.config.pool_size)
+        self.idle = list(self.conns)
+        self.waiters: deque[Any] = deque()
+        self.loop = gevent.get_hub().loop
+
+    def close(self) -> None:
+        _close_all(getattr(self, "conns", ()))
+
+    def borrow(self) -> AbstractContextManager[Any]:
+        return _BareLease(self)
+
+
+class _BareLease:
+    __slots__ = ("pool", "conn")
+
+    def __init__(self, pool: BarePool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> Any:
+        pool = self.pool
+        if pool.idle and not pool.waiters:
+            self.conn = pool.idle.pop()
+        else:
+            waiter = gevent.hub.Waiter()
+            pool.waiters.append(waiter)
+            self.conn = waiter.get()
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        pool = self.pool
+        if pool.waiters:
+            pool.loop.run_callback(pool.waiters.popleft().switch, self.conn)
+        else:
+            pool.idle.append(self.conn)
+
+
 @contender("dedicated", storm=False, backends=(POSTGRES, MYSQL))
 class DedicatedConnections(Contender):
     """P greenlets each owning a connection, no pool: the upper bound."""
@@ -1161,15 +1212,23 @@ def summarize(results: Sequence[RunResult], contender_name: str, phase: str) -> 
     return summary
 
 
-def paired_ratio(
+def paired_ratios(
     results: Sequence[RunResult],
     name: str,
     phase: str,
     base_name: str,
     base_phase: str,
     figure: Callable[[RunResult, RunResult], float],
-) -> float:
-    """Median over rounds of `figure(run, base_run)`, the two runs from the same round.
+) -> list[float]:
+    """`figure(run, base_run)` of each round having both runs, in round order (NaNs left out)."""
+    runs = {r.round: r for r in results if r.contender == name and r.phase == phase and r.ok}
+    bases = {r.round: r for r in results if r.contender == base_name and r.phase == base_phase and r.ok}
+    ratios = [figure(runs[n], bases[n]) for n in sorted(runs.keys() & bases.keys())]
+    return [x for x in ratios if not math.isnan(x)]
+
+
+def paired_ratio(*args: Any) -> float:
+    """Median of `paired_ratios(*args)`: the two runs of each ratio come from the same round.
 
     The machine drifts by 10-20 % between rounds (the bound's own q/s
     does), more than some of the gaps measured; the runs of one round are
@@ -1177,14 +1236,20 @@ def paired_ratio(
     that a ratio of medians over all rounds keeps. NaN if no round has
     both runs.
     """
-    runs = {r.round: r for r in results if r.contender == name and r.phase == phase and r.ok}
-    bases = {r.round: r for r in results if r.contender == base_name and r.phase == base_phase and r.ok}
-    ratios = [figure(runs[n], bases[n]) for n in sorted(runs.keys() & bases.keys())]
-    ratios = [x for x in ratios if not math.isnan(x)]
+    ratios = paired_ratios(*args)
     return statistics.median(ratios) if ratios else math.nan
 
 
-PAIRED_LEGEND = "ratios: the median over rounds of each round's own ratio; q/s, latencies: medians over rounds"
+def ratio_range(*args: Any) -> str:
+    """"lowest-highest" of `paired_ratios(*args)`, or "-" with fewer than two rounds."""
+    ratios = paired_ratios(*args)
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-"
+
+
+PAIRED_LEGEND = (
+    "ratios: the median over rounds of each round's own ratio (rounds: the lowest and highest of those);"
+    " q/s, latencies: medians over rounds"
+)
 
 
 def _qps_ratio(run: RunResult, base: RunResult) -> float:
@@ -1285,6 +1350,7 @@ def report_fixed(
         "p99 ms",
         "max ms",
         *(f"q/s vs {b.contender}" for b in BOUNDS),
+        f"rounds vs {BOUNDS[0].contender}",
         *(f"p99 vs {b.ideal}" for b in BOUNDS),
         "",
     ]
@@ -1320,6 +1386,9 @@ def report_fixed(
                 _fmt(s.p99_ms, ".2f"),
                 _fmt(s.max_ms, ".2f"),
                 *vs_qps,
+                ratio_range(results, name, "run", BOUNDS[0].contender, "run", _qps_ratio)
+                if name != BOUNDS[0].contender
+                else "-",
                 *vs_ideal,
                 _row_note(s),
             ]
@@ -1357,6 +1426,7 @@ def report_storm(
         "calm q/s",
         "storm q/s",
         "storm/calm q/s",
+        "rounds",
         "calm p99 ms",
         "storm p99 ms",
         "calm max ms",
@@ -1384,6 +1454,7 @@ def report_storm(
                 _fmt(calm.qps, ".0f"),
                 _fmt(storm.qps, ".0f"),
                 _fmt(paired_ratio(results, name, "storm", name, "calm", _qps_ratio), ".2f"),
+                ratio_range(results, name, "storm", name, "calm", _qps_ratio),
                 _fmt(calm.p99_ms, ".1f"),
                 _fmt(storm.p99_ms, ".1f"),
                 _fmt(calm.max_ms, ".1f"),

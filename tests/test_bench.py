@@ -3,7 +3,8 @@
 No figures are checked here: CI runs ``python -m greenpool bench --quick``
 itself. These tests cover what decides which contenders run where, the
 MySQL URL handling, the reports, the skip of an absent MySQL server and the
-isolation of a failing contender; none needs a database server.
+isolation of a failing contender, none of which needs a database server,
+and that the `bare-pool` reference is a correct FIFO pool (on PostgreSQL).
 
 The pytest process is never monkey-patched: anything running greenlets
 against the benchmark runner does so in a subprocess.
@@ -57,6 +58,7 @@ def test_postgres_scenarios_run_every_postgres_contender() -> None:
         "psycopg_pool",
         "peewee-greenpool",
         "peewee-playhouse",
+        "bare-pool",
         "dedicated",
         "peewee-dedicated",
         "shared",
@@ -67,7 +69,10 @@ def test_postgres_scenarios_run_every_postgres_contender() -> None:
 def test_mysql_scenarios_run_only_contenders_supporting_mysql() -> None:
     for scenario in ("mysql-steady", "mysql-overhead"):
         assert bench.SCENARIOS[scenario][0].backend == bench.MYSQL
-        assert _plan(scenario) == (["peewee-greenpool", "peewee-playhouse", "dedicated", "peewee-dedicated"], {})
+        assert _plan(scenario) == (
+            ["peewee-greenpool", "peewee-playhouse", "bare-pool", "dedicated", "peewee-dedicated"],
+            {},
+        )
 
 
 @pytest.mark.parametrize("scenario", ["steady", "overhead", "scale", "mysql-steady", "mysql-overhead"])
@@ -282,6 +287,8 @@ def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
     cells = _cells(text)["greenpool"]
     assert cells["q/s"] == "800"  # the median, where 800 / 1000 would say 0.80x
     assert cells["q/s vs dedicated"] == "0.90x"
+    assert cells["rounds vs dedicated"] == "0.80-0.90"
+    assert _cells(text)["dedicated"]["rounds vs dedicated"] == "-"
     assert bench.PAIRED_LEGEND in text.splitlines()
     # Storm: each round's storm phase over the same round's calm phase.
     storm = []
@@ -292,6 +299,7 @@ def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
             storm.append(result)
     row = _cells(bench.report_storm(bench.SCENARIOS["storm"][0], storm, ["greenpool"]))["greenpool"]
     assert row["storm/calm q/s"] == "0.90"
+    assert row["rounds"] == "0.80-0.90"
     assert row["storm/calm max"] == "0.90x"
 
 
@@ -425,3 +433,50 @@ def test_a_failing_contender_does_not_stop_the_run() -> None:
     assert "ERROR round 1: timed out after 0.5 s (--timeout)" in rows["hang"]
     assert "1.00x" in rows["dedicated"]
     assert done.stdout.count("round 2/2 dedicated: ") == 1
+
+
+# ---------------------------------------------------------------- the bare-pool reference
+
+
+def test_bare_pool_lends_each_connection_to_one_greenlet_at_a_time(pg_dsn: str) -> None:
+    """The reference pool is a correct (if featureless) FIFO pool, on the real server."""
+    code = textwrap.dedent(
+        """
+        from gevent import monkey
+        monkey.patch_all()
+        import sys, gevent
+        from greenpool import bench
+        from greenpool.pgconn import GeventConnection
+
+        config = bench.ContenderConfig(
+            dsn=sys.argv[1], pool_size=3, max_lifetime=bench.CALM_LIFETIME,
+            connection_class=GeventConnection, connect_kwargs=bench.CONNECT_KWARGS, timeout=10.0,
+        )
+        pool = bench.CONTENDERS["bare-pool"].factory(config)
+        pool.open()
+        in_use, served, most = set(), [], 0
+
+        def client(i):
+            global most
+            for _ in range(3):
+                with pool.borrow() as conn:
+                    assert conn not in in_use
+                    in_use.add(conn)
+                    most = max(most, len(in_use))
+                    served.append(i)
+                    conn.execute("select pg_sleep(0.01)").fetchall()
+                    in_use.discard(conn)
+
+        gevent.joinall([gevent.spawn(client, i) for i in range(12)], raise_error=True)
+        assert sorted(served) == sorted(list(range(12)) * 3), served
+        # FIFO: every client is served once before any is served a third time.
+        assert set(served[:12]) == set(range(12)), served
+        assert most == 3 and len(pool.idle) == 3 and not pool.waiters
+        pool.close()
+        assert all(conn.closed for conn in pool.conns)
+        print("ok")
+        """
+    )
+    done = _run(["-c", code, pg_dsn])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "ok"
