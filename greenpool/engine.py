@@ -476,8 +476,14 @@ class Pool(Generic[C]):
                 raise self.PoolTimeout(
                     f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
                 ) from self._last_error
-            # `_lend()`'s checks, when a returner just found it OK.
-            if slot.handed_fresh and now < slot.expire_at and self._check is None and self.leak_threshold is None:
+            # `_lend()`'s checks, when a returner just found it OK (so recently
+            # used that a `check` callback would not run either).
+            if (
+                slot.handed_fresh
+                and now < slot.expire_at
+                and (self._check is None or now - slot.last_used < self.check_idle)
+                and self.leak_threshold is None
+            ):
                 slot.taken_at = now
                 return slot
             if self._lend(slot, now):

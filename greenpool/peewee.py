@@ -455,6 +455,11 @@ class PooledDatabase:
         """Close the calling greenlet's connection instead of returning it."""
         if self.is_closed():  # type: ignore[attr-defined]
             return False
+        # close() refuses inside a transaction: refuse before forgetting the
+        # connection, or its slot would stay lent for good. (playhouse forgets
+        # it first, then raises, and never closes nor reuses it.)
+        if self.in_transaction():  # type: ignore[attr-defined]
+            raise peewee.OperationalError("Attempting to close database while transaction is open.")
         conn = self.connection()  # type: ignore[attr-defined]
         slot = self._forget_lent(conn)
         self.close()

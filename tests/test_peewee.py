@@ -539,6 +539,26 @@ def test_close_with_open_transaction_raises(backend: Backend) -> None:
 
 
 @backends(*ALL)
+def test_manual_close_in_a_transaction_raises_and_loses_nothing(backend: Backend) -> None:
+    db = backend.make(max_connections=1)
+    Item = backend.model(db)
+    with db.atomic():
+        Item.create(value=1)
+        first = backend.ident(db)
+        with pytest.raises(peewee.OperationalError, match="transaction is open"):
+            db.manual_close()
+        Item.create(value=2)  # still this greenlet's, still usable
+    assert backend.server.count(Item._meta.table_name) == 2
+    assert db.close() is True
+    # Back in the pool (its only slot), not lost: the next checkout gets it.
+    with db.connection_context():
+        assert backend.ident(db) == first
+    assert db.manual_close() is False
+    stats = db.pool_stats()
+    assert (stats["pool_size"], stats["pool_available"]) == (1, 1)
+
+
+@backends(*ALL)
 def test_manual_transaction_left_open_is_rolled_back_at_close(backend: Backend) -> None:
     """`db.begin()` isn't tracked by peewee: close() accepts it, the pool rolls back."""
     db = backend.make(max_connections=3)
