@@ -827,6 +827,11 @@ class Pool(Generic[C]):
             raise
 
     def _connect_failed(self, ex: Exception, t0: float) -> None:
+        if self._closed:
+            # A connect in flight when the pool closed (its server may be
+            # going away with it): nothing waits for it, nothing to report.
+            logger.debug("error connecting in closed %r: %s", self.name, ex)
+            return
         logger.warning("error connecting in %r: %s", self.name, ex)
         self._last_error = ex
         if self._failing_since is None:

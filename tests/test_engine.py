@@ -427,6 +427,20 @@ def test_connect_failures_fail_fast_and_recover():
     p.close()
 
 
+def test_connects_failing_after_close_are_not_reported(caplog):
+    caplog.set_level(logging.DEBUG, logger="greenpool")
+    pool = make_pool(min_size=1, max_size=3, timeout=2)
+    pool.connect_delay = 0.05
+    pool.resize(3, 3)  # two connects in flight
+    gevent.sleep(0.01)
+    pool.fail_connect = ConnectionError("server gone")
+    pool.close()
+    gevent.sleep(0.1)
+    assert [r for r in caplog.records if "server gone" in r.getMessage()]  # they did fail...
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # ...quietly
+    assert pool.connections_errors == 2
+
+
 def test_reconnect_failed_callback():
     called = []
     p = FakePool(min_size=1, reconnect_timeout=0.2, reconnect_failed=called.append)
