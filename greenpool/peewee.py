@@ -84,6 +84,15 @@ def _lean_paths(cls: type) -> bool:
     return not (overridden or shadowed)
 
 
+@functools.cache
+def _plain_cursor(cls: type) -> bool:
+    """Whether `cls`'s `cursor()` past the mixin is peewee's own (see `PooledDatabase.cursor`)."""
+    mro = cls.__mro__
+    after = mro[mro.index(PooledDatabase) + 1 :]
+    found = next(vars(base)["cursor"] for base in after if "cursor" in vars(base))
+    return found is vars(peewee.Database)["cursor"]
+
+
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
 _EXCEPTION_WRAPPER: Any = vars(peewee)["__exception_wrapper__"]
 
@@ -191,6 +200,7 @@ class PooledDatabase:
         self._lent: dict[int, tuple[Slot[Any], Any]] = {}
         self._link_key = f"_greenpool_linked_{id(self):x}"
         self._lean = _lean_paths(type(self))  # type: ignore[arg-type]
+        self._lean_cursor = self._lean and _plain_cursor(type(self))  # type: ignore[arg-type]
         self._backend = _backend_for(self)
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
@@ -298,12 +308,13 @@ class PooledDatabase:
 
     # -- peewee's connection API ----------------------------------------
     #
-    # Peewee's own `connect()`, `close()` and `connection_context()`, with
-    # the same checks, errors and results, minus the database lock (a no-op
-    # here) and with the greenlet's state looked up once, not three or four
-    # times. They read the state where peewee calls `is_closed()` and
-    # `in_transaction()`, so a class that overrides one of those, or puts its
-    # own `connect()`/`close()` between this mixin and peewee's, gets peewee's.
+    # Peewee's own `connect()`, `close()`, `cursor()` and
+    # `connection_context()`, with the same checks, errors and results, minus
+    # the database lock (a no-op here) and with the greenlet's state looked up
+    # once, not two to four times. They read the state where peewee calls
+    # `is_closed()` and `in_transaction()`, so a class that overrides one of
+    # those, or puts its own `connect()`/`close()`/`cursor()` between this
+    # mixin and peewee's, gets peewee's.
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         """Take a pooled connection for the calling greenlet (peewee's semantics)."""
@@ -346,6 +357,17 @@ class PooledDatabase:
         finally:
             state.reset()
         return is_open
+
+    def cursor(self, named_cursor: Any = None) -> Any:
+        """A cursor on the calling greenlet's connection, connecting first if allowed (peewee's)."""
+        if not self._lean_cursor:  # e.g. PostgresqlExtDatabase's, with named cursors
+            return super().cursor(named_cursor)  # type: ignore[misc]
+        state = self._state  # one lookup, where peewee's makes two
+        if state.closed:
+            if not self.autoconnect:  # type: ignore[attr-defined]
+                raise peewee.InterfaceError("Error, database connection not opened.")
+            self.connect()
+        return state.conn.cursor()
 
     def connection_context(self) -> _ConnectionContext:
         """Context manager (and decorator) holding a connection, as peewee's."""

@@ -657,6 +657,34 @@ def test_shared_state_connection_outlives_the_greenlet_that_opened_it(backend: B
     assert db.pool_stats()["pool_available"] == 1
 
 
+@backends("pgext", "psycopg3")
+def test_ext_database_named_cursor_is_peewee_s(backend: Backend) -> None:
+    """PostgresqlExtDatabase's own cursor() (server-side, named) is not bypassed."""
+    db = backend.make(max_connections=2)
+    assert not db._lean_cursor and db._lean
+    with db.connection_context():
+        cursor = db.cursor(named_cursor=True)
+        assert cursor.name  # a server-side cursor
+        cursor.execute("select generate_series(1, 3)")
+        assert [row[0] for row in cursor.fetchall()] == [1, 2, 3]
+        cursor.close()
+        assert db.execute_sql("select 1").fetchone() == (1,)
+
+
+@backends("pg", "mysql", "sqlite")
+def test_cursor_autoconnects_or_refuses_like_peewee(backend: Backend) -> None:
+    db = backend.make(max_connections=2)
+    assert db._lean_cursor
+    assert db.execute_sql("select 1").fetchone() == (1,)  # autoconnect
+    assert not db.is_closed()
+    db.close()
+    strict = backend.make(max_connections=2, autoconnect=False)
+    with pytest.raises(peewee.InterfaceError, match="not opened"):
+        strict.cursor()
+    with strict.connection_context():
+        assert strict.execute_sql("select 1").fetchone() == (1,)
+
+
 @backends("pg")
 def test_mixin_with_plain_postgresql_uses_gevent_connection(backend: Backend) -> None:
     class MyDB(gpw.PooledDatabase, peewee.PostgresqlDatabase):
