@@ -1241,7 +1241,7 @@ def paired_ratio(*args: Any) -> float:
 
 
 def ratio_range(*args: Any) -> str:
-    """"lowest-highest" of `paired_ratios(*args)`, or "-" with fewer than two rounds."""
+    """The lowest and highest of `paired_ratios(*args)` as "lo-hi"; "-" with fewer than two rounds."""
     ratios = paired_ratios(*args)
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-"
 
