@@ -525,35 +525,22 @@ def test_close_returns_connection_to_pool(backend: Backend) -> None:
 
 
 @backends(*ALL)
-def test_close_with_open_transaction_raises(backend: Backend) -> None:
-    db = backend.make(max_connections=3)
-    Item = backend.model(db)
-    with db.atomic():
-        Item.create(value=1)
-        with pytest.raises(peewee.OperationalError, match="transaction is open"):
-            db.close()
-        assert not db.is_closed()
-        Item.create(value=2)  # still usable
-    assert backend.server.count(Item._meta.table_name) == 2
-    assert db.close() is True
-
-
-@backends(*ALL)
-def test_manual_close_in_a_transaction_raises_and_loses_nothing(backend: Backend) -> None:
+@pytest.mark.parametrize("method", ["close", "manual_close"])
+def test_closing_with_open_transaction_raises_and_loses_nothing(backend: Backend, method: str) -> None:
     db = backend.make(max_connections=1)
     Item = backend.model(db)
     with db.atomic():
         Item.create(value=1)
         first = backend.ident(db)
         with pytest.raises(peewee.OperationalError, match="transaction is open"):
-            db.manual_close()
+            getattr(db, method)()
+        assert not db.is_closed()
         Item.create(value=2)  # still this greenlet's, still usable
     assert backend.server.count(Item._meta.table_name) == 2
     assert db.close() is True
     # Back in the pool (its only slot), not lost: the next checkout gets it.
     with db.connection_context():
         assert backend.ident(db) == first
-    assert db.manual_close() is False
     stats = db.pool_stats()
     assert (stats["pool_size"], stats["pool_available"]) == (1, 1)
 
