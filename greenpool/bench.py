@@ -1227,22 +1227,19 @@ def paired_ratios(
     return [x for x in ratios if not math.isnan(x)]
 
 
-def paired_ratio(*args: Any) -> float:
-    """Median of `paired_ratios(*args)`: the two runs of each ratio come from the same round.
+def median_ratio(ratios: Sequence[float]) -> float:
+    """The median of per-round ratios (`paired_ratios`); NaN if there are none.
 
     The machine drifts by 10-20 % between rounds (the bound's own q/s
     does), more than some of the gaps measured; the runs of one round are
     seconds apart, so a ratio within a round cancels most of the drift
-    that a ratio of medians over all rounds keeps. NaN if no round has
-    both runs.
+    that a ratio of medians over all rounds keeps.
     """
-    ratios = paired_ratios(*args)
     return statistics.median(ratios) if ratios else math.nan
 
 
-def ratio_range(*args: Any) -> str:
-    """The lowest and highest of `paired_ratios(*args)` as "lo-hi"; "-" with fewer than two rounds."""
-    ratios = paired_ratios(*args)
+def ratio_range(ratios: Sequence[float]) -> str:
+    """The lowest and highest of per-round ratios as "lo-hi"; "-" with fewer than two."""
     return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-"
 
 
@@ -1335,9 +1332,10 @@ def report_fixed(
     relative to its FIFO ideal, G/P x the bound's median latency (a fair FIFO
     pool makes each query wait for G/P queries ahead of it; "-" for the
     bounds, which never wait). Each ratio is the median of the ratios
-    within each round (`paired_ratio`); the absolute figures are medians. Each bound covering a row gets a line under
-    the table giving its ideal. Contenders in `skipped` (name -> why) get a
-    "not run" row.
+    within each round (`paired_ratios`, `median_ratio`), with their range
+    against the first bound; the absolute figures are medians. Each bound
+    covering a row gets a line under the table giving its ideal. Contenders
+    in `skipped` (name -> why) get a "not run" row.
     """
     skipped = skipped or {}
     summaries = {name: summarize(results, name, "run") for name in names}
@@ -1367,13 +1365,13 @@ def report_fixed(
             rows.append([name, f"ERROR {s.errors[0] if s.errors else ''}"])
             continue
         vs_qps = [
-            _fmt(paired_ratio(results, name, "run", b.contender, "run", _qps_ratio), ".2f", "x")
+            _fmt(median_ratio(paired_ratios(results, name, "run", b.contender, "run", _qps_ratio)), ".2f", "x")
             if b.covers(name)
             else "-"
             for b in BOUNDS
         ]
         vs_ideal = [
-            _fmt(paired_ratio(results, name, "run", b.contender, "run", over_ideal), ".2f", "x")
+            _fmt(median_ratio(paired_ratios(results, name, "run", b.contender, "run", over_ideal)), ".2f", "x")
             if b.covers(name) and name not in bound_names
             else "-"
             for b in BOUNDS
@@ -1386,7 +1384,7 @@ def report_fixed(
                 _fmt(s.p99_ms, ".2f"),
                 _fmt(s.max_ms, ".2f"),
                 *vs_qps,
-                ratio_range(results, name, "run", BOUNDS[0].contender, "run", _qps_ratio)
+                ratio_range(paired_ratios(results, name, "run", BOUNDS[0].contender, "run", _qps_ratio))
                 if name != BOUNDS[0].contender
                 else "-",
                 *vs_ideal,
@@ -1448,18 +1446,19 @@ def report_storm(
             rows.append([name, f"ERROR {(calm.errors or storm.errors or [''])[0]}"])
             continue
         notes = [f"{p}: {_row_note(s)}" for p, s in (("calm", calm), ("storm", storm)) if _row_note(s)]
+        qps_ratios = paired_ratios(results, name, "storm", name, "calm", _qps_ratio)
         rows.append(
             [
                 name,
                 _fmt(calm.qps, ".0f"),
                 _fmt(storm.qps, ".0f"),
-                _fmt(paired_ratio(results, name, "storm", name, "calm", _qps_ratio), ".2f"),
-                ratio_range(results, name, "storm", name, "calm", _qps_ratio),
+                _fmt(median_ratio(qps_ratios), ".2f"),
+                ratio_range(qps_ratios),
                 _fmt(calm.p99_ms, ".1f"),
                 _fmt(storm.p99_ms, ".1f"),
                 _fmt(calm.max_ms, ".1f"),
                 _fmt(storm.max_ms, ".1f"),
-                _fmt(paired_ratio(results, name, "storm", name, "calm", _max_ratio), ".2f", "x"),
+                _fmt(median_ratio(paired_ratios(results, name, "storm", name, "calm", _max_ratio)), ".2f", "x"),
                 _fmt(storm.new_connections, ".0f"),
                 "; ".join(notes),
             ]
