@@ -917,6 +917,8 @@ class BarePool(BorrowingContender):
     # the gap between it and `dedicated` is what any pool of P connections
     # for G greenlets costs on this machine (a parked greenlet woken per
     # query), the gap between greenpool and it what greenpool's features do.
+    # Without the handshake a borrower killed while queued loses the next
+    # connection returned: only a run that is failing anyway kills them.
 
     def open(self) -> None:
         self.conns = _connect_many(partial(self.config.backend.connect, self.config), self.config.pool_size)

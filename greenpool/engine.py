@@ -796,10 +796,13 @@ class Pool(Generic[C]):
                 except Exception as ex:
                     self.connections_errors += 1
                     with self._lock:
-                        self._todo.appendleft(replaces)
+                        if not self._closed:  # close() cleared the reservations
+                            self._todo.appendleft(replaces)
                         self._inflight -= 1
                         reserved = False
                     self._connect_failed(ex, t0)
+                    if self._closed:
+                        continue  # and return at the top, without a backoff
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, _BACKOFF_MAX)

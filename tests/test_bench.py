@@ -469,7 +469,7 @@ def test_bare_pool_lends_each_connection_to_one_greenlet_at_a_time(pg_dsn: str) 
 
         gevent.joinall([gevent.spawn(client, i) for i in range(12)], raise_error=True)
         assert sorted(served) == sorted(list(range(12)) * 3), served
-        # FIFO: every client is served once before any is served a third time.
+        # FIFO: every client is served once before any is served a second time.
         assert set(served[:12]) == set(range(12)), served
         assert most == 3 and len(pool.idle) == 3 and not pool.waiters
         pool.close()

@@ -309,6 +309,22 @@ def test_failing_checks_count_against_the_timeout():
     p.close()
 
 
+@pytest.mark.parametrize("check_idle, checked", [(10.0, 0), (0.0, 1)])
+def test_check_skips_a_connection_handed_straight_from_a_return(check_idle, checked):
+    """Like at any checkout, `check` runs only for a connection idle `check_idle` or more."""
+    checks = []
+    pool = make_pool(min_size=1, max_size=1, timeout=2, check=checks.append, check_idle=check_idle)
+    holder = pool.acquire()
+    checks.clear()
+    waiter = gevent.spawn(pool.acquire)
+    gevent.sleep(0.01)  # queued
+    pool.release(holder)  # handed to the waiter
+    slot = waiter.get(timeout=2)
+    assert slot is holder and len(checks) == checked
+    pool.release(slot)
+    pool.close()
+
+
 def test_affinity_returns_a_greenlets_own_connection():
     p = make_pool(min_size=8, max_size=8, segments=4)
     first = p.acquire()
@@ -439,6 +455,8 @@ def test_connects_failing_after_close_are_not_reported(caplog):
     assert [r for r in caplog.records if "server gone" in r.getMessage()]  # they did fail...
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # ...quietly
     assert pool.connections_errors == 2
+    # ...and left no reservation behind for connections that will never be made.
+    assert pool.get_stats()["pool_size"] == 0
 
 
 def test_reconnect_failed_callback():
