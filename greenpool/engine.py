@@ -796,13 +796,17 @@ class Pool(Generic[C]):
                 except Exception as ex:
                     self.connections_errors += 1
                     with self._lock:
-                        if not self._closed:  # close() cleared the reservations
+                        closed = self._closed
+                        if not closed:  # close() cleared the reservations
                             self._todo.appendleft(replaces)
                         self._inflight -= 1
                         reserved = False
-                    self._connect_failed(ex, t0)
-                    if self._closed:
+                    if closed:
+                        # In flight when the pool closed (its server may be going
+                        # away with it): nothing waits for it, nothing to report.
+                        logger.debug("error connecting in closed %r: %s", self.name, ex)
                         continue  # and return at the top, without a backoff
+                    self._connect_failed(ex, t0)
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, _BACKOFF_MAX)
@@ -830,11 +834,6 @@ class Pool(Generic[C]):
             raise
 
     def _connect_failed(self, ex: Exception, t0: float) -> None:
-        if self._closed:
-            # A connect in flight when the pool closed (its server may be
-            # going away with it): nothing waits for it, nothing to report.
-            logger.debug("error connecting in closed %r: %s", self.name, ex)
-            return
         logger.warning("error connecting in %r: %s", self.name, ex)
         self._last_error = ex
         if self._failing_since is None:

@@ -72,24 +72,26 @@ class _ConnectionState(peewee._ConnectionState):
     """Peewee's connection state, one per database and greenlet (or thread)."""
 
 
+def _past_mixin(cls: type) -> tuple[type, ...]:
+    """The classes after `PooledDatabase` in `cls`'s method resolution order."""
+    mro = cls.__mro__
+    return mro[mro.index(PooledDatabase) + 1 :]
+
+
 @functools.cache
 def _lean_paths(cls: type) -> bool:
     """Whether `cls` may take the short paths (see `PooledDatabase.connect`)."""
-    mro = cls.__mro__
-    after = mro[mro.index(PooledDatabase) + 1 :]
     reads_state = ("is_closed", "in_transaction")
     bypassed = ("connect", "close")
     overridden = any(getattr(cls, name) is not getattr(peewee.Database, name) for name in reads_state)
-    shadowed = any(name in vars(base) for base in after if base is not peewee.Database for name in bypassed)
+    shadowed = any(name in vars(base) for base in _past_mixin(cls) if base is not peewee.Database for name in bypassed)
     return not (overridden or shadowed)
 
 
 @functools.cache
 def _plain_cursor(cls: type) -> bool:
     """Whether `cls`'s `cursor()` past the mixin is peewee's own (see `PooledDatabase.cursor`)."""
-    mro = cls.__mro__
-    after = mro[mro.index(PooledDatabase) + 1 :]
-    found = next(vars(base)["cursor"] for base in after if "cursor" in vars(base))
+    found = next(vars(base)["cursor"] for base in _past_mixin(cls) if "cursor" in vars(base))
     return found is vars(peewee.Database)["cursor"]
 
 
