@@ -403,11 +403,10 @@ def _stop_postgres(proc: subprocess.Popen[bytes]) -> None:
             return
 
 
-def _serve_until_quit(proc: subprocess.Popen[bytes]) -> None:
-    """Answer control commands until "quit", stdin EOF, or our parent dies."""
+def _serve_until_quit(proc: subprocess.Popen[bytes], parent: int) -> None:
+    """Answer control commands until "quit", stdin EOF, or `parent` dies."""
     import select
 
-    parent = os.getppid()
     buf = b""
     reported_death = False
     while True:
@@ -449,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m greenpool.embedded")
     parser.add_argument("--pgserver-dir", type=Path, default=None, help="installed pgserver package directory")
     args = parser.parse_args(argv)
+    # Before the reply: once it has it, the parent may exit at once, and a
+    # parent read after that would be the reaper that adopted us.
+    parent = os.getppid()
     # A plain `kill` must still stop postgres and delete the directory: turn
     # it into SystemExit so the finally clause below runs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -473,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"ok port={started.port} version={shlex.quote(started.version)} dir={shlex.quote(str(base))}"
             f" user={started.user or ''} binaries={'copy' if started.copied_binaries else 'installed'}"
         )
-        _serve_until_quit(proc)
+        _serve_until_quit(proc, parent)
         return 0
     finally:
         if proc is not None:

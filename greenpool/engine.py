@@ -201,10 +201,11 @@ class Pool(Generic[C]):
         self._segments = [_Segment() for _ in range(segments)]
         self._waiters: deque[_Request] = deque()
         # One DeadlineTimer per hub whose greenlets queue here; the last one
-        # used is kept at hand (the common case is a single hub).
+        # used is kept at hand (the common case is a single hub), as one
+        # (hub, timer) pair: threads with hubs of their own read and replace
+        # it at once, never one half of each.
         self._timers: weakref.WeakKeyDictionary[Any, DeadlineTimer] = weakref.WeakKeyDictionary()
-        self._timer_hub: Any = None
-        self._timer: Any = None
+        self._last_timer: tuple[Any, Any] = (None, None)
         self._slots: set[Slot[C]] = set()  # live connections
         # Reserved connects: None to grow, or the Slot being replaced.
         self._todo: deque[Slot[C] | None] = deque()
@@ -443,7 +444,9 @@ class Pool(Generic[C]):
                     if req.slot is None:
                         req.get()
                 else:
-                    timer = self._timer if hub is self._timer_hub else self._deadline_timer(hub)
+                    last_hub, timer = self._last_timer
+                    if last_hub is not hub:
+                        timer = self._deadline_timer(hub)
                     timer.waiting += 1
                     if deadline < timer.at:
                         timer.arm(deadline)
@@ -494,7 +497,7 @@ class Pool(Generic[C]):
         if timer is None:
             hub_ref = weakref.ref(hub)  # the timer is the hub's weak-keyed value
             timer = self._timers[hub] = DeadlineTimer(hub, lambda now: self._expire_due(hub_ref(), now))
-        self._timer_hub, self._timer = hub, timer
+        self._last_timer = (hub, timer)
         return timer
 
     def _expire_due(self, hub: Any, now: float) -> float:
@@ -628,6 +631,12 @@ class Pool(Generic[C]):
             self.returns_bad += 1
             self._discard(slot)
             return
+        except BaseException:
+            # Killed or timed out mid-reset: the connection's state is
+            # unknown, and the slot would otherwise stay counted for good.
+            self.returns_bad += 1
+            self._discard(slot)
+            raise
         finally:
             with self._lock:
                 self._cleaning -= 1
@@ -916,6 +925,9 @@ class Pool(Generic[C]):
             if self._reconnect_failed is not None:
                 self._reconnect_failed(self)
         self._fill()
+        # Reservations a connector left behind when it was killed (or a
+        # callback of it raised a BaseException) have no one making them.
+        self._start_connectors()
 
     def _replace_expiring(self, now: float) -> None:
         """Start replacements early enough that connections never expire.

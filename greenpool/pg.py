@@ -239,7 +239,10 @@ class ConnectionPool(Pool[CT], Generic[CT]):
                 try:
                     conn.autocommit = False
                 except Exception:
-                    pass
+                    # Broken, or interrupted mid round trip (psycopg refuses
+                    # while ACTIVE): never lend it on in autocommit. Break it
+                    # (`close()` would return it instead, with `close_returns`).
+                    conn.pgconn.finish()
 
     def reconnect_failed(self) -> None:
         """Called when reconnection failed for longer than `reconnect_timeout`."""

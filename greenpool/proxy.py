@@ -604,13 +604,15 @@ async def _amain(args: argparse.Namespace) -> int:
     import asyncio
 
     loop = asyncio.get_running_loop()
+    # Before announcing the port: once it has, the parent may exit at once,
+    # and a parent read after that would be the reaper that adopted us.
+    parent = os.getppid()
     server = _ProxyServer(args.listen_host, args.listen_port, args.target_host, args.target_port, args.connect_delay)
     await server.start()
     _reply(f"ok port={server.port}")
 
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    parent = os.getppid()
 
     async def next_line() -> bytes | None:
         # Poll with a timeout so a parent that died without closing our stdin

@@ -658,3 +658,57 @@ def test_check_interrupted_gives_every_connection_back() -> None:
             pool.release(s)
     finally:
         pool.close()
+
+
+class Interrupt(BaseException):
+    """Not an Exception: what a `gevent.Timeout` or a kill looks like to the pool."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_clean_interrupted_discards_the_connection() -> None:
+    """A reset cut short by a BaseException leaves the connection in an
+    unknown state: it is closed and replaced, never left counted."""
+
+    class InterruptedClean(FakePool):
+        def _clean(self, conn: FakeConn) -> None:
+            raise Interrupt()
+
+    pool = InterruptedClean(min_size=1, max_size=1, timeout=2)
+    pool.open(wait=True, timeout=5)
+    try:
+        slot = pool.acquire()
+        slot.conn.status = DIRTY
+        pool.release(slot)  # cleaned by a background greenlet, which dies
+        fresh = pool.acquire(timeout=2)
+        assert fresh.conn is not slot.conn
+        assert slot.conn.closed
+        stats = pool.get_stats()
+        assert stats["returns_bad"] == 1 and stats["pool_size"] == 1
+        pool.release(fresh)
+    finally:
+        pool.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_housekeeper_restarts_connects_whose_connector_died() -> None:
+    """A connector killed mid-connect leaves its reservation behind; the
+    housekeeper starts a new connector for it at its next tick."""
+
+    class DyingOnce(FakePool):
+        died = False
+
+        def _open_connection(self) -> FakeConn:
+            if not self.died:
+                self.died = True
+                raise Interrupt()
+            return super()._open_connection()
+
+    # max_idle / 20 = 0.1 s housekeeping ticks.
+    pool = DyingOnce(min_size=1, max_size=1, timeout=2, max_idle=2.0)
+    pool.open()
+    try:
+        slot = pool.acquire(timeout=2)  # alone in the queue: no one else starts a connector
+        assert pool.died and pool.get_stats()["pool_size"] == 1
+        pool.release(slot)
+    finally:
+        pool.close()

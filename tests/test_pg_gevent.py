@@ -542,6 +542,38 @@ def test_query_interrupted_while_sending_is_recovered(
     run_green(body)
 
 
+def test_check_interrupted_never_lends_an_autocommit_connection(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
+) -> None:
+    """`check=ConnectionPool.check_connection` switches a connection to
+    autocommit for its round trip. Interrupted by `gevent.Timeout` during it
+    (the proxy frozen), the connection is ACTIVE and psycopg refuses to
+    switch back: it must be discarded, not cleaned and lent on in autocommit,
+    where the next borrower's transactions would commit statement by
+    statement."""
+    proxy = make_proxy()
+    proxy_pid = proxy._child.pid  # type: ignore[union-attr]
+
+    def body() -> None:
+        pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1, check=GREEN.check_connection)
+        os.kill(proxy_pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(gevent.Timeout):
+                with gevent.Timeout(0.3):
+                    pool.getconn()
+        finally:
+            os.kill(proxy_pid, signal.SIGCONT)
+        with pool.connection(timeout=5) as conn:
+            assert conn.autocommit is False
+            conn.execute("create temporary table t (x int)")
+            conn.execute("insert into t values (1)")
+            conn.rollback()
+            assert conn.execute("select to_regclass('pg_temp.t')").fetchone() == (None,)
+        assert pool.get_stats()["connections_num"] == 2  # a new connection replaced it
+
+    run_green(body)
+
+
 # --------------------------------------------------------------------------
 # Waiters that give up
 # --------------------------------------------------------------------------
