@@ -19,6 +19,7 @@ connection hooks (`_open_connection`, `_close_connection`, `_status`,
 from __future__ import annotations
 
 import logging
+import os
 import random
 import traceback
 import weakref
@@ -33,6 +34,7 @@ from ._compat import (
     Executor,
     ThreadRequest,
     allocate_lock,
+    get_thread_ident,
     getcurrent,
     gevent_hub,
     sleep,
@@ -221,6 +223,7 @@ class Pool(Generic[C]):
         self._opened = False
         self._closed = True
         self._executor: Executor | None = None
+        self._pid = os.getpid()  # of the process the pool's background jobs run in
 
         self._wait_times = WaitTimes()
         self._reset_counters()
@@ -294,6 +297,7 @@ class Pool(Generic[C]):
                 raise self.PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
             starting = self._closed
             if starting:
+                self._pid = os.getpid()
                 self._executor = executor = Executor(f"{self.name}-worker")
                 self._closed = False
                 self._opened = True
@@ -319,8 +323,7 @@ class Pool(Generic[C]):
             if monotonic() >= deadline:
                 self.close()
                 raise self.PoolTimeout(
-                    f"pool initialization incomplete after {timeout} sec"
-                    + self._error_suffix()
+                    f"pool initialization incomplete after {timeout} sec" + self._error_suffix()
                 ) from self._last_error
             sleep(step)
             step = min(step * 2, 0.05)
@@ -919,9 +922,7 @@ class Pool(Generic[C]):
             and now - self._failing_since >= self.reconnect_timeout
         ):
             self._reconnect_reported = True
-            logger.warning(
-                "reconnection attempts in pool %r failing for %s sec", self.name, self.reconnect_timeout
-            )
+            logger.warning("reconnection attempts in pool %r failing for %s sec", self.name, self.reconnect_timeout)
             if self._reconnect_failed is not None:
                 self._reconnect_failed(self)
         self._fill()
@@ -1034,12 +1035,37 @@ class Pool(Generic[C]):
         return stale
 
     def forget_all(self) -> None:
-        """Drop every connection without closing it (e.g. in a forked child)."""
+        """Drop every connection without closing it (e.g. in a forked child).
+
+        In a child forked since the pool opened, the pool starts afresh: its
+        locks are made anew (another thread of the parent may have held one),
+        and if its background jobs were threads, which a fork doesn't copy,
+        their work is forgotten and a new housekeeper starts. (Greenlets are
+        copied: under gevent they carry on in the child.)
+        """
+        forked = self._pid != os.getpid()
+        if forked:
+            self._pid = os.getpid()
+            self._lock = allocate_lock()
+            for seg in self._segments:
+                seg.lock = allocate_lock()
         self._take_all_idle()
+        executor = self._executor
+        restart = forked and executor is not None and not executor.uses_gevent
         with self._lock:
             for slot in self._slots:
                 slot.state = GONE
             self._slots.clear()
+            if restart:
+                self._todo.clear()
+                self._inflight = self._connecting = self._cleaning = 0
+                # Only this thread was copied: the others' requests wait no more.
+                me = get_thread_ident()
+                self._waiters = deque(r for r in self._waiters if r.hub is not None and r.hub.thread_ident == me)
+                restart = not self._closed
+        if restart:
+            assert executor is not None
+            executor.submit(self._housekeeper)
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size limits at runtime."""

@@ -370,9 +370,7 @@ def greenlet_checks(db, kind, sleep_first=False):
 
 
 @pytest.fixture
-def child(
-    run_python: Callable[..., Any], pg_dsn: str, mysql_params: dict[str, Any]
-) -> Callable[..., dict[str, Any]]:
+def child(run_python: Callable[..., Any], pg_dsn: str, mysql_params: dict[str, Any]) -> Callable[..., dict[str, Any]]:
     """`child(*parts, timeout=60, watchdog=45)`: run a child Python with
     CHILD_PRELUDE then the `parts` (each dedented); return its `result(...)`
     dict. The child's faulthandler watchdog exits it after `watchdog` s."""
@@ -716,7 +714,9 @@ def check_url_db(db: Any, cls: type, pool_settings: tuple[float, float], what: s
 def test_db_url_postgres(pg_dsn: str) -> None:
     params = pg_params(pg_dsn)
     host, port, user = params.get("host", "127.0.0.1"), params.get("port", "5432"), params.get("user", "postgres")
-    db = url_connect(f"greenpool+postgres://{user}@{host}:{port}/{params['dbname']}?max_connections=5&stale_timeout=300")
+    db = url_connect(
+        f"greenpool+postgres://{user}@{host}:{port}/{params['dbname']}?max_connections=5&stale_timeout=300"
+    )
     try:
         assert type(db) is gpw.PooledPostgresqlDatabase
         assert db.pool.max_size == 5
@@ -1046,7 +1046,7 @@ def test_mysql_greenlets_patched(child: Callable[..., dict[str, Any]]) -> None:
         rows = cur.fetchone()[0]
         cur.execute(f"drop table {table}")
         result(checks=checks, peak=state["peak"], distinct=len(state["ids"]), errors=state["errors"][:3], rows=rows)
-        """
+        """,
     )
     checks = out["checks"]
     assert checks["errors"] == []
@@ -1095,6 +1095,7 @@ def test_greenlet_giving_up_while_waiting_for_a_connection(backend: Backend, how
         w.kill(block=True, timeout=5)
         assert w.dead
     else:
+
         def impatient() -> None:
             with gevent.Timeout(0.2):
                 waiter()
@@ -1239,7 +1240,7 @@ def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callab
         CHILD_GREENLET_CHECKS,
         """
         result(**greenlet_checks(db, "pg"))
-        """
+        """,
     )
     assert out["distinct"] == 1 or out["elapsed"] >= 1.8, out
 
@@ -1258,7 +1259,7 @@ def test_contrast_playhouse_pool_created_before_patch_all_mysql(child: Callable[
         CHILD_GREENLET_CHECKS,
         """
         result(**greenlet_checks(db, "mysql"))
-        """
+        """,
     )
     try:
         out = child(*body, timeout=30, watchdog=5)
@@ -1275,9 +1276,7 @@ def test_contrast_playhouse_pool_created_before_patch_all_mysql(child: Callable[
 
 
 @backends("pg", "sqlite")
-def test_greenlet_ending_without_close_returns_connection(
-    backend: Backend, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_greenlet_ending_without_close_returns_connection(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
     db = backend.make(max_connections=2)
     Item = backend.model(db)
 
@@ -1432,7 +1431,7 @@ def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -
                 out[key + "_works"] = db.execute_sql("select 42").fetchone()[0] == 42
             db.close_all()
         result(**out)
-        """
+        """,
     )
     for key in ("exit", "query_again"):
         assert out[f"{key}_timed_out"], out
@@ -1515,7 +1514,7 @@ def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> N
         out["atomic_recovered"] = wait_until(recovered, 3)
         q(f"drop table {table}")
         result(**out)
-        """
+        """,
     )
     assert out["returned"] and out["reused"], out
     assert out["returned_after_txn"] and out["rows_after_txn"] == 0 and out["open_txns"] == 0, out
@@ -1573,9 +1572,7 @@ def test_dead_connection_reused_within_check_idle_fails_once(backend: Backend) -
 
 
 @backends("pg", "mysql", "sqlite")
-def test_leak_warning_names_where_the_connection_was_taken(
-    backend: Backend, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_leak_warning_names_where_the_connection_was_taken(backend: Backend, caplog: pytest.LogCaptureFixture) -> None:
     # max_idle=2 makes the housekeeper tick every 0.1 s (see module docstring).
     db = backend.make(max_connections=3, leak_threshold=0.2, max_idle=2)
 

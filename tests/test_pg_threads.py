@@ -13,7 +13,9 @@ thread itself.
 
 from __future__ import annotations
 
+import json
 import random
+import textwrap
 import threading
 import time
 import uuid
@@ -343,3 +345,49 @@ def test_pool_opened_beside_an_idle_gevent_hub_serves_threads(make_pool: Callabl
     finally:
         pool.close()
         hub.destroy(destroy_loop=True)
+
+
+def test_forget_all_in_a_forked_child_starts_afresh(run_python: Callable[..., Any]) -> None:
+    """After `os.fork()` only the forking thread exists in the child: a lock
+    another thread held, the housekeeper thread and its counts are the
+    parent's. `forget_all()` (Peewee's `dispose()`) in the child must not
+    deadlock on that lock, and the pool must refill to `min_size` and serve
+    from new connections of its own."""
+    code = """
+        import json, os, signal, threading
+        from greenpool import ConnectionPool
+
+        pool = ConnectionPool(os.environ["GREENPOOL_TEST_DSN"], min_size=2, max_size=3, open=True)
+        pool.wait(10)
+        parent_backends = {c.pgconn.backend_pid for c in [pool.getconn(), pool.getconn()]}
+        held, done = threading.Event(), threading.Event()
+
+        def hold_the_lock():
+            with pool._lock:
+                held.set()
+                done.wait(30)
+
+        threading.Thread(target=hold_the_lock, daemon=True).start()
+        held.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # a deadlocked child must not outlive the test
+            try:
+                pool.forget_all()
+                with pool.connection(timeout=10) as conn:
+                    backend = conn.pgconn.backend_pid
+                for _ in range(200):  # the new housekeeper tops up to min_size
+                    if pool.get_stats()["pool_size"] >= 2:
+                        break
+                    threading.Event().wait(0.05)
+                print(json.dumps({"fresh": backend not in parent_backends, "size": pool.get_stats()["pool_size"]}))
+                pool.close()
+            finally:
+                os._exit(0)
+        done.set()
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+    """
+    result = run_python(textwrap.dedent(code), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"fresh": True, "size": 2}, result.stderr
