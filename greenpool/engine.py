@@ -699,6 +699,10 @@ class Pool(Generic[C]):
         """
         req = self._waiters.popleft()
         slot.state = OUT
+        # Lent from its return on, not since its last borrower took it: that
+        # one's old `taken_at` would let `close_lent()` close it under its
+        # new borrower before they even run.
+        slot.taken_at = slot.last_used
         slot.handed_fresh = fresh
         req.slot = slot
         return req

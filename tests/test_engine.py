@@ -712,3 +712,18 @@ def test_housekeeper_restarts_connects_whose_connector_died() -> None:
         pool.release(slot)
     finally:
         pool.close()
+
+
+def test_close_lent_spares_a_connection_being_handed_over(pool) -> None:
+    """`close_lent(age)` (Peewee's `close_stale`) closes connections lent for
+    longer than `age`; one just returned and handed to a waiter that hasn't
+    run yet is in its new borrower's hands, not its old one's."""
+    held = [pool.acquire(), pool.acquire()]
+    waiter = gevent.spawn(pool.acquire, 2)
+    gevent.sleep(0.2)  # the waiter queues; the held slots age
+    pool.release(held[0])  # handed to the waiter, which hasn't run yet
+    closed = pool.close_lent(0.1)
+    assert [s.conn for s in closed] == [held[1].conn]
+    slot = waiter.get(timeout=2)
+    assert slot.conn is held[0].conn and not slot.conn.closed
+    pool.release(slot)
