@@ -418,17 +418,21 @@ class Pool(Generic[C]):
                 req.deadline = deadline  # before it's queued: _expire_due reads it
             req.slot = None
             lock = self._lock
-            lock.acquire()
+            first = None  # set once the request is past `_refuse()`
+            # Queued inside the `try`: an exception raised into this greenlet
+            # (a KeyboardInterrupt) as soon as the request is queued must not
+            # leave it there, to be handed a connection no one takes.
             try:
-                if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
-                    self._refuse(fail_if_full)
-                waiters = self._waiters
-                first = not waiters
-                waiters.append(req)
-            finally:
-                lock.release()
-            self.requests_queued += 1
-            try:
+                lock.acquire()
+                try:
+                    if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
+                        self._refuse(fail_if_full)
+                    waiters = self._waiters
+                    first = not waiters
+                    waiters.append(req)
+                finally:
+                    lock.release()
+                self.requests_queued += 1
                 # A full pool's slots alone reach max_size: one len() says so.
                 nslots = len(self._slots)
                 if nslots < self._max_size and nslots + len(self._todo) + self._inflight < self._max_size:
@@ -463,6 +467,8 @@ class Pool(Generic[C]):
                         if not timer.waiting:
                             timer.let_go()
             except BaseException:
+                if first is None:
+                    raise  # refused by `_refuse()` (which counted it), or never queued
                 # Killed, interrupted or timed out from outside while queued:
                 # keep a connection handed to us in the meantime for the others.
                 slot = self._cancel(req)
@@ -554,8 +560,11 @@ class Pool(Generic[C]):
         with self._lock:
             slot = req.slot
             if slot is None:
-                self._waiters.remove(req)  # rare: no need for O(1)
                 req.slot = _CANCELLED
+                try:
+                    self._waiters.remove(req)  # rare: no need for O(1)
+                except ValueError:
+                    pass  # interrupted before it was queued
         return None if slot is _CANCELLED else slot
 
     def _lend(self, slot: Slot[C], now: float) -> bool:

@@ -727,3 +727,42 @@ def test_close_lent_spares_a_connection_being_handed_over(pool) -> None:
     slot = waiter.get(timeout=2)
     assert slot.conn is held[0].conn and not slot.conn.closed
     pool.release(slot)
+
+
+class _InterruptingLock:
+    """The pool lock, raising an `Interrupt` right after one release once armed:
+    what a signal handler (KeyboardInterrupt) does at that point."""
+
+    def __init__(self, lock: object) -> None:
+        self.lock = lock
+        self.armed = False
+
+    def acquire(self, *args: object) -> bool:
+        return self.lock.acquire(*args)  # type: ignore[attr-defined, no-any-return]
+
+    def release(self) -> None:
+        self.lock.release()  # type: ignore[attr-defined]
+        if self.armed:
+            self.armed = False
+            raise Interrupt()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_interrupted_right_after_queuing_leaves_no_request_behind(pool) -> None:
+    held = [pool.acquire(), pool.acquire()]
+    lock = pool._lock = _InterruptingLock(pool._lock)
+    try:
+        lock.armed = True  # the next release is the one right after queuing
+        with pytest.raises(Interrupt):
+            pool.acquire(timeout=1)
+        assert pool.get_stats()["requests_waiting"] == 0
+        pool.release(held[0])  # not handed to the request that is gone
+        assert pool.get_stats()["pool_available"] == 1
+    finally:
+        pool._lock = lock.lock
+    pool.release(held[1])
