@@ -302,7 +302,7 @@ class Pool(Generic[C]):
                 self._closed = False
                 self._opened = True
         if starting:
-            executor.submit(self._housekeeper)
+            executor.submit(self._housekeeper, weakref.ref(self))
             self._fill()
         if wait:
             self.wait(timeout)
@@ -488,6 +488,8 @@ class Pool(Generic[C]):
                 raise self.PoolTimeout(
                     f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
                 ) from self._last_error
+            if slot.state is not OUT:
+                continue  # closed (`close_lent()`) while handed to us: queue again
             # `_lend()`'s checks, when a returner just found it OK (so recently
             # used that a `check` callback would not run either).
             if (
@@ -844,6 +846,7 @@ class Pool(Generic[C]):
                 if recovered:
                     logger.warning("pool %r reconnected", self.name)
                     self._failing_since = None
+                    self._last_error = None  # not the cause of a later timeout
                     self._reconnect_reported = False
                 reserved = False  # _add_connection settles the reservation
                 self._add_connection(conn, replaces, drains)
@@ -877,8 +880,7 @@ class Pool(Generic[C]):
     def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int) -> None:
         """Put a new connection to use; `drains` is `_drains` when its connect began."""
         now = monotonic()
-        lifetime = self.max_lifetime * (1.0 - self.lifetime_jitter * random.random())
-        slot = Slot(conn, now, lifetime)
+        slot = Slot(conn, now, self._draw_lifetime())
         slot.state = OUT
         with self._lock:
             self._inflight -= 1
@@ -911,18 +913,29 @@ class Pool(Generic[C]):
     def _tick(self) -> float:
         return min(1.0, max(0.05, min(self.max_lifetime, self.max_idle) / 20))
 
-    def _housekeeper(self) -> None:
-        """Background job: periodic maintenance until the pool closes."""
-        executor = self._executor
-        assert executor is not None
-        while not self._closed:
-            executor.sleep(self._tick())
-            if self._closed:
-                break
+    @staticmethod
+    def _housekeeper(pool_ref: weakref.ref[Pool[Any]]) -> None:
+        """Background job: periodic maintenance until the pool closes or is dropped.
+
+        It holds the pool only while at work, so a pool dropped without
+        `close()` is collected, its connections with it (as psycopg_pool's).
+        """
+        while True:
+            pool = pool_ref()
+            if pool is None or pool._closed:
+                return
+            executor, tick = pool._executor, pool._tick()
+            assert executor is not None
+            del pool
+            executor.sleep(tick)
+            pool = pool_ref()
+            if pool is None or pool._closed:
+                return
             try:
-                self._housekeep(monotonic())
+                pool._housekeep(monotonic())
             except Exception:
-                logger.exception("housekeeping failed in %r", self.name)
+                logger.exception("housekeeping failed in %r", pool.name)
+            del pool
 
     def _housekeep(self, now: float) -> None:
         self._replace_expiring(now)
@@ -936,8 +949,7 @@ class Pool(Generic[C]):
         ):
             self._reconnect_reported = True
             logger.warning("reconnection attempts in pool %r failing for %s sec", self.name, self.reconnect_timeout)
-            if self._reconnect_failed is not None:
-                self._reconnect_failed(self)
+            self.reconnect_failed()
         self._fill()
         # Reservations a connector left behind when it was killed (or a
         # callback of it raised a BaseException) have no one making them.
@@ -1019,13 +1031,37 @@ class Pool(Generic[C]):
                     where,
                 )
 
+    def _draw_lifetime(self) -> float:
+        return self.max_lifetime * (1.0 - self.lifetime_jitter * random.random())
+
     # -- maintenance API -------------------------------------------------
 
+    def set_max_lifetime(self, max_lifetime: float) -> None:
+        """Change `max_lifetime`: live connections draw their lifetime anew.
+
+        A connection already older than its new lifetime is replaced as if
+        it had expired.
+        """
+        self.max_lifetime = _check_positive("max_lifetime", max_lifetime, allow_zero=False)
+        with self._lock:
+            for slot in self._slots:
+                if slot.expire_at:  # not retired
+                    slot.expire_at = slot.created_at + self._draw_lifetime()
+
+    def reconnect_failed(self) -> None:
+        """Called when reconnection failed for longer than `reconnect_timeout`.
+
+        Calls the `reconnect_failed` callback given to the constructor, if
+        any; a subclass may override it instead.
+        """
+        if self._reconnect_failed is not None:
+            self._reconnect_failed(self)
+
     def discard(self, slot: Slot[C]) -> None:
-        """Close a lent connection instead of returning it; a new one may replace it."""
+        """Close a lent connection now instead of returning it; a new one may replace it."""
         if slot.state != OUT:
             raise ValueError(f"can't discard {slot.conn!r} from pool {self.name!r}: it is not lent")
-        self._discard(slot)
+        self._discard(slot, close_now=True)
 
     def close_idle(self) -> int:
         """Close every idle connection now; return how many."""
@@ -1078,7 +1114,7 @@ class Pool(Generic[C]):
                 restart = not self._closed
         if restart:
             assert executor is not None
-            executor.submit(self._housekeeper)
+            executor.submit(self._housekeeper, weakref.ref(self))
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size limits at runtime."""

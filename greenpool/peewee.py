@@ -88,11 +88,22 @@ def _lean_paths(cls: type) -> bool:
     return not (overridden or shadowed)
 
 
+def _inherits(cls: type, name: str, owner: type) -> bool:
+    """Whether `cls`'s method `name` past the mixin is `owner`'s own."""
+    found = next(vars(base)[name] for base in _past_mixin(cls) if name in vars(base))
+    return found is vars(owner)[name]
+
+
 @functools.cache
 def _plain_cursor(cls: type) -> bool:
     """Whether `cls`'s `cursor()` past the mixin is peewee's own (see `PooledDatabase.cursor`)."""
-    found = next(vars(base)["cursor"] for base in _past_mixin(cls) if "cursor" in vars(base))
-    return found is vars(peewee.Database)["cursor"]
+    return _inherits(cls, "cursor", peewee.Database)
+
+
+@functools.cache
+def _plain_mysql_connect(cls: type) -> bool:
+    """Whether `cls` connects with `MySQLDatabase._connect()` itself (see `_MySQLBackend.connect`)."""
+    return _inherits(cls, "_connect", peewee.MySQLDatabase)
 
 
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
@@ -261,9 +272,7 @@ class PooledDatabase:
     @staticmethod
     def _lifetime(stale_timeout: Any) -> float:
         value = _number("stale_timeout", stale_timeout)
-        if value == 0:
-            raise ValueError("stale_timeout must be > 0 or None (no limit), got 0")
-        return math.inf if value is None else value
+        return value or math.inf  # None or 0: no limit, as in playhouse
 
     @staticmethod
     def _wait(timeout: Any) -> float | None:
@@ -295,7 +304,7 @@ class PooledDatabase:
         if max_connections is not None:
             self._pool.resize(self._pool.min_size, self._max_size(max_connections, self._pool.min_size))
         if stale_timeout is not None:
-            self._pool.max_lifetime = self._lifetime(stale_timeout)
+            self._pool.set_max_lifetime(self._lifetime(stale_timeout))
         if timeout is not None:
             self._wait_timeout = self._wait(timeout)
 
@@ -606,7 +615,11 @@ class _MySQLBackend(_Backend):
     marks_busy = True
 
     def connect(self, db: Any) -> Any:
-        if _SharedContextConnection is None or getattr(peewee, "mysql", None) is not _pymysql():
+        if (
+            _SharedContextConnection is None
+            or getattr(peewee, "mysql", None) is not _pymysql()
+            or not _plain_mysql_connect(type(db))  # type: ignore[arg-type]  # a class of its own connects its way
+        ):
             return None
         # As peewee's MySQLDatabase._connect, sharing pymysql's TLS context.
         return _SharedContextConnection(database=db.database, autocommit=True, **db.connect_params)

@@ -8,6 +8,7 @@ classes too, so existing `except psycopg_pool.PoolTimeout` keeps working).
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from time import monotonic
@@ -120,7 +121,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
             segments=segments,
-            check=check,
+            check=functools.partial(_call_pooled, self, check) if callable(check) else check,
             check_idle=check_idle,
             leak_threshold=leak_threshold,
         )
@@ -143,7 +144,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         conn._pool = None
         if self._configure is not None:
             try:
-                _run_callback("configure", self._configure, conn)
+                _run_callback(self, "configure", self._configure, conn)
             except BaseException:
                 conn.close()
                 raise
@@ -161,7 +162,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
     def _clean(self, conn: CT) -> None:
         settle(conn)
         if self._reset is not None:
-            _run_callback("reset", self._reset, conn)
+            _run_callback(self, "reset", self._reset, conn)
 
     def _ping(self, conn: CT) -> None:
         self.check_connection(conn)
@@ -244,20 +245,27 @@ class ConnectionPool(Pool[CT], Generic[CT]):
                     # (`close()` would return it instead, with `close_returns`).
                     conn.pgconn.finish()
 
-    def reconnect_failed(self) -> None:
-        """Called when reconnection failed for longer than `reconnect_timeout`."""
-        if self._reconnect_failed is not None:
-            self._reconnect_failed(self)
 
-
-def _run_callback(role: str, callback: Callable[[Any], None], conn: Any) -> None:
+def _run_callback(pool: ConnectionPool[Any], role: str, callback: Callable[[Any], None], conn: Any) -> None:
     """Run a user callback on a connection, which it must leave idle."""
-    callback(conn)
+    _call_pooled(pool, callback, conn)
     status = conn.pgconn.transaction_status
     if status != _IDLE:
         raise e.ProgrammingError(
             f"connection left in status {TransactionStatus(status).name} by {role} function {callback}: discarded"
         )
+
+
+def _call_pooled(pool: ConnectionPool[Any], callback: Callable[[Any], None], conn: Any) -> None:
+    """Call `callback(conn)` with `conn` marked as the pool's, as psycopg_pool does.
+
+    So a callback's `with conn:` commits or rolls back instead of closing it.
+    """
+    conn._pool = pool
+    try:
+        callback(conn)
+    finally:
+        conn._pool = None
 
 
 _new_object = object.__new__

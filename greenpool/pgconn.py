@@ -37,7 +37,7 @@ def _green_wait(hub: Any, gen: Any, fileno: int | None, timeout: float | None) -
     With `fileno` the generator yields wait states for that fd (queries);
     with None it yields `(fd, state)` pairs (connect, cancel).
     """
-    if timeout:
+    if timeout is not None:  # 0 too: poll once, as psycopg's own wait does
         from gevent import Timeout
 
         with Timeout(timeout, e._WaitTimeout("wait timeout expired")):

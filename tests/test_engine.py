@@ -766,3 +766,56 @@ def test_interrupted_right_after_queuing_leaves_no_request_behind(pool) -> None:
     finally:
         pool._lock = lock.lock
     pool.release(held[1])
+
+
+def test_a_connection_closed_while_handed_over_is_not_given(pool) -> None:
+    """`close_lent(0)` (Peewee's `close_all()`) closes every lent connection,
+    the one just handed to a waiter too: the waiter queues again and gets a
+    new connection, never the closed one."""
+    held = [pool.acquire(), pool.acquire()]
+    waiter = gevent.spawn(pool.acquire, 2)
+    gevent.sleep(0.05)
+    pool.release(held[0])  # handed to the waiter, which hasn't run yet
+    assert len(pool.close_lent(0)) == 2
+    slot = waiter.get(timeout=3)
+    assert not slot.conn.closed and slot.conn not in (held[0].conn, held[1].conn)
+    pool.release(slot)
+
+
+def test_a_recovered_connect_error_is_not_a_later_timeout_s_cause() -> None:
+    p = make_pool(min_size=0, max_size=1, timeout=1)
+    try:
+        p.fail_connect = OSError("connection refused (fake)")
+        with pytest.raises(errors.PoolTimeout):
+            p.acquire(timeout=0.5)
+        p.fail_connect = None
+        deadline = time.monotonic() + 5
+        while True:  # failing fast until a connector's next try recovers
+            try:
+                slot = p.acquire(timeout=3)
+                break
+            except errors.PoolTimeout:
+                assert time.monotonic() < deadline
+                gevent.sleep(0.05)
+        with pytest.raises(errors.PoolTimeout) as info:
+            p.acquire(timeout=0.2)  # exhausted: nothing to do with the old error
+        assert info.value.__cause__ is None
+        p.release(slot)
+    finally:
+        p.close()
+
+
+def test_reconnect_failed_method_may_be_overridden() -> None:
+    called = threading.Event()
+
+    class Reporting(FakePool):
+        def reconnect_failed(self) -> None:
+            called.set()
+
+    p = Reporting(min_size=1, max_size=1, reconnect_timeout=0.2, max_idle=1.0)
+    p.fail_connect = OSError("connection refused (fake)")
+    p.open()
+    try:
+        assert called.wait(5)
+    finally:
+        p.close()

@@ -574,6 +574,21 @@ def test_check_interrupted_never_lends_an_autocommit_connection(
     run_green(body)
 
 
+def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
+    """`timeout=0` means "don't wait" to psycopg (`notifies()` also passes it
+    once its deadline has passed), not "no timeout"."""
+
+    def body() -> None:
+        with greenpool.GeventConnection.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("listen greenpool_zero_timeout")
+            t0 = time.monotonic()
+            assert list(conn.notifies(timeout=0)) == []
+            assert list(conn.notifies(timeout=0.2)) == []
+            assert time.monotonic() - t0 < 2
+
+    run_green(body, timeout=10)
+
+
 # --------------------------------------------------------------------------
 # Waiters that give up
 # --------------------------------------------------------------------------

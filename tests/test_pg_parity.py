@@ -566,6 +566,25 @@ def test_reset_called_on_return(cls: type, make_pool: Callable[..., Any]) -> Non
     wait_until(lambda: len(resets) == 2, what="reset to be called on the second return")
 
 
+@pytest.mark.parametrize("role", ["configure", "check", "reset"])
+@pytest.mark.parametrize("cls", POOLS)
+def test_callbacks_see_the_connection_as_pooled(cls: type, make_pool: Callable[..., Any], role: str) -> None:
+    """A callback may use `with conn:`: on a pooled connection that commits
+    (or rolls back) instead of closing it."""
+    calls: list[int] = []
+
+    def callback(conn: Any) -> None:
+        with conn:
+            calls.append(pid_of(conn))
+
+    pool = opened(make_pool(cls, min_size=0, max_size=1, **{role: callback}))
+    for _ in range(2):
+        with pool.connection(timeout=5) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    wait_until(lambda: len(calls) >= 1, what=f"{role} to be called")
+    assert pool.get_stats().get("connections_num", 1) == 1  # never closed and remade
+
+
 @pytest.mark.parametrize("cls", POOLS)
 def test_check_callback_replaces_failing_connection(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]

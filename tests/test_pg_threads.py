@@ -13,12 +13,14 @@ thread itself.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import textwrap
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -391,3 +393,17 @@ def test_forget_all_in_a_forked_child_starts_afresh(run_python: Callable[..., An
     result = run_python(textwrap.dedent(code), timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"fresh": True, "size": 2}, result.stderr
+
+
+def test_a_pool_dropped_without_close_is_collected(pg_dsn: str, monitor: psycopg.Connection[Any]) -> None:
+    """As psycopg_pool's: the background threads hold the pool weakly, so an
+    unreachable pool is collected, its connections closed and its threads ended."""
+    app = helpers.unique("gp_dropped")
+    pool = GREEN(pg_dsn, min_size=2, kwargs={"application_name": app}, open=True)
+    pool.wait(10)
+    assert len(helpers.backends(monitor, app)) == 2
+    ref, workers = weakref.ref(pool), f"{pool.name}-worker"
+    del pool
+    helpers.wait_until(lambda: gc.collect() >= 0 and ref() is None, what="the pool to be collected")
+    helpers.wait_until(lambda: not helpers.backends(monitor, app), what="its connections to close")
+    helpers.wait_until(lambda: not any(t.name == workers for t in threading.enumerate()), what="its housekeeper to end")
