@@ -119,8 +119,10 @@ class Executor:
 
     Which one is decided once, by the thread that creates the executor
     (normally the one opening the pool): a pool opened under gevent does its
-    maintenance in greenlets of that hub, even when a job is submitted from
-    another OS thread.
+    maintenance in greenlets of that hub, also for jobs submitted by
+    greenlets of other threads. A job submitted by a plain OS thread runs in
+    an OS thread: that hub runs only while its own thread waits in gevent,
+    and the submitter may be waiting for the job (a connect) meanwhile.
     """
 
     def __init__(self, name: str) -> None:
@@ -139,6 +141,8 @@ class Executor:
             _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
         elif get_thread_ident() == self._hub_thread:
             self._spawn(fn, args)
+        elif gevent_hub() is None:
+            _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
         else:
             self.hub.loop.run_callback_threadsafe(self._spawn, fn, args)
 
@@ -154,7 +158,7 @@ class Executor:
         Under gevent the timer doesn't keep the hub alive: an open pool must
         not stop `gevent.wait()` in the application from returning.
         """
-        if self.hub is None:
+        if self.hub is None or gevent_hub() is None:  # a job run in an OS thread
             _real_sleep(seconds)
         else:
             import gevent

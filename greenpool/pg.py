@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from time import monotonic
 from typing import Any, Callable, Generic, TypeVar, Union
 
 import psycopg
@@ -334,15 +333,18 @@ class NullConnectionPool(ConnectionPool[CT]):
         return Pool._check_size(min_size, max_size)
 
     def wait(self, timeout: float = 30.0) -> None:
-        """Check that a connection can be made within `timeout`, then close it."""
+        """Check that a connection can be made within `timeout`, then close it.
+
+        The trial connection is one request in the stats. A failed connect
+        fails it at once, with the driver's error; a connect that doesn't
+        answer, after `timeout`.
+        """
         self._check_open()
-        deadline = monotonic() + timeout
         try:
-            conn = self._open_connection()
-        except Exception as ex:
+            slot = self.acquire(timeout)
+        except errors.PoolTimeout as ex:
             self.close()
-            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec: {ex}") from ex
-        self._close_connection(conn)
-        if monotonic() > deadline:
-            self.close()
-            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")
+            cause = ex.__cause__
+            suffix = f": {cause}" if cause is not None else ""
+            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec{suffix}") from cause
+        self.release(slot)

@@ -19,7 +19,8 @@ Intended differences, asserted as such:
   alive, `getconn()` fails fast with `PoolTimeout` instead of waiting for the
   full timeout (psycopg_pool waits the full timeout, then says nothing about
   the cause). A greenpool `NullConnectionPool.wait()` fails on the first
-  failed connect instead of retrying until the timeout.
+  failed connect instead of retrying until the timeout; its trial connection
+  counts as a request in the stats.
 - Constructor validation: greenpool validates more parameters than
   psycopg_pool (negative timeouts, `lifetime_jitter`, non-callable callbacks,
   non-int sizes). Those checks are tested on greenpool only.
@@ -1031,7 +1032,8 @@ def test_stats_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
     pool.putconn(held)
     stats = pool.get_stats()
     assert stats["pool_min"] == 0 and stats["pool_max"] == 1
-    assert stats["requests_num"] == 2
+    # Intended difference: greenpool's wait() makes its trial connection as a request.
+    assert stats["requests_num"] == 2 + is_green(cls)
     assert stats["requests_errors"] == 1
     assert stats.get("requests_waiting", 0) == 0
 
@@ -1134,6 +1136,23 @@ def test_open_wait_bad_database_raises_pool_timeout(
         # Intended difference: greenpool tells why.
         assert message in str(info.value)
         assert isinstance(info.value.__cause__, psycopg.OperationalError)
+
+
+@pytest.mark.parametrize("cls", [GREEN, GREEN_NULL])
+def test_open_wait_on_a_server_that_never_answers_respects_the_timeout(
+    cls: type, make_pool: Callable[..., Any], pg_dsn: str
+) -> None:
+    """A listener that accepts and never answers: libpq would wait 130 s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        params = {**psycopg.conninfo.conninfo_to_dict(pg_dsn), "host": "127.0.0.1", "port": silent.getsockname()[1]}
+        pool = make_pool(cls, psycopg.conninfo.make_conninfo("", **params), **sizes(cls, 1, 1))
+        t0 = time.monotonic()
+        with pytest.raises(psycopg_pool.PoolTimeout):
+            pool.open(wait=True, timeout=1)
+        assert time.monotonic() - t0 < 3
+        assert pool.closed
 
 
 @pytest.mark.parametrize("cls", POOLS)

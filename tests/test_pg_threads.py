@@ -407,3 +407,35 @@ def test_a_pool_dropped_without_close_is_collected(pg_dsn: str, monitor: psycopg
     helpers.wait_until(lambda: gc.collect() >= 0 and ref() is None, what="the pool to be collected")
     helpers.wait_until(lambda: not helpers.backends(monitor, app), what="its connections to close")
     helpers.wait_until(lambda: not any(t.name == workers for t in threading.enumerate()), what="its housekeeper to end")
+
+
+def test_pool_opened_in_a_greenlet_serves_threads_while_its_hub_is_blocked(make_pool: Callable[..., Any]) -> None:
+    """A pool opened by a greenlet does its background work in that greenlet's
+    hub, which runs only while its thread waits in gevent. Plain threads
+    using the pool while that thread blocks elsewhere (here in `join()`)
+    must still get new connections and have returned ones cleaned."""
+    import gevent
+
+    pools: list[Any] = []
+    gevent.spawn(lambda: pools.append(make_pool(min_size=0, max_size=3))).join()
+    pool = pools[0]
+    assert pool._executor.uses_gevent
+    outcomes: list[str] = []
+
+    def worker(i: int) -> None:
+        try:
+            conn = pool.getconn(timeout=3)
+        except psycopg_pool.PoolTimeout:
+            outcomes.append("timeout")
+            return
+        conn.execute("select pg_sleep(0.1)")  # returned in a transaction: needs a rollback
+        pool.putconn(conn)
+        outcomes.append("ok")
+
+    try:
+        for n in (3, 3):  # all at once: the pool must grow to 3, then reuse
+            assert run_threads(worker, n, timeout=10) == []
+        assert outcomes == ["ok"] * 6
+    finally:
+        pool.close()
+        destroy_main_hub()
