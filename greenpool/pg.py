@@ -172,6 +172,12 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         """Open the pool and fill it in the background (see `wait()`)."""
         super().open(wait=wait, timeout=timeout)
 
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until `min_size` connections are ready (see the engine's `wait()`)."""
+        if self._open_implicit:
+            self._warn_open_implicit()
+        super().wait(timeout)
+
     def __enter__(self) -> ConnectionPool[CT]:
         self._open_implicit = False
         self.open()
@@ -332,6 +338,17 @@ class NullConnectionPool(ConnectionPool[CT]):
             max_size = _UNLIMITED
         return Pool._check_size(min_size, max_size)
 
+    @property
+    def max_size(self) -> int:
+        """Most connections open at once; 0 if unlimited (as psycopg_pool says)."""
+        return 0 if self._max_size == _UNLIMITED else self._max_size
+
+    def get_stats(self) -> dict[str, int]:
+        """The engine's stats, `pool_max` 0 if unlimited (as psycopg_pool's)."""
+        stats = super().get_stats()
+        stats["pool_max"] = self.max_size
+        return stats
+
     def wait(self, timeout: float = 30.0) -> None:
         """Check that a connection can be made within `timeout`, then close it.
 
@@ -340,6 +357,8 @@ class NullConnectionPool(ConnectionPool[CT]):
         answer, after `timeout`.
         """
         self._check_open()
+        if self._open_implicit:
+            self._warn_open_implicit()
         try:
             slot = self.acquire(timeout)
         except errors.PoolTimeout as ex:

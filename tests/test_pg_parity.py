@@ -1024,6 +1024,20 @@ def test_stats_keys_and_values(cls: type, make_pool: Callable[..., Any], monitor
 
 
 @pytest.mark.parametrize("cls", NULL_POOLS)
+def test_null_pool_unlimited_size_reads_zero(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls)
+    assert pool.max_size == 0
+    assert pool.get_stats()["pool_max"] == 0
+
+
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_wait_on_an_implicitly_opened_pool_warns(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, open=None, **sizes(cls, 1, 1))
+    with pytest.warns(DeprecationWarning, match="open"):
+        pool.wait(timeout=10)
+
+
+@pytest.mark.parametrize("cls", NULL_POOLS)
 def test_stats_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
     pool = opened(make_pool(cls, max_size=1))
     held = pool.getconn()
