@@ -25,8 +25,10 @@ from .engine import BROKEN, DIRTY, OK
 
 logger = logging.getLogger("greenpool")
 
-#: Seconds allowed to cancel and drain a query interrupted mid-flight.
-CANCEL_TIMEOUT = 5.0
+#: Seconds allowed for each step of settling a returned connection (finish
+#: sending an interrupted query, cancel it, drain it, roll back): a server
+#: that stopped answering costs the connection, not a cleaner for good.
+SETTLE_TIMEOUT = 5.0
 
 _READY = {int(r): r for r in Ready}
 
@@ -207,13 +209,14 @@ def settle(conn: psycopg.Connection[Any]) -> None:
         logger.warning("cancelling the query of a connection returned busy: %s", conn)
         # Interrupted while still sending? The server ignores a cancel until
         # it has the whole query: finish sending it first.
-        conn.wait(send(conn.pgconn), timeout=CANCEL_TIMEOUT)
-        conn.cancel_safe(timeout=CANCEL_TIMEOUT)
-        conn.wait(_drain(conn.pgconn), timeout=CANCEL_TIMEOUT)
+        conn.wait(send(conn.pgconn), timeout=SETTLE_TIMEOUT)
+        conn.cancel_safe(timeout=SETTLE_TIMEOUT)
+        conn.wait(_drain(conn.pgconn), timeout=SETTLE_TIMEOUT)
         status = conn.pgconn.transaction_status
     if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         logger.info("rolling back returned connection: %s", conn)
-        conn.rollback()
+        with conn.lock:  # `conn.rollback()`, with a timeout
+            conn.wait(conn._rollback_gen(), timeout=SETTLE_TIMEOUT)
     status = conn.pgconn.transaction_status
     if status != TransactionStatus.IDLE:
         raise e.ProgrammingError(f"connection left in status {TransactionStatus(status).name}: discarded")

@@ -574,6 +574,35 @@ def test_check_interrupted_never_lends_an_autocommit_connection(
     run_green(body)
 
 
+def test_rollback_of_a_returned_connection_gives_up_on_a_silent_server(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection returned in a transaction is rolled back in the
+    background; if the server stops answering (the proxy frozen), the
+    rollback gives up after `SETTLE_TIMEOUT` and the connection is replaced,
+    instead of pinning its slot (and a cleaner) for good."""
+    monkeypatch.setattr(greenpool.pgconn, "SETTLE_TIMEOUT", 0.3)
+    proxy = make_proxy()
+    proxy_pid = proxy._child.pid  # type: ignore[union-attr]
+
+    def body() -> None:
+        pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1)
+        conn = pool.getconn()
+        conn.execute("select 1")  # INTRANS: needs a rollback
+        os.kill(proxy_pid, signal.SIGSTOP)
+        try:
+            pool.putconn(conn)
+            helpers.wait_until(
+                lambda: pool.get_stats().get("returns_bad", 0) == 1, timeout=5, what="the rollback to give up"
+            )
+        finally:
+            os.kill(proxy_pid, signal.SIGCONT)
+        with pool.connection(timeout=5) as again:
+            assert again is not conn and again.execute("select 1").fetchone() == (1,)
+
+    run_green(body)
+
+
 def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
     """`timeout=0` means "don't wait" to psycopg (`notifies()` also passes it
     once its deadline has passed), not "no timeout"."""
