@@ -455,16 +455,21 @@ def test_connect_failures_fail_fast_and_recover():
     assert time.monotonic() - t0 < 1  # fail fast, not after 5 s
     assert p.get_stats()["connections_errors"] >= 1
     p.fail_connect = None
-    deadline = time.monotonic() + 3
-    while True:  # back within one backoff period
+    slot = acquire_once_recovered(p, within=3)  # back within one backoff period
+    assert slot.conn.closed is False
+    p.close()
+
+
+def acquire_once_recovered(p: FakePool, within: float):
+    """`p.acquire()` once connects succeed again: it fails fast until a
+    connector's next try (after its backoff) recovers, at most `within` s."""
+    deadline = time.monotonic() + within
+    while True:
         try:
-            slot = p.acquire(timeout=5)
-            break
+            return p.acquire(timeout=5)
         except errors.PoolTimeout:
             assert time.monotonic() < deadline
             gevent.sleep(0.05)
-    assert slot.conn.closed is False
-    p.close()
 
 
 def test_connects_failing_after_close_are_not_reported(caplog):
@@ -789,14 +794,7 @@ def test_a_recovered_connect_error_is_not_a_later_timeout_s_cause() -> None:
         with pytest.raises(errors.PoolTimeout):
             p.acquire(timeout=0.5)
         p.fail_connect = None
-        deadline = time.monotonic() + 5
-        while True:  # failing fast until a connector's next try recovers
-            try:
-                slot = p.acquire(timeout=3)
-                break
-            except errors.PoolTimeout:
-                assert time.monotonic() < deadline
-                gevent.sleep(0.05)
+        slot = acquire_once_recovered(p, within=5)
         with pytest.raises(errors.PoolTimeout) as info:
             p.acquire(timeout=0.2)  # exhausted: nothing to do with the old error
         assert info.value.__cause__ is None

@@ -316,6 +316,23 @@ def _record(errors: list[BaseException], fn: Callable[[int], None], i: int) -> N
         errors.append(ex)
 
 
+def _borrower(pool: Any, outcomes: list[str], sql: str) -> Callable[[int], None]:
+    """A thread's job: borrow, run `sql` (leaving a transaction for the pool to
+    roll back), give back; "ok" or "timeout" goes to `outcomes`."""
+
+    def borrow(i: int) -> None:
+        try:
+            conn = pool.getconn(timeout=3)
+        except psycopg_pool.PoolTimeout:
+            outcomes.append("timeout")
+            return
+        conn.execute(sql)
+        pool.putconn(conn)
+        outcomes.append("ok")
+
+    return borrow
+
+
 def test_pool_opened_beside_an_idle_gevent_hub_serves_threads(make_pool: Callable[..., Any]) -> None:
     """Bug: a pool opened in a thread where a gevent hub merely *exists*
     (something called `gevent.get_hub()`, `gevent.spawn()`...) but doesn't
@@ -330,17 +347,7 @@ def test_pool_opened_beside_an_idle_gevent_hub_serves_threads(make_pool: Callabl
     try:
         pool = make_pool(min_size=2, max_size=2)
         outcomes: list[str] = []
-
-        def worker(i: int) -> None:
-            try:
-                conn = pool.getconn(timeout=2)
-            except psycopg_pool.PoolTimeout:
-                outcomes.append("timeout")
-                return
-            conn.execute("select 1")  # returned in a transaction: needs a rollback
-            pool.putconn(conn)
-            outcomes.append("ok")
-
+        worker = _borrower(pool, outcomes, "select 1")
         for _ in range(4):  # one thread after the other; main thread blocked in join()
             assert run_threads(worker, 1, timeout=10) == []
         assert outcomes == ["ok"] * 4
@@ -421,17 +428,7 @@ def test_pool_opened_in_a_greenlet_serves_threads_while_its_hub_is_blocked(make_
     pool = pools[0]
     assert pool._executor.uses_gevent
     outcomes: list[str] = []
-
-    def worker(i: int) -> None:
-        try:
-            conn = pool.getconn(timeout=3)
-        except psycopg_pool.PoolTimeout:
-            outcomes.append("timeout")
-            return
-        conn.execute("select pg_sleep(0.1)")  # returned in a transaction: needs a rollback
-        pool.putconn(conn)
-        outcomes.append("ok")
-
+    worker = _borrower(pool, outcomes, "select pg_sleep(0.1)")
     try:
         for n in (3, 3):  # all at once: the pool must grow to 3, then reuse
             assert run_threads(worker, n, timeout=10) == []
