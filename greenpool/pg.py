@@ -18,7 +18,7 @@ from psycopg import errors as e
 from psycopg.pq import TransactionStatus
 
 from . import errors
-from .engine import DIRTY, OK, Pool, Slot
+from .engine import DIRTY, GONE, OK, Pool, Slot
 from .pgconn import _ACTIVE, _IDLE, GeventConnection, pool_status, settle
 
 logger = logging.getLogger("greenpool")
@@ -313,7 +313,7 @@ class _Lease(Generic[CT]):
             if conn._pool is pool:  # type: ignore[comparison-overlap]
                 conn._pool = None
                 pool.release(self._slot, status)
-            else:
+            elif self._slot.state is not GONE:  # closed by the pool (`close_lent()`): nothing to give back
                 pool.putconn(conn)  # returned already: say so
 
 

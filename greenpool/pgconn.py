@@ -20,7 +20,7 @@ from psycopg.generators import fetch_many, send
 from psycopg.pq import TransactionStatus
 from psycopg.waiting import Ready
 
-from ._compat import allocate_lock, gevent_hub
+from ._compat import allocate_lock, get_thread_ident, gevent_hub
 from .engine import BROKEN, DIRTY, OK
 
 logger = logging.getLogger("greenpool")
@@ -33,17 +33,18 @@ SETTLE_TIMEOUT = 5.0
 _READY = {int(r): r for r in Ready}
 
 
-def _green_wait(hub: Any, gen: Any, fileno: int | None, timeout: float | None) -> Any:
+def _green_wait(hub: Any, gen: Any, fileno: int | None, timeout: float | None, conn: Any = None) -> Any:
     """Consume a psycopg generator on hub I/O watchers; return its result.
 
     With `fileno` the generator yields wait states for that fd (queries);
-    with None it yields `(fd, state)` pairs (connect, cancel).
+    with None it yields `(fd, state)` pairs (connect, cancel). `conn`, if
+    given, shows the watcher waited on (see `GeventConnection.close`).
     """
     if timeout is not None:  # 0 too: poll once, as psycopg's own wait does
         from gevent import Timeout
 
         with Timeout(timeout, e._WaitTimeout("wait timeout expired")):
-            return _green_wait(hub, gen, fileno, None)
+            return _green_wait(hub, gen, fileno, None, conn)
     try:
         step = next(gen)
     except StopIteration as ex:
@@ -54,9 +55,13 @@ def _green_wait(hub: Any, gen: Any, fileno: int | None, timeout: float | None) -
         while True:
             fd, state = step if fileno is None else (fileno, step)
             watcher = io(fd, state)
+            if conn is not None:
+                conn._green_waiting = (hub, watcher)
             try:
                 wait(watcher)
             finally:
+                if conn is not None:
+                    conn._green_waiting = None
                 watcher.close()
             step = gen.send(_READY[state])
     except StopIteration as ex:
@@ -120,9 +125,32 @@ class GeventConnection(psycopg.Connection[Any]):
     imported. In a thread without a hub it is a plain `psycopg.Connection`.
     """
 
+    # A slot: set and cleared around every wait, it must be cheap to store.
+    __slots__ = ("_green_waiting",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lock = _HybridLock()  # type: ignore[assignment]
+        #: (hub, I/O watcher) while a greenlet waits on this connection's socket.
+        self._green_waiting: tuple[Any, Any] | None = None
+
+    def close(self) -> None:
+        """Close the connection; a greenlet waiting on it first gets an `OperationalError`.
+
+        libev must not go on watching a closed socket: its number is soon
+        another connection's, which the stale watcher then stalls.
+        """
+        waiting = self._green_waiting
+        if waiting is None or self.closed:
+            return super().close()
+        self._green_waiting = None
+        hub, watcher = waiting
+        error = e.OperationalError("the connection was closed")
+        close = super().close
+        if get_thread_ident() == hub.thread_ident:
+            hub.cancel_waits_close_and_then([watcher], error, close)
+        else:
+            hub.loop.run_callback_threadsafe(hub.cancel_waits_close_and_then, [watcher], error, close)
 
     @classmethod
     def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
@@ -167,7 +195,7 @@ class GeventConnection(psycopg.Connection[Any]):
         hub = gevent_hub()
         if hub is None:
             return super().wait(gen, interval, timeout)
-        return _green_wait(hub, gen, self.pgconn.socket, timeout)
+        return _green_wait(hub, gen, self.pgconn.socket, timeout, self)
 
     def cancel_safe(self, *, timeout: float = 30.0) -> None:
         """Cancel the running query on the server, cooperatively under gevent."""

@@ -603,6 +603,33 @@ def test_rollback_of_a_returned_connection_gives_up_on_a_silent_server(
     run_green(body)
 
 
+def test_a_lent_connection_closed_by_the_pool_fails_its_borrower_plainly(make_pool: Callable[..., Any]) -> None:
+    """`close_lent(0)` closes a connection mid-query: its borrower sees the
+    driver's error, not a confusing "can't return connection" from the
+    `with` block, and the pool serves on."""
+
+    def body() -> None:
+        pool = make_pool(min_size=1, max_size=1)
+        errors: list[BaseException] = []
+
+        def borrower() -> None:
+            try:
+                with pool.connection() as conn:
+                    conn.execute("select pg_sleep(1)")
+            except Exception as ex:
+                errors.append(ex)
+
+        g = gevent.spawn(borrower)
+        gevent.sleep(0.2)
+        assert len(pool.close_lent(0)) == 1
+        g.join(5)
+        assert len(errors) == 1 and isinstance(errors[0], psycopg.Error), errors  # the driver's
+        with pool.connection(timeout=5) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+
+    run_green(body)
+
+
 def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
     """`timeout=0` means "don't wait" to psycopg (`notifies()` also passes it
     once its deadline has passed), not "no timeout"."""
