@@ -137,11 +137,9 @@ class Executor:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` in the background; never blocks the caller."""
-        if self.hub is None:
-            _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
-        elif get_thread_ident() == self._hub_thread:
+        if self.hub is not None and get_thread_ident() == self._hub_thread:
             self._spawn(fn, args)
-        elif gevent_hub() is None:
+        elif self.hub is None or gevent_hub() is None:
             _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
         else:
             self.hub.loop.run_callback_threadsafe(self._spawn, fn, args)

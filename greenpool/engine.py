@@ -920,22 +920,21 @@ class Pool(Generic[C]):
         It holds the pool only while at work, so a pool dropped without
         `close()` is collected, its connections with it (as psycopg_pool's).
         """
+        woke = False  # from a tick's sleep: time to work
         while True:
             pool = pool_ref()
             if pool is None or pool._closed:
                 return
+            if woke:
+                try:
+                    pool._housekeep(monotonic())
+                except Exception:
+                    logger.exception("housekeeping failed in %r", pool.name)
             executor, tick = pool._executor, pool._tick()
             assert executor is not None
-            del pool
+            del pool  # not held while asleep
             executor.sleep(tick)
-            pool = pool_ref()
-            if pool is None or pool._closed:
-                return
-            try:
-                pool._housekeep(monotonic())
-            except Exception:
-                logger.exception("housekeeping failed in %r", pool.name)
-            del pool
+            woke = True
 
     def _housekeep(self, now: float) -> None:
         self._replace_expiring(now)
@@ -1100,19 +1099,18 @@ class Pool(Generic[C]):
                 seg.lock = allocate_lock()
         self._take_all_idle()
         executor = self._executor
-        restart = forked and executor is not None and not executor.uses_gevent
+        jobs_lost = forked and executor is not None and not executor.uses_gevent
         with self._lock:
             for slot in self._slots:
                 slot.state = GONE
             self._slots.clear()
-            if restart:
+            if jobs_lost:
                 self._todo.clear()
                 self._inflight = self._connecting = self._cleaning = 0
                 # Only this thread was copied: the others' requests wait no more.
                 me = get_thread_ident()
                 self._waiters = deque(r for r in self._waiters if r.hub is not None and r.hub.thread_ident == me)
-                restart = not self._closed
-        if restart:
+        if jobs_lost and not self._closed:
             assert executor is not None
             executor.submit(self._housekeeper, weakref.ref(self))
 

@@ -615,10 +615,11 @@ class _MySQLBackend(_Backend):
     marks_busy = True
 
     def connect(self, db: Any) -> Any:
+        # Not for a class with a `_connect()` of its own: it connects its way.
         if (
             _SharedContextConnection is None
             or getattr(peewee, "mysql", None) is not _pymysql()
-            or not _plain_mysql_connect(type(db))  # type: ignore[arg-type]  # a class of its own connects its way
+            or not _plain_mysql_connect(type(db))  # type: ignore[arg-type]
         ):
             return None
         # As peewee's MySQLDatabase._connect, sharing pymysql's TLS context.

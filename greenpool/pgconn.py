@@ -33,24 +33,25 @@ SETTLE_TIMEOUT = 5.0
 _READY = {int(r): r for r in Ready}
 
 
-def _green_wait(hub: Any, gen: Any, fileno: int | None, timeout: float | None, conn: Any = None) -> Any:
+def _green_wait(hub: Any, gen: Any, timeout: float | None, conn: GeventConnection | None = None) -> Any:
     """Consume a psycopg generator on hub I/O watchers; return its result.
 
-    With `fileno` the generator yields wait states for that fd (queries);
-    with None it yields `(fd, state)` pairs (connect, cancel). `conn`, if
-    given, shows the watcher waited on (see `GeventConnection.close`).
+    With `conn` the generator yields wait states for its socket (queries),
+    and `conn` shows the watcher waited on (see `GeventConnection.close`);
+    with None it yields `(fd, state)` pairs (connect, cancel).
     """
     if timeout is not None:  # 0 too: poll once, as psycopg's own wait does
         from gevent import Timeout
 
         with Timeout(timeout, e._WaitTimeout("wait timeout expired")):
-            return _green_wait(hub, gen, fileno, None, conn)
+            return _green_wait(hub, gen, None, conn)
     try:
         step = next(gen)
     except StopIteration as ex:
         return ex.value
     io = hub.loop.io
     wait = hub.wait
+    fileno = None if conn is None else conn.pgconn.socket
     try:
         while True:
             fd, state = step if fileno is None else (fileno, step)
@@ -170,7 +171,7 @@ class GeventConnection(psycopg.Connection[Any]):
         for attempt in conninfo_attempts(params):
             try:
                 gen = cls._connect_gen(make_conninfo("", **attempt))
-                conn = _green_wait(hub, gen, None, timeout)
+                conn = _green_wait(hub, gen, timeout)
                 break
             except e._WaitTimeout:
                 failures.append(e.ConnectionTimeout("connection timeout expired"))
@@ -195,7 +196,7 @@ class GeventConnection(psycopg.Connection[Any]):
         hub = gevent_hub()
         if hub is None:
             return super().wait(gen, interval, timeout)
-        return _green_wait(hub, gen, self.pgconn.socket, timeout, self)
+        return _green_wait(hub, gen, timeout, self)
 
     def cancel_safe(self, *, timeout: float = 30.0) -> None:
         """Cancel the running query on the server, cooperatively under gevent."""
@@ -205,7 +206,7 @@ class GeventConnection(psycopg.Connection[Any]):
         if not self._should_cancel():
             return
         try:
-            _green_wait(hub, self._cancel_gen(), None, timeout or None)
+            _green_wait(hub, self._cancel_gen(), timeout or None)
         except e._WaitTimeout:
             raise e.CancellationTimeout("cancellation timeout expired") from None
 
