@@ -19,6 +19,7 @@ mixin, and the ready classes keep playhouse's names. Differences that matter:
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -66,6 +67,19 @@ def _number(name: str, value: Any) -> float | None:
     if value < 0 or value != value:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return value
+
+
+def _own_copy(error: Exception) -> Exception:
+    """A new `error` for one caller to raise (`error` itself if it can't be copied).
+
+    The pool's last connect error is every failing caller's while the
+    database is down: raising that one object in each greenlet would chain
+    all their frames onto its one traceback, and keep them alive.
+    """
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
 
 
 class _ConnectionState(peewee._ConnectionState):
@@ -396,8 +410,9 @@ class PooledDatabase:
         except errors.TooManyRequests:
             raise MaxConnectionsExceeded("Exceeded maximum connections.") from None
         except errors.PoolTimeout as ex:
-            if isinstance(ex.__cause__, Exception) and not isinstance(ex.__cause__, errors.PoolError):
-                raise ex.__cause__ from None  # the database is down: the driver's error
+            cause = ex.__cause__
+            if isinstance(cause, Exception) and not isinstance(cause, errors.PoolError):
+                raise _own_copy(cause) from None  # the database is down: the driver's error
             raise MaxConnectionsExceeded("Max connections exceeded, timed out attempting to connect.") from None
         owner = getcurrent()
         self._lent[id(slot.conn)] = (slot, owner)

@@ -56,10 +56,12 @@ import pytest
 from helpers import deadline, destroy_main_hub, pg_params, unique, wait_until
 from playhouse.db_url import connect as url_connect
 from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
+from psycopg.conninfo import make_conninfo
 
 import greenpool.peewee as gpw
 from greenpool.engine import BROKEN
 from greenpool.pgconn import GeventConnection
+from greenpool.proxy import Proxy, parse_dsn_host_port
 
 #: Every test must end well within this (seconds); a hang fails the test.
 TEST_DEADLINE = 90
@@ -1610,6 +1612,57 @@ def test_dead_connection_reused_within_check_idle_fails_once(backend: Backend) -
     with db.connection_context():
         assert db.execute_sql("select 1").fetchone() == (1,)
         assert backend.ident(db) != dead
+
+
+def _traceback_depth(error: BaseException) -> int:
+    depth, tb = 0, error.__traceback__
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    return depth
+
+
+@backends("pg", "mysql")
+def test_database_down_raises_the_drivers_error_at_once_then_recovers(backend: Backend) -> None:
+    """With the server down and no connection alive, connect() raises the
+    driver's error (wrapped by peewee, as a failed connect of its own is) at
+    once, not after `timeout`. Each caller gets an error object of its own:
+    one shared object raised by every caller would pile all their frames onto
+    its one traceback. Once the server answers again, connect() works."""
+    if backend.kind == "pg":
+        host, port = parse_dsn_host_port(make_conninfo(**backend.params))
+    else:
+        host, port = backend.params["host"], backend.params["port"]
+    proxy = Proxy(host, port).start()
+    try:
+        proxy.pause()
+        db = backend.make(max_connections=2, timeout=20, host=proxy.host, port=proxy.port)
+        errors = []
+        t0 = time.monotonic()
+        for _ in range(4):
+            with pytest.raises(peewee.OperationalError) as info:
+                db.connect()
+            errors.append(info.value)
+        assert time.monotonic() - t0 < 10  # the first waits for a connect to fail; then at once
+        drivers = [error.__context__ for error in errors]
+        assert all(isinstance(d, (psycopg.OperationalError, pymysql.OperationalError)) for d in drivers)
+        assert all("refused" in str(d).lower() or "can't connect" in str(d).lower() for d in drivers), drivers
+        assert len({id(d) for d in drivers}) == len(drivers)
+        assert len({_traceback_depth(error) for error in errors[1:]}) == 1  # no pile-up
+
+        proxy.resume()
+
+        def connects() -> bool:
+            try:
+                db.connect()
+            except peewee.OperationalError:
+                return False
+            return True
+
+        wait_until(connects, timeout=10, what="connect() to work again")
+        assert db.execute_sql("select 1").fetchone() == (1,)
+        db.close()
+    finally:
+        proxy.stop()
 
 
 # --------------------------------------------------------------------------
