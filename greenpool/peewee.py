@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded
@@ -122,6 +122,17 @@ def _plain_mysql_connect(cls: type) -> bool:
 
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
 _EXCEPTION_WRAPPER: Any = vars(peewee)["__exception_wrapper__"]
+
+
+def _reraise_as_peewee() -> NoReturn:
+    """Re-raise the exception being handled as peewee translates driver errors.
+
+    `with __exception_wrapper__:` costs two calls even when nothing is
+    raised; called from an `except` block, this costs them only then.
+    """
+    with _EXCEPTION_WRAPPER:
+        raise  # noqa: PLE0704 - re-raises the exception being handled
+
 
 #: Distinguishes successive state sets of one database (see `PooledDatabase._state`).
 _state_generations = itertools.count()
@@ -352,17 +363,19 @@ class PooledDatabase:
             if reuse_if_open:
                 return False
             raise peewee.OperationalError("Connection already opened.")
-        with _EXCEPTION_WRAPPER:
-            try:
-                conn = self._connect()
-            except BaseException:
-                state.reset()
-                raise
-            # Sets every field `reset()` would: no reset before it.
-            state.set_connection(conn)
+        try:
+            conn = self._connect()
+        except BaseException:
+            state.reset()
+            _reraise_as_peewee()
+        # Sets every field `reset()` would: no reset before it.
+        state.set_connection(conn)
+        try:
             if self.server_version is None:  # type: ignore[attr-defined]
                 self._set_server_version(conn)  # type: ignore[attr-defined]
             self._initialize_connection(conn)  # type: ignore[attr-defined]
+        except BaseException:
+            _reraise_as_peewee()
         return True
 
     def close(self) -> bool:
@@ -377,8 +390,9 @@ class PooledDatabase:
         is_open = not state.closed
         try:
             if is_open:
-                with _EXCEPTION_WRAPPER:
-                    self._close(state.conn)
+                self._close(state.conn)
+        except BaseException:
+            _reraise_as_peewee()
         finally:
             state.reset()
         return is_open
