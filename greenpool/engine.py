@@ -19,6 +19,7 @@ connection hooks (`_open_connection`, `_close_connection`, `_status`,
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import random
 import traceback
@@ -118,14 +119,29 @@ _CANCELLED = object()
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    # Not float(value): that would take "5" and True, which no one means.
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    number = float(value)
     if number < 0 or (number == 0 and not allow_zero) or number != number:
         allowed = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return number
+
+
+def _seconds_left(timeout: Any) -> float:
+    """A checkout's `timeout`, checked; one < 0 (a deadline already past) counts as 0."""
+    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) and timeout < 0:
+        return 0.0
+    return _check_positive("timeout", timeout)
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
 
 
 def _check_callable(name: str, value: Any) -> None:
@@ -171,22 +187,17 @@ class Pool(Generic[C]):
     ) -> None:
         self._min_size, self._max_size = self._check_size(min_size, max_size)
         self.timeout = _check_positive("timeout", timeout)
-        if not isinstance(max_waiting, int) or max_waiting < 0:
-            raise ValueError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
-        self.max_waiting = max_waiting
+        self.max_waiting = _check_count("max_waiting", max_waiting, 0)
         self.max_lifetime = _check_positive("max_lifetime", max_lifetime, allow_zero=False)
         self.lifetime_jitter = _check_positive("lifetime_jitter", lifetime_jitter)
         if not self.lifetime_jitter < 1:
             raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
-        self.max_idle = _check_positive("max_idle", max_idle, allow_zero=False)
+        self.max_idle = _check_positive("max_idle", max_idle)
         self.reconnect_timeout = _check_positive("reconnect_timeout", reconnect_timeout)
         _check_callable("reconnect_failed", reconnect_failed)
         self._reconnect_failed = reconnect_failed
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-        self.num_workers = num_workers
-        if not isinstance(segments, int) or segments < 1:
-            raise ValueError(f"segments must be an int >= 1, got {segments!r}")
+        self.num_workers = _check_count("num_workers", num_workers, 1)
+        _check_count("segments", segments, 1)
         _check_callable("check", check)
         self._check = check
         self.check_idle = _check_positive("check_idle", check_idle)
@@ -254,11 +265,8 @@ class Pool(Generic[C]):
     def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
         if max_size is None:
             max_size = min_size
-        for pname, value in (("min_size", min_size), ("max_size", max_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{pname} must be an int, got {value!r}")
-        if min_size < 0:
-            raise ValueError(f"min_size must be >= 0, got {min_size}")
+        _check_count("min_size", min_size, 0)
+        _check_count("max_size", max_size, 0)
         if max_size < min_size:
             raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
         if max_size == 0:
@@ -292,6 +300,7 @@ class Pool(Generic[C]):
         `wait()`). Opening an open pool is a no-op; a closed pool can't
         be reopened.
         """
+        _check_positive("timeout", timeout)  # here, not only when it is used
         with self._lock:
             if self._closed and self._opened:
                 raise self.PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
@@ -331,8 +340,12 @@ class Pool(Generic[C]):
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: fail waiting and future requests with `PoolClosed`.
 
-        Idle connections are closed now; lent ones when they come back.
+        Idle connections are closed now; lent ones when they come back, and
+        those being made as soon as they are. Nothing waits for that:
+        `timeout` (psycopg_pool's wait for its worker threads) is checked,
+        then unused.
         """
+        _check_positive("timeout", timeout)
         with self._lock:
             if self._closed:
                 return
@@ -382,7 +395,9 @@ class Pool(Generic[C]):
     def acquire(self, timeout: float | None = None, *, fail_if_full: bool = False) -> Slot[C]:
         """Lend a connection's slot; wait up to `timeout` (default `self.timeout`).
 
-        Raise `PoolTimeout` if none is available in time, `TooManyRequests`
+        A `timeout` <= 0 takes an idle connection if there is one and
+        doesn't wait (psycopg_pool raises `PoolTimeout` for any). Raise
+        `PoolTimeout` if none is available in time, `TooManyRequests`
         if `max_waiting` requests already wait (or, with `fail_if_full`, if
         no connection is idle and the pool can't grow for this request),
         `PoolClosed` if closed. `timeout` may be `math.inf`.
@@ -391,8 +406,8 @@ class Pool(Generic[C]):
             self._check_open()
         if timeout is None:
             timeout = self.timeout
-        elif not timeout >= 0:  # NaN too
-            raise ValueError(f"timeout must be >= 0, got {timeout!r}")
+        elif type(timeout) is not float or not timeout >= 0:
+            timeout = _seconds_left(timeout)
         self.requests_num += 1
         now = monotonic()
         # Don't overtake queued requests: FIFO fairness.
@@ -478,16 +493,19 @@ class Pool(Generic[C]):
                 self._record_wait(monotonic() - start)
                 raise
             slot = req.slot
-            if slot is None or slot is _CANCELLED:
+            failed = slot is _CANCELLED  # by close(), or by connects failing with no connection left
+            if slot is None or failed:
                 slot = self._cancel(req)
             now = monotonic()
             self._record_wait(now - start)
             if slot is None:
                 self.requests_errors += 1
                 self._check_open()
-                raise self.PoolTimeout(
-                    f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
-                ) from self._last_error
+                if failed:
+                    what = f"the pool {self.name!r} has no connection"
+                else:
+                    what = f"couldn't get a connection after {timeout:.2f} sec"
+                raise self.PoolTimeout(what + self._error_suffix()) from self._last_error
             if slot.state is not OUT:
                 continue  # closed (`close_lent()`) while handed to us: queue again
             # `_lend()`'s checks, when a returner just found it OK (so recently
@@ -610,8 +628,12 @@ class Pool(Generic[C]):
         """Take back a lent slot: clean it if needed, then reuse or retire it.
 
         `status` is the connection's `_status()` if the caller just read it.
+        A connection the pool closed while lent (`close_lent()`) is no
+        longer the pool's: giving it back does nothing.
         """
         if slot.state != OUT:
+            if slot.state == GONE:
+                return
             raise ValueError(f"can't return {slot.conn!r} to pool {self.name!r}: it is not lent")
         now = monotonic()
         self._usage += now - slot.taken_at
@@ -670,6 +692,11 @@ class Pool(Generic[C]):
             lock = self._lock
             lock.acquire()
             try:
+                if slot.state == GONE:
+                    # Closed by `close_lent()` in another thread as it came
+                    # back: not for a waiter. (Parked, the lend's status
+                    # check would find it closed.)
+                    return
                 req = self._hand_locked(slot, fresh) if self._waiters else None
             finally:
                 lock.release()
@@ -726,7 +753,8 @@ class Pool(Generic[C]):
                 slot = self._pop_idle()
                 if slot is None:
                     break
-                handed.append(self._hand_locked(slot))
+                if slot.state != GONE:  # see `_release`
+                    handed.append(self._hand_locked(slot))
         for req in handed:
             req.fire()
 
@@ -757,6 +785,8 @@ class Pool(Generic[C]):
         if slot.state == GONE:
             return
         with self._lock:
+            if slot.state == GONE:
+                return  # by another thread, meanwhile
             slot.state = GONE
             self._slots.discard(slot)
         if close_now or self._executor is None:
@@ -1058,6 +1088,8 @@ class Pool(Generic[C]):
 
     def discard(self, slot: Slot[C]) -> None:
         """Close a lent connection now instead of returning it; a new one may replace it."""
+        if slot.state == GONE:
+            return  # closed by the pool already (`close_lent()`)
         if slot.state != OUT:
             raise ValueError(f"can't discard {slot.conn!r} from pool {self.name!r}: it is not lent")
         self._discard(slot, close_now=True)

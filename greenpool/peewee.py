@@ -32,7 +32,7 @@ from playhouse.pool import MaxConnectionsExceeded
 
 from . import errors
 from ._compat import getcurrent
-from .engine import BROKEN, DIRTY, OK, Pool, Slot
+from .engine import BROKEN, DIRTY, OK, Pool, Slot, _check_count
 
 logger = logging.getLogger("greenpool.peewee")
 
@@ -218,6 +218,7 @@ class PooledDatabase:
         leak_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
+        _check_count("min_connections", min_connections, 0)
         max_size = self._max_size(max_connections, min_connections)
         self._pool = _DatabasePool(
             self,

@@ -217,6 +217,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         conn = slot.conn
         conn._pool = self  # type: ignore[assignment]
         conn._pool_slot = slot  # type: ignore[attr-defined]
+        conn._pool_lease = None  # type: ignore[attr-defined]
         return conn
 
     def putconn(self, conn: CT) -> None:
@@ -227,6 +228,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             raise ValueError(f"can't return connection to pool {self.name!r}, {where}: {conn}")
         slot = conn._pool_slot  # type: ignore[attr-defined]
         conn._pool = None
+        conn._pool_lease = None  # type: ignore[attr-defined]
         self.release(slot)
 
     @staticmethod
@@ -293,10 +295,18 @@ class _Lease(Generic[CT]):
         conn = slot.conn  # `_lend_connection()`, inlined
         conn._pool = pool  # type: ignore[assignment]
         conn._pool_slot = slot  # type: ignore[attr-defined]
+        # Whose lending this is: given back inside the block (`putconn()`,
+        # `close()` with `close_returns`), it may be lent again before the
+        # block ends, and is then someone else's to commit and return.
+        conn._pool_lease = self  # type: ignore[attr-defined]
         return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        conn = self._slot.conn
+        conn: Any = self._slot.conn  # psycopg types `_pool` as one of psycopg_pool's
+        pool = self._pool
+        if conn._pool_lease is not self or conn._pool is not pool:
+            self._given_back(conn)
+            return
         status = None
         try:
             # Commit/rollback like `with conn:`. Nothing to do on an idle
@@ -305,16 +315,23 @@ class _Lease(Generic[CT]):
             # query): the pool cancels it.
             pgstatus = conn.pgconn.transaction_status
             if exc_type is None and pgstatus == _IDLE and not conn._pipeline:
-                status = self._pool._idle_status
+                status = pool._idle_status
             elif pgstatus != _ACTIVE:
                 conn.__exit__(exc_type, exc, tb)
         finally:
-            pool = self._pool
-            if conn._pool is pool:  # type: ignore[comparison-overlap]
+            if conn._pool is pool:
                 conn._pool = None
                 pool.release(self._slot, status)
-            elif self._slot.state is not GONE:  # closed by the pool (`close_lent()`): nothing to give back
-                pool.putconn(conn)  # returned already: say so
+            # else closed by the pool (`close_lent()`) meanwhile: nothing to give back
+
+    def _given_back(self, conn: CT) -> None:
+        """The block's connection isn't its own any more: raise, unless the pool closed it."""
+        if conn._pool_lease is self and self._slot.state is GONE:  # type: ignore[attr-defined]
+            return  # closed by the pool (`close_lent()`), as its borrower sees
+        raise ValueError(
+            f"can't return connection to pool {self._pool.name!r}: it was given back inside"
+            f" the 'with' block already (putconn(), or close() with close_returns): {conn}"
+        )
 
 
 class NullConnectionPool(ConnectionPool[CT]):

@@ -26,16 +26,14 @@ class WaitTimes:
         self._window.clear()
 
     def percentiles(self, requests: int, queued: int) -> dict[str, int]:
-        """p50/p90/p99/max wait in microseconds, over all requests.
+        """p50/p90/p99/max wait in microseconds, over all requests (0 without any).
 
         Only queued requests are recorded (the fast path stays free), so the
         `requests - queued` that never waited count as zeros.
         """
-        if not requests:
-            return {}
         waits = sorted(self._window)
         n = len(waits)
-        immediate = max(0.0, (requests - queued) / requests)
+        immediate = max(0.0, (requests - queued) / requests) if requests else 1.0
         result = {}
         for label, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):
             if q < immediate or not n:

@@ -92,6 +92,13 @@ def pool():
         ({"max_lifetime": 0}, "max_lifetime"),
         ({"max_lifetime": -5}, "max_lifetime"),
         ({"max_idle": -1}, "max_idle"),
+        ({"timeout": "5"}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"lifetime_jitter": "0.1"}, "lifetime_jitter"),
+        ({"max_size": "8"}, "max_size"),
+        ({"max_waiting": None}, "max_waiting"),
+        ({"num_workers": 2.0}, "num_workers"),
+        ({"segments": "2"}, "segments"),
         ({"lifetime_jitter": 1.0}, "lifetime_jitter"),
         ({"lifetime_jitter": -0.1}, "lifetime_jitter"),
         ({"reconnect_timeout": -1}, "reconnect_timeout"),
@@ -109,14 +116,66 @@ def test_bad_input_names_the_parameter(kwargs, param):
         FakePool(**kwargs)
 
 
-@pytest.mark.parametrize("timeout", [-1, float("nan")])
-def test_bad_acquire_timeout_is_refused_before_queueing(pool, timeout):
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"timeout": True}, TypeError),
+        ({"segments": 2.0}, TypeError),
+        ({"max_waiting": "1"}, TypeError),
+        ({"num_workers": 0}, ValueError),
+        ({"timeout": -1}, ValueError),
+    ],
+)
+def test_wrong_types_are_type_errors_wrong_values_value_errors(kwargs, error):
+    with pytest.raises(error):
+        FakePool(**kwargs)
+
+
+@pytest.mark.parametrize("timeout, error", [(float("nan"), ValueError), ("1", TypeError), (True, TypeError)])
+def test_bad_acquire_timeout_is_refused_before_queueing(pool, timeout, error):
     held = [pool.acquire(), pool.acquire()]
-    with pytest.raises(ValueError, match="timeout"):
+    with pytest.raises(error, match="timeout must be"):
         pool.acquire(timeout=timeout)
     assert pool.get_stats()["requests_waiting"] == 0
     for s in held:
         pool.release(s)
+
+
+@pytest.mark.parametrize("timeout", [-1, 0])
+def test_a_timeout_already_past_takes_an_idle_connection_or_times_out_at_once(pool, timeout):
+    """A budget already spent (`deadline - now` < 0) is a timeout, as in
+    psycopg_pool, not a ValueError; an idle connection is still taken."""
+    slot = pool.acquire(timeout=timeout)
+    held = pool.acquire()
+    t0 = time.monotonic()
+    with pytest.raises(errors.PoolTimeout, match="after 0.00 sec"):
+        pool.acquire(timeout=timeout)
+    assert time.monotonic() - t0 < 1
+    for s in (slot, held):
+        pool.release(s)
+
+
+@pytest.mark.parametrize("method", ["open", "close"])
+def test_open_and_close_check_their_timeout_even_when_unused(method):
+    p = FakePool(min_size=1)
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        getattr(p, method)(timeout="x")
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
+        getattr(p, method)(timeout=-1)
+    assert p.closed
+
+
+def test_wait_percentiles_are_there_before_any_request(pool):
+    stats = pool.pop_stats()
+    stats = pool.get_stats()
+    assert stats["requests_num"] == 0
+    assert {k: v for k, v in stats.items() if k.startswith("requests_wait_")} == {
+        "requests_wait_ms": 0,
+        "requests_wait_p50_us": 0,
+        "requests_wait_p90_us": 0,
+        "requests_wait_p99_us": 0,
+        "requests_wait_max_us": 0,
+    }
 
 
 def test_closed_pool_refuses_everything(pool):
@@ -145,6 +204,23 @@ def test_release_twice_is_an_error_and_pool_stays_intact(pool):
     assert len({s.conn.id for s in slots}) == 2
     for s in slots:
         pool.release(s)
+
+
+@pytest.mark.parametrize("give_back", ["release", "discard"])
+def test_giving_back_a_connection_closed_while_lent_does_nothing(pool, give_back):
+    """`close_lent()` may close a connection (Peewee's `close_stale()` in
+    another thread) just as its borrower gives it back: no error, and the
+    closed connection reaches no one."""
+    slot = pool.acquire()
+    held = pool.acquire()
+    waiter = gevent.spawn(pool.acquire, timeout=5)
+    gevent.sleep(0.01)  # queued: the next good return is handed to it
+    assert set(pool.close_lent(0)) == {slot, held}
+    getattr(pool, give_back)(slot)
+    pool.release(held)
+    handed = waiter.get(timeout=5)  # a replacement
+    assert handed.conn not in (slot.conn, held.conn) and not handed.conn.closed
+    pool.release(handed)
 
 
 # -- waiting ----------------------------------------------------------------
@@ -457,6 +533,21 @@ def test_connect_failures_fail_fast_and_recover():
     p.fail_connect = None
     slot = acquire_once_recovered(p, within=3)  # back within one backoff period
     assert slot.conn.closed is False
+    p.close()
+
+
+def test_a_queued_request_failed_by_connects_says_so_not_that_it_timed_out():
+    """A request queued while connects are still being tried, then failed when
+    the last of them fails, says the pool has no connection (and why), not
+    "after 5.00 sec": it didn't wait that long."""
+    p = make_pool(min_size=0, max_size=1)
+    p.fail_connect = OSError("connection refused (fake)")
+    p.connect_delay = 0.2
+    t0 = time.monotonic()
+    with pytest.raises(errors.PoolTimeout) as info:
+        p.acquire(timeout=5)
+    assert time.monotonic() - t0 < 2
+    assert f"the pool {p.name!r} has no connection: OSError: connection refused (fake)" == str(info.value)
     p.close()
 
 

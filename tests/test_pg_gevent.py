@@ -630,6 +630,42 @@ def test_a_lent_connection_closed_by_the_pool_fails_its_borrower_plainly(make_po
     run_green(body)
 
 
+@pytest.mark.parametrize("give_back", ["close", "putconn"])
+def test_a_block_whose_connection_was_given_back_leaves_its_next_borrower_alone(
+    make_pool: Callable[..., Any], give_back: str
+) -> None:
+    """Given back inside its `with` block (`close()` with close_returns, or
+    `putconn()`), the connection may be lent again before the block ends:
+    the block's exit must neither commit nor return the new borrower's
+    connection. It raises, as psycopg_pool's, saying what happened."""
+
+    def body() -> None:
+        pool = make_pool(min_size=1, max_size=1, close_returns=True)
+        seen: list[Any] = []
+
+        def first() -> None:
+            try:
+                with pool.connection() as conn:
+                    conn.close() if give_back == "close" else pool.putconn(conn)
+                    gevent.sleep(0.2)  # `second` borrows it meanwhile
+            except ValueError as ex:
+                seen.append(ex)
+
+        def second() -> None:
+            with pool.connection(timeout=5) as conn:
+                conn.execute("create temp table gp_given_back (x int)")
+                gevent.sleep(0.4)  # `first`'s block ends now
+                seen.append(conn.info.transaction_status)
+                conn.execute("select count(*) from gp_given_back")
+
+        gevent.joinall([gevent.spawn(first), gevent.spawn(second)], raise_error=True)
+        assert "given back inside the 'with' block already" in str(seen[0])
+        assert seen[1] == psycopg.pq.TransactionStatus.INTRANS  # not committed by `first`
+        assert settle(pool, 1)["returns_bad"] == 0
+
+    run_green(body)
+
+
 def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
     """`timeout=0` means "don't wait" to psycopg (`notifies()` also passes it
     once its deadline has passed), not "no timeout"."""
