@@ -117,38 +117,34 @@ def sleep(seconds: float) -> None:
 class Executor:
     """Runs background jobs as greenlets of one hub, or as daemon OS threads.
 
-    Which one is decided once, by the thread that creates the executor
-    (normally the one opening the pool): a pool opened under gevent does its
-    maintenance in greenlets of that hub, also for jobs submitted by
-    greenlets of other threads. A job submitted by a plain OS thread runs in
-    an OS thread: that hub runs only while its own thread waits in gevent,
-    and the submitter may be waiting for the job (a connect) meanwhile.
+    Which hub, if any, is decided once, by the thread that creates the
+    executor (normally the one opening the pool): jobs submitted by
+    greenlets of that hub run as greenlets there. Any other job runs in an
+    OS thread of its own: the main greenlet of an unpatched thread blocks
+    its thread, so that thread's hub doesn't run while the submitter waits
+    (for a connect, say); and the hub of another thread may stop, or never
+    run again, when its thread ends.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.hub = gevent_hub()
-        self._hub_thread = get_thread_ident() if self.hub is not None else None
 
     @property
     def uses_gevent(self) -> bool:
-        """True if jobs run as greenlets."""
+        """True if jobs submitted in the opening thread's greenlets run as greenlets."""
         return self.hub is not None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` in the background; never blocks the caller."""
-        if self.hub is not None and get_thread_ident() == self._hub_thread:
-            self._spawn(fn, args)
-        elif self.hub is None or gevent_hub() is None:
-            _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
+        # The hub, not the thread id: a thread that ended leaves its id to
+        # the next one started.
+        if self.hub is not None and gevent_hub() is self.hub:
+            import gevent
+
+            gevent.spawn(fn, *args)
         else:
-            self.hub.loop.run_callback_threadsafe(self._spawn, fn, args)
-
-    @staticmethod
-    def _spawn(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        import gevent
-
-        gevent.spawn(fn, *args)
+            _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
 
     def sleep(self, seconds: float) -> None:
         """Sleep in a background job (greenlet or thread) of this executor.
@@ -156,7 +152,7 @@ class Executor:
         Under gevent the timer doesn't keep the hub alive: an open pool must
         not stop `gevent.wait()` in the application from returning.
         """
-        if self.hub is None or gevent_hub() is None:  # a job run in an OS thread
+        if self.hub is None or gevent_hub() is not self.hub:  # a job run in an OS thread
             _real_sleep(seconds)
         else:
             import gevent
@@ -201,6 +197,11 @@ class ThreadRequest:
         self._lock.release()
 
 
+#: Longest a `DeadlineTimer` sleeps: for a request that waits without a
+#: deadline it only holds the loop, and wakes now and then to go on doing so.
+_HOLD_AT_MOST = 3600.0
+
+
 class DeadlineTimer:
     """Wakes the queued greenlets of one hub whose requests reached their deadline.
 
@@ -226,21 +227,28 @@ class DeadlineTimer:
         self._loop = hub.loop
         self._expire = expire
         self._timer: Any = None
-        self.waiting = 0  # requests of this hub parked with a finite deadline
+        self.waiting = 0  # requests of this hub parked
         self.held = False  # the timer keeps the loop alive
         self.at = INFINITY  # the deadline armed for
 
     def arm(self, deadline: float) -> None:
-        """Fire at `deadline` instead (it is earlier than `at`); hold the loop."""
+        """Fire at `deadline` instead (it is earlier than `at`); hold the loop.
+
+        `INFINITY`: only hold the loop (a request waits for good).
+        """
         if self._timer is not None:
             self._timer.close()
         self.at = deadline
-        self._timer = self._loop.timer(max(deadline - monotonic(), 0.0))
+        now = monotonic()
+        self._timer = self._loop.timer(max(min(deadline, now + _HOLD_AT_MOST) - now, 0.0))
         self._timer.start(self._fire)
         self.held = True
 
     def hold(self) -> None:
         """Keep the loop alive until the armed deadline (a request waits)."""
+        if self._timer is None:
+            self.arm(INFINITY)
+            return
         self._timer.ref = True
         self.held = True
 
@@ -256,5 +264,5 @@ class DeadlineTimer:
         self.held = False
         self.at = INFINITY
         deadline = self._expire(monotonic())
-        if deadline != INFINITY:
+        if deadline != INFINITY or self.waiting:
             self.arm(deadline)

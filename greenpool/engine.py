@@ -462,10 +462,10 @@ class Pool(Generic[C]):
                             break
                 if hub is None:
                     req.wait(deadline - monotonic())
-                elif deadline == INFINITY:
-                    if req.slot is None:
-                        req.get()
                 else:
+                    # Also without a deadline the timer holds the loop: a
+                    # connection may come back from another thread, whose
+                    # wake-up alone wouldn't keep the loop running.
                     last_hub, timer = self._last_timer
                     if last_hub is not hub:
                         timer = self._deadline_timer(hub)

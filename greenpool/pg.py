@@ -308,21 +308,31 @@ class _Lease(Generic[CT]):
             self._given_back(conn)
             return
         status = None
+        uncommitted = False
         try:
             # Commit/rollback like `with conn:`. Nothing to do on an idle
             # connection outside pipeline mode (then the status read is the
             # pool's too); nothing possible on a busy one (an interrupted
-            # query): the pool cancels it.
+            # query): the pool cancels it, and rolls back.
             pgstatus = conn.pgconn.transaction_status
             if exc_type is None and pgstatus == _IDLE and not conn._pipeline:
                 status = pool._idle_status
             elif pgstatus != _ACTIVE:
                 conn.__exit__(exc_type, exc, tb)
+            else:
+                # A block ending normally must commit: say it can't.
+                uncommitted = exc_type is None and not conn.autocommit
         finally:
             if conn._pool is pool:
                 conn._pool = None
                 pool.release(self._slot, status)
             # else closed by the pool (`close_lent()`) meanwhile: nothing to give back
+        if uncommitted:
+            raise e.OperationalError(
+                "the 'with' block ended while a query was still running on its connection"
+                " (interrupted, and the interruption caught?): its transaction can't be"
+                " committed, and is rolled back"
+            )
 
     def _given_back(self, conn: CT) -> None:
         """The block's connection isn't its own any more: raise, unless the pool closed it."""

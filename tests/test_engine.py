@@ -686,6 +686,73 @@ def test_plain_threads_share_the_pool():
     p.close()
 
 
+def test_a_greenlet_waiting_without_deadline_gets_a_connection_back_from_a_thread():
+    """`timeout=inf` in an unpatched program, the only connection held by a
+    plain thread: its return wakes the hub from the other thread, which
+    alone doesn't keep the loop running. The wait must hold the loop, not
+    end in LoopExit (and lose the connection to the dead request)."""
+    p = make_pool(min_size=1, max_size=1, timeout=10)
+    taken = threading.Event()
+
+    def holder() -> None:
+        slot = p.acquire()
+        taken.set()
+        time.sleep(0.3)
+        p.release(slot)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert taken.wait(5)
+    slot = gevent.spawn(p.acquire, timeout=float("inf")).get()  # no timer of its own holding the loop
+    thread.join(5)
+    p.release(slot)
+    assert p.get_stats()["pool_available"] == 1
+    p.close()
+
+
+def test_jobs_for_a_thread_whose_hub_doesnt_run_run_in_threads():
+    """A pool opened in a greenlet, then used from the main greenlet of the
+    same (unpatched) thread, which blocks the thread while it waits: the
+    connect it waits for, and the cleaning of what it returns, can't run in
+    that thread's hub. Nor in the hub of a thread that has ended."""
+    p = gevent.spawn(make_pool, min_size=0, max_size=2, timeout=3).get()
+    try:
+        slot = p.acquire()  # grows the pool: the connect runs in a thread
+        slot.conn.status = DIRTY
+        p.release(slot)  # cleaned in a thread
+        deadline = time.monotonic() + 5
+        while p.get_stats()["pool_available"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slot.conn.cleaned == 1
+    finally:
+        p.close()
+
+    opened: list[FakePool] = []
+    opener = threading.Thread(target=lambda: opened.append(gevent.spawn(make_pool, min_size=0, max_size=2).get()))
+    opener.start()
+    opener.join(10)
+    user_ran: list[int] = []
+
+    def user() -> None:  # greenlets of a thread with a hub of its own
+        def borrow() -> None:
+            slot = opened[0].acquire(timeout=3)
+            slot.conn.status = DIRTY
+            opened[0].release(slot)
+            user_ran.append(slot.conn.cleaned)
+
+        gevent.joinall([gevent.spawn(borrow) for _ in range(2)], raise_error=True)
+
+    users = threading.Thread(target=user)
+    users.start()
+    users.join(15)
+    assert len(user_ran) == 2
+    deadline = time.monotonic() + 5
+    while opened[0].get_stats()["pool_available"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert opened[0].get_stats()["pool_available"] == 2
+    opened[0].close()
+
+
 def test_replacement_never_exceeds_max_size():
     """At max_size, expiring connections are retired then reopened, never overlapped."""
     p = make_pool(min_size=4, max_size=4, max_lifetime=0.4, lifetime_jitter=0.5)

@@ -20,6 +20,7 @@ Timing assertions are about gross effects only (e.g. 20 x 0.2 s queries over
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ import helpers
 import psycopg
 import pytest
 from greenlet import GreenletExit
-from helpers import close_pools, last_resort_deadline, open_pool
+from helpers import close_pools, last_resort_deadline, open_pool, unique
 
 import greenpool
 from greenpool.proxy import Proxy
@@ -664,6 +665,41 @@ def test_a_block_whose_connection_was_given_back_leaves_its_next_borrower_alone(
         assert settle(pool, 1)["returns_bad"] == 0
 
     run_green(body)
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_a_block_ending_normally_on_a_busy_connection_says_it_did_not_commit(
+    make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], autocommit: bool
+) -> None:
+    """A query interrupted inside the block, the interruption caught: the block
+    ends normally but its transaction can't be committed. It raises (as
+    psycopg_pool's commit does) instead of letting the repair roll it back
+    silently; in autocommit nothing is lost, and nothing is raised."""
+    table = unique("gp_busy_exit")
+    monitor.execute(f"create table {table} (x int)")
+
+    def body() -> None:
+        pool = make_pool(min_size=1, max_size=1, kwargs={"autocommit": autocommit})
+        raised: list[BaseException] = []
+        try:
+            with pool.connection() as conn:
+                conn.execute(f"insert into {table} values (1)")
+                with contextlib.suppress(gevent.Timeout), gevent.Timeout(0.1):
+                    conn.execute("select pg_sleep(2)")
+        except psycopg.OperationalError as ex:
+            raised.append(ex)
+        settle(pool, 1)
+        with pool.connection(timeout=5) as conn:  # repaired and reused
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert len(raised) == (0 if autocommit else 1), raised
+        if raised:
+            assert "can't be committed" in str(raised[0])
+
+    try:
+        run_green(body)
+        assert monitor.execute(f"select count(*) from {table}").fetchone() == ((1 if autocommit else 0),)
+    finally:
+        monitor.execute(f"drop table {table}")
 
 
 def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
