@@ -561,19 +561,26 @@ class Pool(Generic[C]):
         if self.max_waiting and waiting >= self.max_waiting:
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has already {waiting} requests waiting")
-        # Each request ahead of this one takes a pending connect or the next
-        # returned connection; what's left of max_size is ours. Connections
-        # being cleaned after their return count as free.
-        if fail_if_full and len(self._slots) - self._cleaning + waiting >= self._max_size:
+        if fail_if_full and self.full():
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
-        if self._failing_since is not None and not self._slots:
+        if self._failing_since is not None and not self._slots and not self._inflight:
             # The database is unreachable and nothing can come back: fail
-            # fast with the driver's error instead of a long wait.
+            # fast with the driver's error instead of a long wait. (With a
+            # connect under way, wait for it: one failure may be a fluke.)
             self.requests_errors += 1
             raise self.PoolTimeout(
                 f"the pool {self.name!r} has no connection" + self._error_suffix()
             ) from self._last_error
+
+    def full(self) -> bool:
+        """Whether a request queued now waits for a connection in use (none can be made for it).
+
+        Each request queued takes a pending connect or the next returned
+        connection; what's left of `max_size` would be made for this one.
+        Connections being cleaned after their return count as free.
+        """
+        return len(self._slots) - self._cleaning + len(self._waiters) >= self._max_size
 
     def _cancel(self, req: _Request) -> Slot[C] | None:
         """Settle the handshake: return the handed slot, or mark cancelled."""
@@ -644,7 +651,7 @@ class Pool(Generic[C]):
             self._release(slot)
             return
         slot.state = IDLE
-        if self._closed:
+        if self._closed and status != DIRTY:  # a dirty one may run a query on: cancel it first
             self._discard(slot, close_now=True)
         elif status == BROKEN:
             self.returns_bad += 1
@@ -897,9 +904,10 @@ class Pool(Generic[C]):
         if self._failing_since is None:
             self._failing_since = t0
         with self._lock:
-            if self._slots:
+            if self._slots or self._inflight:
                 return
-            # Nothing alive can come back to the waiters: fail them now.
+            # Nothing alive can come back to the waiters, and no other
+            # connect is under way that might succeed: fail them now.
             failed = list(self._waiters)
             self._waiters.clear()
             for req in failed:
@@ -1095,7 +1103,14 @@ class Pool(Generic[C]):
         self._discard(slot, close_now=True)
 
     def close_idle(self) -> int:
-        """Close every idle connection now; return how many."""
+        """Close every idle connection now; return how many.
+
+        Those being cleaned after their return are closed once cleaned.
+        """
+        with self._lock:
+            for slot in self._slots:
+                if slot.state == IDLE:  # parked, or in a cleaner's hands
+                    slot.retire()
         idle = self._take_all_idle()
         for slot in idle:
             self._discard(slot)

@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import sys
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded
@@ -48,8 +48,8 @@ __all__ = [
 
 _UNLIMITED = 2**31 - 1
 
-#: Seconds a request waits for a new connection when `timeout=None` (which
-#: only means "don't wait for a connection in use by someone else").
+#: Seconds a request waits for a new connection: `timeout` only bounds the
+#: wait for one in use by someone else (None: no wait), as in playhouse.
 CONNECT_WAIT = 30.0
 
 
@@ -420,8 +420,14 @@ class PooledDatabase:
         if pool.closed:
             pool.open()
         wait = self._wait_timeout
+        if wait is None or (wait < CONNECT_WAIT and not pool.full()):
+            # `timeout` bounds waiting for a connection in use, as in
+            # playhouse: none for one being made.
+            timeout = CONNECT_WAIT
+        else:
+            timeout = wait
         try:
-            slot = pool.acquire(CONNECT_WAIT if wait is None else wait, fail_if_full=wait is None)
+            slot = pool.acquire(timeout, fail_if_full=wait is None)
         except errors.TooManyRequests:
             raise MaxConnectionsExceeded("Exceeded maximum connections.") from None
         except errors.PoolTimeout as ex:
@@ -499,18 +505,7 @@ class PooledDatabase:
         conn = self._state.conn
         if conn is None:
             return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
-        # Stays set only if the query is interrupted (gevent.Timeout, a
-        # kill): then the connection is mid-result and can't be reused. A
-        # query failing afterwards on the dead connection must not clear it.
-        was_busy = getattr(conn, "_greenpool_busy", False)
-        conn._greenpool_busy = True
-        try:
-            cursor = super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
-        except Exception:
-            conn._greenpool_busy = was_busy
-            raise
-        conn._greenpool_busy = False
-        return cursor
+        return _while_busy(conn, super()._execute_cursor, sql, params, **options)  # type: ignore[misc]
 
     # -- playhouse.pool's API --------------------------------------------
 
@@ -614,27 +609,36 @@ class _PostgresBackend(_Backend):
         return True
 
 
-_ADAPTERS: dict[type, type] = {}
+class _GeventPsycopg3Adapter(peewee.Psycopg3Adapter):
+    """Peewee's psycopg 3 adapter, connecting with `GeventConnection`."""
+
+    def connect(self, db: Any, **params: Any) -> Any:
+        from .pgconn import GeventConnection
+
+        if db._encoding:
+            params.setdefault("client_encoding", db._encoding)
+        if db.database.startswith("postgresql://"):
+            params.setdefault("conninfo", db.database)
+        else:
+            params.setdefault("dbname", db.database)
+        return GeventConnection.connect(params.pop("conninfo", ""), **params)
+
+
+_ADAPTERS: dict[type, type] = {peewee.Psycopg3Adapter: _GeventPsycopg3Adapter}
 
 
 def _gevent_adapter(base: type) -> type:
-    """A peewee psycopg 3 adapter class that connects with `GeventConnection`."""
+    """`base`, a peewee psycopg 3 adapter class, connecting with `GeventConnection`.
+
+    `_GeventPsycopg3Adapter` comes right after `base` and its own bases in
+    the method resolution order, in place of peewee's `connect()`: a `base`
+    with a `connect()` of its own that calls `super().connect()` (to set
+    something up on each connection) keeps it.
+    """
     if base in _ADAPTERS.values():
         return base
     if base not in _ADAPTERS:
-
-        def connect(self: Any, db: Any, **params: Any) -> Any:
-            from .pgconn import GeventConnection
-
-            if db._encoding:
-                params.setdefault("client_encoding", db._encoding)
-            if db.database.startswith("postgresql://"):
-                params.setdefault("conninfo", db.database)
-            else:
-                params.setdefault("dbname", db.database)
-            return GeventConnection.connect(params.pop("conninfo", ""), **params)
-
-        _ADAPTERS[base] = type(f"Gevent{base.__name__}", (base,), {"connect": connect})
+        _ADAPTERS[base] = type(f"Gevent{base.__name__}", (base, _GeventPsycopg3Adapter), {})
     return _ADAPTERS[base]
 
 
@@ -667,7 +671,10 @@ class _MySQLBackend(_Backend):
 
     def is_closed(self, db: Any, conn: Any) -> bool:
         try:
-            conn.ping(False)  # never pymysql's silent reconnect
+            try:
+                conn.ping(False)  # never pymysql's silent reconnect
+            except TypeError:  # a driver whose ping() takes no argument (MariaDB's), as playhouse
+                conn.ping()
         except Exception:
             return True
         return False
@@ -722,6 +729,24 @@ class _SqliteBackend(_Backend):
         return True
 
 
+def _while_busy(conn: Any, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, with `conn` marked busy (for `_MySQLBackend`) until it returns.
+
+    The mark stays only if the call is interrupted (gevent.Timeout, a kill):
+    then the connection is mid-result, its query still running on the
+    server. A call failing afterwards on that dead connection keeps it.
+    """
+    was_busy = getattr(conn, "_greenpool_busy", False)
+    conn._greenpool_busy = True
+    try:
+        result = call(*args, **kwargs)
+    except Exception:
+        conn._greenpool_busy = was_busy
+        raise
+    conn._greenpool_busy = False
+    return result
+
+
 def _blocking_under_gevent(conn: Any) -> bool:
     """True for a pymysql connection made before `monkey.patch_all()`.
 
@@ -761,7 +786,8 @@ def _shared_context_connection_class() -> Any:
         return None
 
     class SharedContextConnection(pymysql.connections.Connection):  # type: ignore[misc, name-defined]
-        """pymysql's connection, building its default TLS context once.
+        """pymysql's connection, building its default TLS context once, and
+        marking itself busy while a query runs (see `_while_busy`).
 
         With no TLS option pymysql "prefers" TLS and builds a fresh
         `ssl.create_default_context()` (loading the CA store) for every
@@ -770,6 +796,10 @@ def _shared_context_connection_class() -> Any:
         """
 
         _default_context: Any = None
+
+        def query(self, sql: Any, unbuffered: bool = False) -> Any:
+            # What every cursor's execute() comes down to, `db.cursor()`'s too.
+            return _while_busy(self, super().query, sql, unbuffered)
 
         def _create_ssl_ctx(self, sslp: Any) -> Any:
             if sslp != {}:

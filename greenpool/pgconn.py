@@ -201,8 +201,16 @@ class GeventConnection(psycopg.Connection[Any]):
     def cancel_safe(self, *, timeout: float = 30.0) -> None:
         """Cancel the running query on the server, cooperatively under gevent."""
         hub = gevent_hub()
-        if hub is None or not psycopg.capabilities.has_cancel_safe():
+        if hub is None:
             return super().cancel_safe(timeout=timeout)
+        if not psycopg.capabilities.has_cancel_safe():
+            # libpq < 17: psycopg falls back to the blocking PQcancel (a
+            # connect and a send, no timeout). In a thread, it blocks no hub.
+            job = hub.threadpool.spawn(super().cancel_safe, timeout=timeout)
+            job.wait(timeout or None)
+            if not job.ready():
+                raise e.CancellationTimeout("cancellation timeout expired")
+            return job.get()  # type: ignore[no-any-return]
         if not self._should_cancel():
             return
         try:

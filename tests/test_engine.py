@@ -15,6 +15,7 @@ import time
 
 import gevent
 import pytest
+from helpers import wait_until
 
 from greenpool import errors
 from greenpool.engine import BROKEN, DIRTY, OK, Pool
@@ -461,6 +462,20 @@ def test_connections_are_replaced_before_they_expire():
     p.close()
 
 
+def test_close_idle_also_closes_what_is_being_cleaned():
+    """A connection returned dirty is not in use while it is rolled back:
+    close_idle() (Peewee's close_all()) closes it once clean, not parks it."""
+    p = make_pool(min_size=0, max_size=2)
+    slots = [p.acquire(), p.acquire()]
+    slots[0].conn.status = DIRTY  # cleaned in the background (10 ms)
+    for slot in slots:
+        p.release(slot)
+    assert p.close_idle() == 1
+    wait_until(lambda: slots[0].conn.closed, 5, "the cleaned connection closed")
+    assert p.get_stats()["pool_size"] == 0
+    p.close()
+
+
 def test_idle_surplus_is_closed_after_max_idle():
     p = make_pool(min_size=1, max_size=4, max_idle=0.3)
     held = [p.acquire() for _ in range(4)]
@@ -561,6 +576,32 @@ def acquire_once_recovered(p: FakePool, within: float):
         except errors.PoolTimeout:
             assert time.monotonic() < deadline
             gevent.sleep(0.05)
+
+
+def test_one_failed_connect_fails_no_request_while_other_connects_are_under_way():
+    """Fail fast only when nothing can come: with other connects in flight,
+    one failure (a fluke, a configure callback's) fails no queued request."""
+
+    class FirstConnectFails(FakePool):
+        attempts = 0
+
+        def _open_connection(self) -> FakeConn:
+            self.attempts += 1
+            first = self.attempts == 1
+            gevent.sleep(0.02 if first else 0.05)  # fails while the others are under way
+            if first:
+                raise OSError("the first connect fails (fake)")
+            return super()._open_connection()
+
+    p = FirstConnectFails(min_size=0, max_size=3, timeout=5)
+    p.open()
+    requests = [gevent.spawn(p.acquire) for _ in range(3)]
+    slots = [g.get(timeout=10) for g in requests]
+    assert len({s.conn.id for s in slots}) == 3
+    assert p.get_stats()["connections_errors"] == 1
+    for slot in slots:
+        p.release(slot)
+    p.close()
 
 
 def test_connects_failing_after_close_are_not_reported(caplog):
@@ -844,7 +885,7 @@ def test_clean_interrupted_discards_the_connection() -> None:
         pool.release(slot)  # cleaned by a background greenlet, which dies
         fresh = pool.acquire(timeout=2)
         assert fresh.conn is not slot.conn
-        assert slot.conn.closed
+        wait_until(lambda: slot.conn.closed, 5, "the connection closed (in the background)")
         stats = pool.get_stats()
         assert stats["returns_bad"] == 1 and stats["pool_size"] == 1
         pool.release(fresh)

@@ -754,6 +754,38 @@ def check_url_db(db: Any, cls: type, pool_settings: tuple[float, float], what: s
         db.pool.close()
 
 
+class _NamingAdapter(peewee.Psycopg3Adapter):  # type: ignore[misc]
+    """An adapter setting each new connection up, as peewee 4 lets one."""
+
+    def connect(self, db: Any, **params: Any) -> Any:
+        conn = super().connect(db, **params)
+        conn.execute("set application_name = 'gp_own_adapter'")
+        conn.commit()
+        return conn
+
+
+class _NamingPostgresql(peewee.PostgresqlDatabase):
+    psycopg3_adapter = _NamingAdapter
+
+
+class _PooledNamingPostgresql(gpw.PooledDatabase, _NamingPostgresql):
+    pass
+
+
+def test_an_adapter_s_own_connect_is_kept(pg_dsn: str) -> None:
+    """A psycopg 3 adapter with a connect() of its own still runs it, on a
+    connection made by GeventConnection (peewee's connect, beneath it)."""
+    params = pg_params(pg_dsn)
+    db = _PooledNamingPostgresql(params.pop("dbname"), max_connections=2, **params)
+    try:
+        with db.connection_context():
+            assert db.execute_sql("show application_name").fetchone() == ("gp_own_adapter",)
+            assert isinstance(db.connection(), GeventConnection)
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
 def test_db_url_postgres(pg_dsn: str) -> None:
     params = pg_params(pg_dsn)
     host, port, user = params.get("host", "127.0.0.1"), params.get("port", "5432"), params.get("user", "postgres")
@@ -787,6 +819,38 @@ def test_db_url_mysql(mysql_params: dict[str, Any]) -> None:
     url = f"greenpool+mysql://{auth}@{p['host']}:{p['port']}/{p.get('database', 'test')}"
     db = url_connect(url + "?max_connections=5&stale_timeout=300&timeout=2")
     check_url_db(db, gpw.PooledMySQLDatabase, (5, 300))
+
+
+class _NoArgPing(pymysql.connections.Connection):  # type: ignore[misc]
+    """As MariaDB's own connector: `ping()` takes no argument."""
+
+    def ping(self) -> None:  # type: ignore[override]
+        super().ping(False)
+
+
+class _NoArgPingMySQL(peewee.MySQLDatabase):
+    def _connect(self) -> Any:
+        return _NoArgPing(database=self.database, autocommit=True, **self.connect_params)
+
+
+class _PooledNoArgPingMySQL(gpw.PooledDatabase, _NoArgPingMySQL):
+    pass
+
+
+def test_checkout_probe_of_a_driver_whose_ping_takes_no_argument(mysql_params: dict[str, Any]) -> None:
+    """The probe tries `ping()` when `ping(False)` is refused (as playhouse
+    does): a working connection must not be taken for a dead one."""
+    params = dict(mysql_params)
+    db = _PooledNoArgPingMySQL(params.pop("database", "test"), max_connections=2, check_idle=0, **params)
+    try:
+        for _ in range(3):
+            with db.connection_context():
+                assert db.execute_sql("select 1").fetchone() == (1,)
+        stats = db.pool_stats()
+        assert (stats["connections_num"], stats["connections_lost"]) == (1, 0)
+    finally:
+        db.close_all()
+        db.pool.close()
 
 
 def test_db_url_sqlite(tmp_path: Path) -> None:
@@ -852,6 +916,34 @@ def test_string_timeout_is_honoured(tmp_path: Path) -> None:
             run_threads(lambda i: db.connect(), 1)
         assert 0.2 <= time.monotonic() - t0 < 3
         db.close()
+    finally:
+        db.close_all()
+        db.pool.close()
+
+
+class _SlowConnectSqlite(peewee.SqliteDatabase):
+    def _connect(self) -> Any:
+        time.sleep(0.3)  # a remote database's connect, or TLS
+        return super()._connect()
+
+
+class _PooledSlowConnectSqlite(gpw.PooledDatabase, _SlowConnectSqlite):
+    pass
+
+
+def test_timeout_bounds_the_wait_for_a_connection_in_use_not_for_a_connect(tmp_path: Path) -> None:
+    """As in playhouse, `timeout` is how long to wait for a connection someone
+    else uses: a connect slower than that, for a pool with room, is waited
+    for. With the pool full, `timeout` applies."""
+    db = _PooledSlowConnectSqlite(str(tmp_path / "t.db"), max_connections=4, timeout=0.1)
+    try:
+        run_threads(lambda i: db.connection_context().__enter__(), 3)  # three connects, none fails
+        assert db.pool_stats()["pool_size"] == 3
+        db.connect()
+        t0 = time.monotonic()
+        with pytest.raises(gpw.MaxConnectionsExceeded, match="timed out"):
+            run_threads(lambda i: db.connect(), 1)  # held by the threads that ended, and by us
+        assert time.monotonic() - t0 < 1
     finally:
         db.close_all()
         db.pool.close()
@@ -1442,7 +1534,8 @@ def test_timeout_mid_query_leaves_no_orphan(backend: Backend, query_again: bool)
 
 
 def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -> None:
-    """MariaDB, patched: as test_timeout_mid_query_leaves_no_orphan."""
+    """MariaDB, patched: as test_timeout_mid_query_leaves_no_orphan, also for
+    a query sent through `db.cursor()` rather than `execute_sql()`."""
     out = child(
         """
         from gevent import monkey; monkey.patch_all()
@@ -1458,7 +1551,7 @@ def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -
             return bool(cur.fetchall())
 
         out = {}
-        for query_again in (False, True):
+        for query_again, through_cursor in ((False, False), (True, False), (False, True)):
             db = make_db(gpw, "mysql", max_connections=2)
             seen = {}
             def request():
@@ -1466,7 +1559,10 @@ def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -
                     seen["ident"] = db.execute_sql("select connection_id()").fetchone()[0]
                     try:
                         with gevent.Timeout(0.5):
-                            db.execute_sql("select sleep(10)")
+                            if through_cursor:
+                                db.cursor().execute("select sleep(10)")
+                            else:
+                                db.execute_sql("select sleep(10)")
                     except gevent.Timeout:
                         seen["timed_out"] = True
                     if query_again:
@@ -1475,7 +1571,7 @@ def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -
                         except Exception as ex:
                             seen["second"] = repr(ex)
             gevent.spawn(request).join(10)
-            key = "query_again" if query_again else "exit"
+            key = "query_again" if query_again else "cursor" if through_cursor else "exit"
             out[key + "_timed_out"] = seen.get("timed_out", False)
             out[key + "_orphan_gone"] = wait_until(lambda: not running(seen["ident"]), 3)
             with db.connection_context():
@@ -1484,7 +1580,7 @@ def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -
         result(**out)
         """,
     )
-    for key in ("exit", "query_again"):
+    for key in ("exit", "query_again", "cursor"):
         assert out[f"{key}_timed_out"], out
         assert out[f"{key}_orphan_gone"], f"{key}: sleep(10) still running 3 s after the timeout: {out}"
         assert out[f"{key}_works"], out

@@ -496,6 +496,66 @@ def test_interrupted_queries_are_cancelled_monkey_patched(run_python: RunPython)
     assert result["stats"]["connections_num"] == 4
 
 
+_OLD_LIBPQ_CANCEL_CHILD = """
+import json, os, time
+import gevent, psycopg
+from greenpool import ConnectionPool
+from greenpool.proxy import Proxy, parse_dsn_host_port
+
+DSN = os.environ["GREENPOOL_TEST_DSN"]
+
+
+def main(proxy):
+    pool = ConnectionPool(proxy.dsn(DSN), min_size=1, max_size=1, open=True)
+    pool.wait(10)
+    proxy.set_connect_delay(1.5)  # the cancel request's own connection is slow
+    gaps = []
+
+    def ticker():
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = gevent.spawn(ticker)
+    try:
+        with gevent.Timeout(0.1), pool.connection() as conn:
+            conn.execute("select pg_sleep(5)")
+    except gevent.Timeout:
+        pass
+    with pool.connection(timeout=10) as conn:  # cancelled, drained, reused
+        one = conn.execute("select 1").fetchone()[0]
+    tick.kill()
+    stats = pool.get_stats()
+    pool.close()
+    return dict(
+        libpq=psycopg.pq.version(),
+        cancel_safe=psycopg.capabilities.has_cancel_safe(),
+        stall=max(gaps),
+        one=one,
+        connections_num=stats["connections_num"],
+    )
+
+
+with Proxy(*parse_dsn_host_port(DSN)) as proxy:
+    print(json.dumps(gevent.spawn(main, proxy).get()))
+"""
+
+
+def test_a_cancel_through_an_old_libpq_blocks_no_hub(run_python: RunPython) -> None:
+    """With a libpq older than 17 (psycopg's Python implementation on the
+    system's libpq, here 15) psycopg cancels with the blocking PQcancel: a
+    connect and a send. The repair of an interrupted query runs it in the
+    hub's thread pool, so a slow cancel connection stalls no greenlet."""
+    proc = run_python(_OLD_LIBPQ_CANCEL_CHILD, env={"PSYCOPG_IMPL": "python"}, timeout=60)
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["one"] == 1 and result["connections_num"] == 1, result  # the connection was kept
+    assert result["stall"] < 0.75, result  # the cancel's 1.5 s connect held up nothing
+
+
 def test_query_interrupted_while_sending_is_recovered(
     make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
 ) -> None:
@@ -700,6 +760,30 @@ def test_a_block_ending_normally_on_a_busy_connection_says_it_did_not_commit(
         assert monitor.execute(f"select count(*) from {table}").fetchone() == ((1 if autocommit else 0),)
     finally:
         monitor.execute(f"drop table {table}")
+
+
+def test_a_query_interrupted_after_close_is_cancelled_too(
+    make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
+) -> None:
+    """close() while a borrower's query runs; the borrower is then timed out:
+    the connection comes back busy to a closed pool, which still cancels the
+    query before closing the connection (closing alone leaves it running)."""
+
+    def body() -> None:
+        pool = make_pool(min_size=1, max_size=1)
+
+        def borrower() -> None:
+            with contextlib.suppress(gevent.Timeout), gevent.Timeout(0.5), pool.connection() as conn:
+                conn.execute("select pg_sleep(10)")
+
+        g = gevent.spawn(borrower)
+        gevent.sleep(0.2)
+        pool.close()
+        g.join(5)
+        wait_until(lambda: not active_queries(monitor, pool.test_app_name, "%pg_sleep%"), 5, "no query left")
+        assert pool.get_stats()["pool_size"] == 0
+
+    run_green(body)
 
 
 def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
