@@ -166,19 +166,21 @@ class GeventConnection(psycopg.Connection[Any]):
         }
         params = cls._get_connection_params(conninfo, **kwargs)
         timeout = timeout_from_conninfo(params)
-        failures: list[e.Error] = []
+        failures: list[tuple[e.Error, str]] = []
         conn = None
         for attempt in conninfo_attempts(params):
+            host, port, hostaddr = attempt.get("host"), attempt.get("port"), attempt.get("hostaddr")
+            where = f"host: {host!r}, port: {port!r}, hostaddr: {hostaddr!r}"  # psycopg's words
             try:
                 gen = cls._connect_gen(make_conninfo("", **attempt))
                 conn = _green_wait(hub, gen, timeout)
                 break
             except e._WaitTimeout:
-                failures.append(e.ConnectionTimeout("connection timeout expired"))
+                failures.append((e.ConnectionTimeout("connection timeout expired"), where))
             except e.Error as ex:
-                failures.append(ex)
+                failures.append((ex, where))
         if conn is None:
-            raise failures[-1].with_traceback(None)
+            raise _connect_error(failures).with_traceback(None)
         conn._autocommit = bool(options.get("autocommit", False))
         if options.get("row_factory"):
             conn.row_factory = options["row_factory"]
@@ -217,6 +219,16 @@ class GeventConnection(psycopg.Connection[Any]):
             _green_wait(hub, self._cancel_gen(), timeout or None)
         except e._WaitTimeout:
             raise e.CancellationTimeout("cancellation timeout expired") from None
+
+
+def _connect_error(failures: list[tuple[e.Error, str]]) -> e.Error:
+    """The error of failed connect attempts, each with where it went, as psycopg words it."""
+    last = failures[-1][0]
+    if len(failures) == 1:
+        return last
+    lines = [str(last), "Multiple connection attempts failed. All failures were:"]
+    lines.extend(f"- {where}: {error}" for error, where in failures)
+    return type(last)("\n".join(lines), pgconn=last.pgconn)
 
 
 # Plain ints: an enum member lookup costs more than the rest of the check.

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -784,6 +785,26 @@ def test_a_query_interrupted_after_close_is_cancelled_too(
         assert pool.get_stats()["pool_size"] == 0
 
     run_green(body)
+
+
+def test_a_connect_to_several_hosts_reports_every_failure_as_psycopg_does() -> None:
+    """Through the hub, a multi-host connect string that fails everywhere
+    raises what psycopg's own connect raises: every attempt's error."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(2)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        ports = [sock.getsockname()[1] for sock in socks]
+        dsn = f"host=127.0.0.1,127.0.0.1 port={ports[0]},{ports[1]} dbname=test connect_timeout=5"
+
+        def message(cls: type) -> str:
+            with pytest.raises(psycopg.OperationalError) as info:
+                cls.connect(dsn)
+            return str(info.value)
+
+        plain = message(psycopg.Connection)
+        assert "Multiple connection attempts failed" in plain
+        assert run_green(lambda: message(greenpool.GeventConnection)) == plain
 
 
 def test_zero_timeout_waits_poll_once(pg_dsn: str) -> None:
