@@ -118,11 +118,20 @@ _Request = Any
 _CANCELLED = object()
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> float:
-    # Not float(value): that would take "5" and True, which no one means.
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+def _check_number(name: str, value: Any) -> float:
+    """`value` as a float, if it is a number: not a string or a bool, which no one means."""
+    # The ABC's isinstance() is slow: the common types first.
+    if (
+        type(value) is not float
+        and type(value) is not int
+        and (not isinstance(value, numbers.Real) or isinstance(value, bool))
+    ):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    number = float(value)
+    return float(value)
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> float:
+    number = _check_number(name, value)
     if number < 0 or (number == 0 and not allow_zero) or number != number:
         allowed = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -131,9 +140,8 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = True) -> floa
 
 def _seconds_left(timeout: Any) -> float:
     """A checkout's `timeout`, checked; one < 0 (a deadline already past) counts as 0."""
-    if isinstance(timeout, numbers.Real) and not isinstance(timeout, bool) and timeout < 0:
-        return 0.0
-    return _check_positive("timeout", timeout)
+    number = _check_number("timeout", timeout)
+    return 0.0 if number < 0 else _check_positive("timeout", number)
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:

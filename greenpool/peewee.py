@@ -303,7 +303,9 @@ class PooledDatabase:
     @staticmethod
     def _wait(timeout: Any) -> float | None:
         value = _number("timeout", timeout)
-        return math.inf if value == 0 else value
+        if value is None:
+            return None
+        return math.inf if value == 0 else float(value)  # a float: the engine checks others
 
     def init(
         self,
