@@ -167,7 +167,7 @@ def test_open_and_close_check_their_timeout_even_when_unused(method):
 
 
 def test_wait_percentiles_are_there_before_any_request(pool):
-    stats = pool.pop_stats()
+    pool.pop_stats()
     stats = pool.get_stats()
     assert stats["requests_num"] == 0
     assert {k: v for k, v in stats.items() if k.startswith("requests_wait_")} == {
