@@ -42,6 +42,14 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'greenpool' has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f".{module}", __name__), name)
+    try:
+        imported = import_module(f".{module}", __name__)
+    except ModuleNotFoundError as ex:
+        if ex.name not in ("psycopg", "psycopg_pool"):
+            raise
+        raise ModuleNotFoundError(
+            f"greenpool.{name} needs psycopg 3: pip install 'greenpool[psycopg]' ({ex})", name=ex.name
+        ) from ex
+    value = getattr(imported, name)
     globals()[name] = value
     return value

@@ -9,9 +9,10 @@ import time: every decision looks at the calling thread when it is made.
 from __future__ import annotations
 
 import sys
-import threading
+import weakref
+from collections.abc import Callable
 from time import monotonic
-from typing import Any, Callable
+from typing import Any
 
 import greenlet
 
@@ -28,8 +29,12 @@ def _original(module: str, name: str) -> Any:
 #: so a real lock is correct for greenlets and threads alike, and the cheapest.
 allocate_lock: Callable[[], Any] = _original("_thread", "allocate_lock")
 get_thread_ident: Callable[[], int] = _original("_thread", "get_ident")
+_TIMEOUT_MAX: float = _original("_thread", "TIMEOUT_MAX")
 _real_sleep: Callable[[float], None] = _original("time", "sleep")
-_RealThread: type[threading.Thread] = _original("threading", "Thread")
+#: Starts a real OS thread. Not `threading.Thread`: its `start()` looks up
+#: `threading._start_new_thread` when called, which after `patch_all()` is
+#: gevent's, and makes a greenlet of the calling thread's hub.
+_start_os_thread: Callable[..., int] = _original("_thread", "start_new_thread")
 
 getcurrent = greenlet.getcurrent
 
@@ -94,14 +99,19 @@ def gevent_hub() -> Any | None:
         hub = _hub_if_exists()
         if hub is not None:
             return hub
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
+    if _threads_patched():
         from gevent import get_hub
 
         if _hub_if_exists is _hub_if_exists_before_gevent:
             _bind_gevent()
         return get_hub()
     return None
+
+
+def _threads_patched() -> bool:
+    """Whether gevent has monkey-patched threads: every "thread" is a greenlet."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
 
 
 def sleep(seconds: float) -> None:
@@ -117,18 +127,21 @@ def sleep(seconds: float) -> None:
 class Executor:
     """Runs background jobs as greenlets of one hub, or as daemon OS threads.
 
-    Which hub, if any, is decided once, by the thread that creates the
-    executor (normally the one opening the pool): jobs submitted by
-    greenlets of that hub run as greenlets there. Any other job runs in an
-    OS thread of its own: the main greenlet of an unpatched thread blocks
-    its thread, so that thread's hub doesn't run while the submitter waits
-    (for a connect, say); and the hub of another thread may stop, or never
-    run again, when its thread ends.
+    Jobs submitted by greenlets of the hub that opened the pool run as
+    greenlets there; so do those submitted from the main thread of a
+    monkey-patched program, whose hub runs whenever anything waits (and
+    whose sockets, once patched, belong to it: a pymysql connection made
+    elsewhere can't be used there). Any other job runs in an OS thread of
+    its own: the main greenlet of an unpatched thread blocks its thread, so
+    that thread's hub doesn't run while the submitter waits (for a connect,
+    say); and the hub of another thread may stop, or never run again, when
+    its thread ends.
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self) -> None:
         self.hub = gevent_hub()
+        if self.hub is not None:
+            _note_hub(self.hub)
 
     @property
     def uses_gevent(self) -> bool:
@@ -139,25 +152,56 @@ class Executor:
         """Run `fn(*args)` in the background; never blocks the caller."""
         # The hub, not the thread id: a thread that ended leaves its id to
         # the next one started.
-        if self.hub is not None and gevent_hub() is self.hub:
-            import gevent
+        hub = gevent_hub()
+        if hub is not None:
+            _note_hub(hub)
+            if hub is self.hub or (hub.main_hub and _threads_patched()):
+                import gevent
 
-            gevent.spawn(fn, *args)
+                gevent.spawn(fn, *args)
+                return
+        main_hub = _main_hub()
+        if main_hub is not None and _threads_patched():
+            # Another thread of a patched program (gevent's thread pool, a
+            # thread started before the patch): to the main hub.
+            main_hub.loop.run_callback_threadsafe(_spawn, fn, args)
         else:
-            _RealThread(target=fn, args=args, name=self.name, daemon=True).start()
+            _start_os_thread(fn, args)
 
-    def sleep(self, seconds: float) -> None:
-        """Sleep in a background job (greenlet or thread) of this executor.
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        """Sleep in a background job, a greenlet or an OS thread's main greenlet.
 
         Under gevent the timer doesn't keep the hub alive: an open pool must
         not stop `gevent.wait()` in the application from returning.
         """
-        if self.hub is None or gevent_hub() is not self.hub:  # a job run in an OS thread
+        if getcurrent().parent is None:  # a job run in an OS thread
             _real_sleep(seconds)
         else:
             import gevent
 
             gevent.sleep(seconds, ref=False)
+
+
+def _no_hub() -> Any:
+    return None
+
+
+#: The main thread's hub, once seen (a weak reference).
+_main_hub: Callable[[], Any] = _no_hub
+
+
+def _note_hub(hub: Any) -> None:
+    """Remember `hub` if it is the main thread's."""
+    global _main_hub
+    if hub.main_hub and _main_hub() is not hub:
+        _main_hub = weakref.ref(hub)
+
+
+def _spawn(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    import gevent
+
+    gevent.spawn(fn, *args)
 
 
 def _green_request_before_gevent(hub: Any) -> Any:
@@ -187,7 +231,7 @@ class ThreadRequest:
 
     def wait(self, timeout: float) -> None:
         """Block this thread until fired or `timeout` seconds pass."""
-        if timeout == INFINITY:
+        if timeout > _TIMEOUT_MAX:
             self._lock.acquire()
         else:
             self._lock.acquire(True, max(timeout, 0.0))

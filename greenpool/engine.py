@@ -25,8 +25,9 @@ import random
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from . import _compat, errors
 from ._compat import (
@@ -174,6 +175,11 @@ class Pool(Generic[C]):
     #: Keep returned connections for reuse; a "null" pool closes them.
     _retain_idle = True
 
+    #: A connect that fails fails the first queued request with its error,
+    #: as a client making its own connect would see it. Otherwise requests
+    #: wait on (for their timeout) while some connection may come back.
+    _connect_error_fails_a_request = False
+
     def __init__(
         self,
         *,
@@ -213,6 +219,8 @@ class Pool(Generic[C]):
             leak_threshold = _check_positive("leak_threshold", leak_threshold, allow_zero=False)
         self.leak_threshold = leak_threshold
 
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a string or None, got {name!r}")
         if not name:
             Pool._num_pool += 1
             name = f"pool-{Pool._num_pool}"
@@ -233,6 +241,9 @@ class Pool(Generic[C]):
         self._connecting = 0  # connector jobs running
         self._inflight = 0  # reservations taken from _todo, being connected
         self._cleaning = 0  # returned connections being cleaned in the background
+        # Forgotten connections not closed yet: the server still has them,
+        # and max_size caps what it has.
+        self._closing = 0
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._reconnect_reported = False
@@ -278,7 +289,7 @@ class Pool(Generic[C]):
         if max_size < min_size:
             raise ValueError(f"max_size must be >= min_size ({min_size}), got {max_size}")
         if max_size == 0:
-            raise ValueError("max_size must be > 0")
+            raise ValueError("max_size must be > 0 (it defaults to min_size, here 0)")
         return min_size, max_size
 
     @property
@@ -315,7 +326,7 @@ class Pool(Generic[C]):
             starting = self._closed
             if starting:
                 self._pid = os.getpid()
-                self._executor = executor = Executor(f"{self.name}-worker")
+                self._executor = executor = Executor()
                 self._closed = False
                 self._opened = True
         if starting:
@@ -380,6 +391,11 @@ class Pool(Generic[C]):
             state = "closed" if self._opened else "not open yet"
             raise self.PoolClosed(f"the pool {self.name!r} is {state}")
 
+    def _check_not_closed(self) -> None:
+        """Raise after `close()`; a pool not open yet may still be configured."""
+        if self._closed and self._opened:
+            raise self.PoolClosed(f"the pool {self.name!r} is closed")
+
     # -- checkout --------------------------------------------------------
 
     def _pop_idle(self) -> Slot[C] | None:
@@ -431,6 +447,7 @@ class Pool(Generic[C]):
         # The hot path when connections are scarce: every bytecode here runs
         # once per contended checkout, so helpers are inlined.
         deadline = start + timeout
+        queued = False  # once: a request queued again is counted and timed once
         while True:
             hub = gevent_hub()
             req: Any
@@ -455,10 +472,14 @@ class Pool(Generic[C]):
                     waiters.append(req)
                 finally:
                     lock.release()
-                self.requests_queued += 1
+                if not queued:
+                    self.requests_queued += 1
                 # A full pool's slots alone reach max_size: one len() says so.
                 nslots = len(self._slots)
-                if nslots < self._max_size and nslots + len(self._todo) + self._inflight < self._max_size:
+                if (
+                    nslots < self._max_size
+                    and nslots + len(self._todo) + self._inflight + self._closing < self._max_size
+                ):
                     self._fill()
                 if first:
                     # A connection parked idle while the queue was empty: its
@@ -505,8 +526,8 @@ class Pool(Generic[C]):
             if slot is None or failed:
                 slot = self._cancel(req)
             now = monotonic()
-            self._record_wait(now - start)
             if slot is None:
+                self._record_wait(now - start)
                 self.requests_errors += 1
                 self._check_open()
                 if failed:
@@ -514,6 +535,7 @@ class Pool(Generic[C]):
                 else:
                     what = f"couldn't get a connection after {timeout:.2f} sec"
                 raise self.PoolTimeout(what + self._error_suffix()) from self._last_error
+            queued = True
             if slot.state is not OUT:
                 continue  # closed (`close_lent()`) while handed to us: queue again
             # `_lend()`'s checks, when a returner just found it OK (so recently
@@ -525,8 +547,10 @@ class Pool(Generic[C]):
                 and self.leak_threshold is None
             ):
                 slot.taken_at = now
+                self._record_wait(now - start)
                 return slot
             if self._lend(slot, now):
+                self._record_wait(now - start)
                 return slot
 
     def _deadline_timer(self, hub: Any) -> DeadlineTimer:
@@ -581,6 +605,11 @@ class Pool(Generic[C]):
                 f"the pool {self.name!r} has no connection" + self._error_suffix()
             ) from self._last_error
 
+    @property
+    def failing(self) -> bool:
+        """Whether connects have been failing since the last one that worked."""
+        return self._failing_since is not None
+
     def full(self) -> bool:
         """Whether a request queued now waits for a connection in use (none can be made for it).
 
@@ -610,8 +639,10 @@ class Pool(Generic[C]):
         if now >= slot.expire_at:
             self._discard(slot)
             return False
-        slot.state = OUT
+        # `taken_at` first: `close_lent()` in another thread must never see
+        # this lending with the last one's time.
         slot.taken_at = now
+        slot.state = OUT
         if slot.handed_fresh:
             slot.handed_fresh = False
         elif self._status(slot.conn) == BROKEN:
@@ -658,7 +689,8 @@ class Pool(Generic[C]):
             slot.last_used = now
             self._release(slot)
             return
-        slot.state = IDLE
+        if not self._unlent(slot):
+            return
         if self._closed and status != DIRTY:  # a dirty one may run a query on: cancel it first
             self._discard(slot, close_now=True)
         elif status == BROKEN:
@@ -725,7 +757,8 @@ class Pool(Generic[C]):
         if self._closed or not self._retain_idle:
             self._discard(slot, close_now=self._closed)
             return
-        slot.state = IDLE
+        if not self._unlent(slot):
+            return
         slot.handed_fresh = False  # may sit idle for long: look again when lent
         segments = self._segments
         seg = slot.segment = segments[hash(getcurrent()) % len(segments)]
@@ -744,6 +777,19 @@ class Pool(Generic[C]):
         elif self._closed:
             for idle in self._take_all_idle():
                 self._discard(idle, close_now=True)
+
+    def _unlent(self, slot: Slot[C]) -> bool:
+        """Mark a slot coming back IDLE; False if the pool closed it meanwhile.
+
+        `close_lent()` in another thread marks a lent slot GONE under the
+        lock: once this one marked it IDLE, that one leaves it alone; if
+        that one was first, the slot is not the pool's any more.
+        """
+        slot.state = IDLE
+        if slot in self._slots:
+            return True
+        slot.state = GONE
+        return False
 
     def _hand_locked(self, slot: Slot[C], fresh: bool = False) -> _Request:
         """Hand `slot` to the first waiting request (under the pool lock; one waits).
@@ -804,10 +850,22 @@ class Pool(Generic[C]):
                 return  # by another thread, meanwhile
             slot.state = GONE
             self._slots.discard(slot)
+            self._closing += 1
+        self._close_forgotten(slot, close_now)
+
+    def _close_forgotten(self, slot: Slot[C], close_now: bool = False) -> None:
+        """Close a forgotten slot's connection (in the background), then refill if needed."""
         if close_now or self._executor is None:
-            self._close_quietly(slot.conn)
+            self._close_then_fill(slot.conn)
         else:
-            self._executor.submit(self._close_quietly, slot.conn)
+            self._executor.submit(self._close_then_fill, slot.conn)
+
+    def _close_then_fill(self, conn: C) -> None:
+        try:
+            self._close_quietly(conn)
+        finally:
+            with self._lock:
+                self._closing -= 1
         self._fill()
 
     def _close_quietly(self, conn: C) -> None:
@@ -819,14 +877,14 @@ class Pool(Generic[C]):
     def _fill(self) -> None:
         """Reserve connects up to `min_size`, and for waiters up to `max_size`."""
         pending = len(self._todo) + self._inflight
-        size = len(self._slots) + pending
+        size = len(self._slots) + pending + self._closing
         if size >= self._min_size and (size >= self._max_size or len(self._waiters) <= pending):
             return  # nothing to do: the common case, decided without the lock
         with self._lock:
             if self._closed:
                 return
             pending = len(self._todo) + self._inflight
-            size = len(self._slots) + pending
+            size = len(self._slots) + pending + self._closing
             want = max(
                 self._min_size - size,
                 min(len(self._waiters) - pending, self._max_size - size),
@@ -869,16 +927,32 @@ class Pool(Generic[C]):
                     self.connections_errors += 1
                     with self._lock:
                         closed = self._closed
-                        if not closed:  # close() cleared the reservations
-                            self._todo.appendleft(replaces)
                         self._inflight -= 1
                         reserved = False
+                        pending = len(self._todo) + self._inflight
+                        # A connect for a request that gave up (failed by this
+                        # error, say), beyond min_size, is not retried: the next
+                        # request tries again.
+                        wanted = (
+                            replaces is not None
+                            or len(self._slots) + pending < self._min_size
+                            or len(self._waiters) > pending
+                        )
+                        if wanted and not closed:  # close() cleared the reservations
+                            self._todo.appendleft(replaces)
                     if closed:
                         # In flight when the pool closed (its server may be going
                         # away with it): nothing waits for it, nothing to report.
                         logger.debug("error connecting in closed %r: %s", self.name, ex)
                         continue  # and return at the top, without a backoff
                     self._connect_failed(ex, t0)
+                    if not wanted:
+                        with self._lock:
+                            if not self._todo and not self._inflight:
+                                # No one retries: a request must not fail fast
+                                # (`_refuse()`) without a connect being tried.
+                                self._failing_since = None
+                        continue
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, _BACKOFF_MAX)
@@ -912,12 +986,15 @@ class Pool(Generic[C]):
         if self._failing_since is None:
             self._failing_since = t0
         with self._lock:
-            if self._slots or self._inflight:
+            if not self._slots and not self._inflight:
+                # Nothing alive can come back to the waiters, and no other
+                # connect is under way that might succeed: fail them now.
+                failed = list(self._waiters)
+                self._waiters.clear()
+            elif self._connect_error_fails_a_request and self._waiters:
+                failed = [self._waiters.popleft()]
+            else:
                 return
-            # Nothing alive can come back to the waiters, and no other
-            # connect is under way that might succeed: fail them now.
-            failed = list(self._waiters)
-            self._waiters.clear()
             for req in failed:
                 req.slot = _CANCELLED
         for req in failed:
@@ -1011,8 +1088,8 @@ class Pool(Generic[C]):
         `max_size` (a hard cap on server connections) the old one is retired
         when idle and the refill opens its successor, `num_workers` at a time.
         """
-        if self._failing_since is not None:
-            return
+        if self._failing_since is not None or not self._retain_idle:
+            return  # a pool keeping nothing idle would close the successor at once
         with self._lock:
             candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
             backlog = len(self._todo) + self._inflight
@@ -1030,7 +1107,7 @@ class Pool(Generic[C]):
         with self._lock:
             if self._closed:
                 return
-            headroom = self._max_size - len(self._slots) - len(self._todo) - self._inflight
+            headroom = self._max_size - len(self._slots) - len(self._todo) - self._inflight - self._closing
             for slot in due:
                 if headroom > 0:
                     headroom -= 1
@@ -1130,11 +1207,17 @@ class Pool(Generic[C]):
         Their borrowers' next use fails; returning them is then a no-op for
         the caller to handle. Return the slots closed.
         """
-        cutoff = monotonic() - older_than
+        cutoff = monotonic() - _check_positive("older_than", older_than)
         with self._lock:
+            # Marked GONE as they are found: a borrower giving one back
+            # meanwhile sees it is not the pool's any more (`_unlent()`).
             stale = [s for s in self._slots if s.state == OUT and s.taken_at <= cutoff]
+            for slot in stale:
+                slot.state = GONE
+                self._slots.discard(slot)
+            self._closing += len(stale)
         for slot in stale:
-            self._discard(slot)
+            self._close_forgotten(slot)
         return stale
 
     def forget_all(self) -> None:
@@ -1161,7 +1244,7 @@ class Pool(Generic[C]):
             self._slots.clear()
             if jobs_lost:
                 self._todo.clear()
-                self._inflight = self._connecting = self._cleaning = 0
+                self._inflight = self._connecting = self._cleaning = self._closing = 0
                 # Only this thread was copied: the others' requests wait no more.
                 me = get_thread_ident()
                 self._waiters = deque(r for r in self._waiters if r.hub is not None and r.hub.thread_ident == me)
@@ -1170,10 +1253,29 @@ class Pool(Generic[C]):
             executor.submit(self._housekeeper, weakref.ref(self))
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
-        """Change the pool's size limits at runtime."""
+        """Change the pool's size limits at runtime.
+
+        Below the connections there are, connects not begun are called off
+        and the surplus retired: idle connections close now, lent ones when
+        they come back.
+        """
+        self._check_not_closed()
         min_size, max_size = self._check_size(min_size, max_size)
         with self._lock:
             self._min_size, self._max_size = min_size, max_size
+            excess = len(self._slots) + len(self._todo) + self._inflight - max_size
+            while excess > 0 and self._todo:
+                called_off = self._todo.pop()
+                if called_off is not None:
+                    called_off.replacing = False  # the housekeeper sees to it again
+                excess -= 1
+            # Idle ones first (False sorts first).
+            surplus = sorted(self._slots, key=lambda slot: slot.state != IDLE)[: max(excess, 0)]
+            for slot in surplus:
+                slot.retire()
+        for slot in surplus:
+            if self._take_idle(slot):
+                self._discard(slot)
         self._fill()
 
     def drain(self) -> None:
@@ -1181,6 +1283,7 @@ class Pool(Generic[C]):
 
         Connections being made when it is called are closed and made again.
         """
+        self._check_not_closed()
         with self._lock:
             self._drains += 1
             for slot in self._slots:

@@ -11,22 +11,23 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Any, Callable, Generic, TypeVar, Union
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as e
 from psycopg.pq import TransactionStatus
 
 from . import errors
-from .engine import DIRTY, GONE, OK, Pool, Slot
+from .engine import DIRTY, GONE, OK, Pool, Slot, _check_positive
 from .pgconn import _ACTIVE, _IDLE, GeventConnection, pool_status, settle
 
 logger = logging.getLogger("greenpool")
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]")
 
-ConninfoParam = Union[str, Callable[[], str]]
-KwargsParam = Union[dict[str, Any], Callable[[], dict[str, Any]]]
+ConninfoParam = str | Callable[[], str]
+KwargsParam = dict[str, Any] | Callable[[], dict[str, Any]]
 
 try:
     import psycopg_pool as _psycopg_pool
@@ -98,6 +99,10 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             raise TypeError(f"connection_class must be a psycopg.Connection subclass, got {connection_class!r}")
         if kwargs is not None and not (isinstance(kwargs, dict) or callable(kwargs)):
             raise TypeError(f"kwargs must be a dict or a callable, got {kwargs!r}")
+        if open is not None and not isinstance(open, bool):
+            raise TypeError(f"open must be True, False or None, got {open!r}")
+        if not isinstance(close_returns, bool):
+            raise TypeError(f"close_returns must be True or False, got {close_returns!r}")
         for pname, value in (("configure", configure), ("reset", reset)):
             if value is not None and not callable(value):
                 raise TypeError(f"{pname} must be callable or None, got {value!r}")
@@ -224,7 +229,12 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         """Give back a connection obtained with `getconn()`."""
         pool = getattr(conn, "_pool", None)
         if pool is not self:
-            where = f"it comes from pool {pool.name!r}" if pool else "it doesn't come from any pool"
+            if pool is not None:
+                where = f"it comes from pool {pool.name!r}"
+            elif getattr(conn, "_pool_slot", None) in self._slots:
+                where = "it was given back already"
+            else:
+                where = "it doesn't come from any pool"
             raise ValueError(f"can't return connection to pool {self.name!r}, {where}: {conn}")
         slot = conn._pool_slot  # type: ignore[attr-defined]
         conn._pool = None
@@ -384,6 +394,7 @@ class NullConnectionPool(ConnectionPool[CT]):
         answer, after `timeout`.
         """
         self._check_open()
+        timeout = _check_positive("timeout", timeout)
         if self._open_implicit:
             self._warn_open_implicit()
         try:

@@ -224,6 +224,32 @@ def test_giving_back_a_connection_closed_while_lent_does_nothing(pool, give_back
     pool.release(handed)
 
 
+@pytest.mark.parametrize("status", [OK, DIRTY])
+def test_a_return_racing_close_lent_parks_nothing(pool, monkeypatch, status):
+    """`close_lent()` in another thread may close a connection after its
+    borrower's `release()` found it lent: the return must not mark it idle
+    again and park it (it would be lent on, closed under its next borrower),
+    nor clean it."""
+    slot = pool.acquire()
+    slot.conn.status = status
+    read_status = pool._status
+
+    def status_then_closed_by_another_thread(conn):
+        monkeypatch.setattr(pool, "_status", read_status)
+        assert pool.close_lent(0) == [slot]
+        return status  # read before the close began
+
+    monkeypatch.setattr(pool, "_status", status_then_closed_by_another_thread)
+    pool.release(slot)
+    assert slot.state == "gone"
+    assert all(slot not in seg.idle for seg in pool._segments)
+    assert pool.get_stats().get("returns_reset", 0) == 0
+    taken = [pool.acquire(), pool.acquire()]
+    assert slot not in taken and not any(s.conn.closed for s in taken)
+    for s in taken:
+        pool.release(s)
+
+
 # -- waiting ----------------------------------------------------------------
 
 
@@ -686,6 +712,59 @@ def test_resize_grows_the_pool(pool):
     pool.wait(timeout=2)
     assert pool.get_stats()["pool_size"] == 4
     assert pool.max_size == 6
+
+
+def test_resize_below_the_connections_calls_off_connects_and_retires_the_surplus():
+    """A hard cap: after `resize()` to fewer connections, connects not begun
+    are called off, idle surplus closes now and lent surplus on return."""
+    p = make_pool(min_size=0, max_size=8, connect_delay=0.2, num_workers=2, timeout=5)
+    held = p.acquire()  # made at once: the pool was empty
+    waiters = [gevent.spawn(p.acquire) for _ in range(7)]
+    gevent.sleep(0.05)  # 7 connects reserved, 2 of them under way
+    p.resize(0, 2)
+    gevent.joinall(waiters[:1], timeout=2)
+    p.release(held)  # retired: over the cap with the connects in flight
+    slots = [w.get(timeout=2) for w in waiters[:2]]
+    assert len(p._slots) <= 2
+    wait_until(lambda: held.conn.closed, what="the retired connection closed")
+    for slot in slots:
+        p.release(slot)
+    gevent.sleep(0.5)
+    assert len(p.opened) <= 3  # the 7 waiters' connects: 2 already under way
+    gevent.killall(waiters[2:])
+    p.close()
+
+
+def test_resize_and_drain_after_close_raise_pool_closed(pool):
+    p = FakePool(min_size=1, max_size=1)
+    p.resize(2, 2)  # configuring a pool not open yet is fine
+    p.drain()
+    pool.close()
+    for call in (lambda: pool.resize(1, 1), pool.drain):
+        with pytest.raises(errors.PoolClosed, match="is closed"):
+            call()
+
+
+def test_a_request_queued_again_counts_and_times_once():
+    """A queued request whose handed connection fails its check queues
+    again: it is still one queued request, and its wait is counted once."""
+    checks = []
+
+    def fail_second_check(conn):
+        checks.append(conn)
+        if len(checks) == 2:
+            raise RuntimeError("broken")
+
+    p = make_pool(min_size=1, max_size=1, timeout=5, check=fail_second_check)
+    held = p.acquire()
+    waiter = gevent.spawn(p.acquire)
+    gevent.sleep(0.2)
+    p.release(held)  # handed to the waiter, whose check fails: a new connect
+    p.release(waiter.get(timeout=5))
+    stats = p.get_stats()
+    assert stats["requests_queued"] == 1
+    assert 150 <= stats["requests_wait_ms"] < 350
+    p.close()
 
 
 # -- plain threads ----------------------------------------------------------

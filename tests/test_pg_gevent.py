@@ -29,8 +29,8 @@ import subprocess
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import gevent
 import gevent.event
@@ -555,6 +555,66 @@ def test_a_cancel_through_an_old_libpq_blocks_no_hub(run_python: RunPython) -> N
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["one"] == 1 and result["connections_num"] == 1, result  # the connection was kept
     assert result["stall"] < 0.75, result  # the cancel's 1.5 s connect held up nothing
+
+
+_THREADPOOL_RETURN_CHILD = """
+import json, os
+from gevent import monkey; monkey.patch_all()
+import gevent
+from greenpool import ConnectionPool
+
+pool = ConnectionPool(os.environ["GREENPOOL_TEST_DSN"], min_size=1, max_size=1, open=True)
+pool.wait(10)
+
+def job():
+    conn = pool.getconn(5)
+    conn.execute("select 1")  # left in a transaction: its return needs a rollback job
+    pool.putconn(conn)
+
+gevent.get_hub().threadpool.apply(job)
+with pool.connection(timeout=5) as conn:
+    one = conn.execute("select 1").fetchone()[0]
+stats = pool.get_stats()
+pool.close()
+print(json.dumps({"one": one, "returns_reset": stats.get("returns_reset", 0)}))
+"""
+
+
+def test_a_rollback_asked_for_by_an_os_thread_of_a_patched_program_runs(run_python: RunPython) -> None:
+    """After `patch_all()`, `threading.Thread.start()` makes greenlets: the
+    rollback job of a connection a real OS thread (gevent's thread pool)
+    returned inside a transaction must still run in a real thread, not in
+    that thread's hub, which never runs again."""
+    result = run_child(run_python, _THREADPOOL_RETURN_CHILD, timeout=60)
+    assert result == {"one": 1, "returns_reset": 1}
+
+
+_OPENED_BEFORE_PATCHING_CHILD = """
+import json, logging, time
+from greenpool import ConnectionPool
+
+logging.getLogger("greenpool").setLevel(logging.CRITICAL)
+# Refused at once: a connector greenlet would spin and sleep with time.sleep.
+pool = ConnectionPool("host=127.0.0.1 port=1 user=postgres dbname=test", min_size=0, max_size=2, open=True)
+from gevent import monkey; monkey.patch_all()
+
+t0 = time.monotonic()
+try:
+    pool.getconn(timeout=2)
+    error = None
+except Exception as ex:
+    error = type(ex).__name__
+print(json.dumps({"error": error, "took": time.monotonic() - t0}))
+"""
+
+
+def test_a_pool_opened_before_patching_keeps_its_jobs_in_threads(run_python: RunPython) -> None:
+    """A pool opened before `patch_all()` has no hub: its connectors run in
+    OS threads, and back off there, also once the program is patched. (As
+    greenlets of the main hub, sleeping with the real `time.sleep`, they froze
+    it: `getconn(timeout=2)` never returned.)"""
+    result = run_child(run_python, _OPENED_BEFORE_PATCHING_CHILD, timeout=30)
+    assert result["error"] == "PoolTimeout" and result["took"] < 2.5, result
 
 
 def test_query_interrupted_while_sending_is_recovered(

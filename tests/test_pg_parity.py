@@ -41,8 +41,8 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import helpers
 import psycopg
@@ -439,7 +439,7 @@ def test_putconn_twice(cls: type, make_pool: Callable[..., Any]) -> None:
     pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
     conn = pool.getconn()
     pool.putconn(conn)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="given back already" if cls is GREEN else ""):
         pool.putconn(conn)
     # Pool intact: not returned twice, both connections distinct and working.
     if not is_null(cls):
@@ -1106,13 +1106,30 @@ def test_bad_constructor_input_null_pool(cls: type, pg_dsn: str) -> None:
         ({"reconnect_failed": "x"}, TypeError, "reconnect_failed"),
         ({"kwargs": ["not", "a", "dict"]}, TypeError, "kwargs"),
         ({"connection_class": dict}, TypeError, "connection_class"),
+        ({"open": "no"}, TypeError, "open"),
+        ({"close_returns": "yes"}, TypeError, "close_returns"),
+        ({"name": 123}, TypeError, "name"),
     ],
 )
 def test_bad_constructor_input_greenpool_only(
     cls: type, pg_dsn: str, kwargs: dict[str, Any], exc: type, param: str
 ) -> None:
     with pytest.raises(exc, match=param):
-        cls(pg_dsn, open=True, **kwargs)
+        cls(pg_dsn, **{"open": True, **kwargs})
+
+
+@pytest.mark.parametrize("cls", [pytest.param(GREEN, id="greenpool"), pytest.param(GREEN_NULL, id="greenpool-null")])
+def test_wait_checks_its_timeout(cls: type, make_pool: Callable[..., Any]) -> None:
+    pool = make_pool(cls, **sizes(cls, 1, 1))
+    pool.open()
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
+        pool.wait(-1)
+    assert not pool.closed
+
+
+def test_min_size_zero_says_where_max_size_came_from(pg_dsn: str) -> None:
+    with pytest.raises(ValueError, match="max_size must be > 0 .*defaults to min_size"):
+        GREEN(pg_dsn, min_size=0, open=False)
 
 
 def test_bad_min_size_type_greenpool_only(pg_dsn: str) -> None:
