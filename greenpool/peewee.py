@@ -25,7 +25,8 @@ import itertools
 import logging
 import math
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded
@@ -167,6 +168,9 @@ class _ConnectionContext(peewee.ConnectionContext):
 class _DatabasePool(Pool[Any]):
     """The engine, its hooks calling one peewee database's."""
 
+    # playhouse connects in the caller: a connect's error is a request's.
+    _connect_error_fails_a_request = True
+
     def __init__(self, db: PooledDatabase, **kwargs: Any) -> None:
         self._db = db
         super().__init__(check=self._probe, **kwargs)
@@ -211,7 +215,7 @@ class PooledDatabase:
         *,
         min_connections: int = 0,
         lifetime_jitter: float = 0.1,
-        max_idle: float = 10 * 60.0,
+        max_idle: float | None = None,
         check_idle: float = 0.5,
         segments: int = 4,
         num_workers: int = 3,
@@ -227,7 +231,7 @@ class PooledDatabase:
             timeout=CONNECT_WAIT,
             max_lifetime=self._lifetime(stale_timeout),
             lifetime_jitter=lifetime_jitter,
-            max_idle=max_idle,
+            max_idle=math.inf if max_idle is None else max_idle,  # None: never, as playhouse
             check_idle=check_idle,
             segments=segments,
             num_workers=num_workers,
@@ -322,19 +326,28 @@ class PooledDatabase:
         connections are replaced: idle ones now, lent ones when they come
         back. playhouse keeps lending the old ones.
         """
+        # Checked before anything changes: bad input leaves the database as it was.
+        pool = self._pool
+        max_size = None if max_connections is None else self._max_size(max_connections, pool.min_size)
+        lifetime = None if stale_timeout is None else self._lifetime(stale_timeout)
+        wait = None if timeout is None else self._wait(timeout)
         # Peewee's __init__ calls init() too, before `database` exists.
         replace = bool(connect_kwargs) or database != getattr(self, "database", database)
         self._backend.configure(connect_kwargs)
-        super().init(database, **connect_kwargs)  # type: ignore[misc]
-        self._backend.adopt(self)
+        try:
+            super().init(database, **connect_kwargs)  # type: ignore[misc]
+        finally:
+            # Also if it raised (an open transaction): peewee may have made
+            # its own adapter by then.
+            self._backend.adopt(self)
         if replace:
-            self._pool.drain()
-        if max_connections is not None:
-            self._pool.resize(self._pool.min_size, self._max_size(max_connections, self._pool.min_size))
-        if stale_timeout is not None:
-            self._pool.set_max_lifetime(self._lifetime(stale_timeout))
-        if timeout is not None:
-            self._wait_timeout = self._wait(timeout)
+            pool.drain()
+        if max_size is not None:
+            pool.resize(pool.min_size, max_size)
+        if lifetime is not None:
+            pool.set_max_lifetime(lifetime)
+        if wait is not None:
+            self._wait_timeout = wait
 
     @property
     def pool(self) -> Pool[Any]:
@@ -422,7 +435,12 @@ class PooledDatabase:
         if pool.closed:
             pool.open()
         wait = self._wait_timeout
-        if wait is None or (wait < CONNECT_WAIT and not pool.full()):
+        if pool.failing:
+            # The database is down: no connect to wait for. playhouse would
+            # raise the driver's error at once; an idle connection, or one
+            # given back within `timeout`, still serves.
+            timeout = 0.0 if wait is None or wait == math.inf else wait
+        elif wait is None or (wait < CONNECT_WAIT and not pool.full()):
             # `timeout` bounds waiting for a connection in use, as in
             # playhouse: none for one being made.
             timeout = CONNECT_WAIT
@@ -533,7 +551,10 @@ class PooledDatabase:
 
     def close_stale(self, age: float = 600) -> int:
         """Close connections checked out more than `age` seconds ago, even in use."""
-        stale = self._pool.close_lent(age)
+        seconds = _number("age", age)
+        if seconds is None:
+            raise TypeError("age must be a number, got None")
+        stale = self._pool.close_lent(float(seconds))
         for slot in stale:
             self._forget_lent(slot.conn)
         return len(stale)

@@ -1056,11 +1056,19 @@ def test_bad_constructor_arguments(kwargs: dict[str, Any], exc: type, name: str)
 
 
 @pytest.mark.parametrize("kwargs, exc, name", [p for p in BAD_ARGUMENTS if "min_connections" not in p.values[0]])
-def test_bad_init_arguments_leave_pool_settings_alone(kwargs: dict[str, Any], exc: type, name: str) -> None:
-    db = gpw.PooledSqliteDatabase("unused", max_connections=4, stale_timeout=60, timeout=1)
+def test_bad_init_arguments_leave_pool_settings_alone(
+    kwargs: dict[str, Any], exc: type, name: str, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "db.sqlite")
+    db = gpw.PooledSqliteDatabase(path, max_connections=4, stale_timeout=60, timeout=1)
+    with db.connection_context():
+        pass  # one connection made, idle
+    params = dict(db.connect_params)
     with pytest.raises(exc, match=name):
-        db.init("unused", **kwargs)
+        db.init("other", pragmas={"cache_size": 100}, **kwargs)
     assert (db.pool.max_size, db.pool.max_lifetime) == (4, 60)
+    assert (db.database, db.connect_params) == (path, params)  # not half reconfigured either
+    assert db.pool.get_stats()["pool_size"] == 1
 
 
 @pytest.mark.parametrize("value", [float("inf"), "inf"])
@@ -1366,6 +1374,48 @@ def test_import_order_pool_used_before_patch_all(child: Callable[..., dict[str, 
     time. Connections made before patching must not stall greenlets later."""
     used = 'db.execute_sql("select 1")\ndb.close()\n'
     check_greenlets_in_child(child, kind, CHILD_GPW_DB.format(kind=kind), used, CHILD_PATCH_ALL, sleep_first=True)
+
+
+@pytest.mark.parametrize("kind", ["pg", "mysql"])
+def test_import_order_pool_used_before_patch_all_replaces_stale_connections(
+    child: Callable[..., dict[str, Any]], kind: str
+) -> None:
+    """The housekeeper of a pool opened before patch_all() is an OS thread:
+    the successors of stale connections it starts after the patch must be
+    usable by the greenlets (made in the main hub: a patched pymysql socket
+    belongs to the hub that made it), and made at all (as greenlets of that
+    thread's hub they never ran: the pool wedged)."""
+    out = child(
+        f"""
+        import peewee
+        import greenpool.peewee as gpw
+        db = make_db(gpw, {kind!r}, max_connections=10, timeout=10, stale_timeout=0.5)
+        db.execute_sql("select 1")
+        db.close()
+        """,
+        CHILD_PATCH_ALL,
+        f"""
+        import gevent
+
+        def query():
+            try:
+                with db.connection_context():
+                    db.execute_sql(sleep_sql({kind!r}, 0.2))
+                return "ok"
+            except Exception as ex:
+                return repr(ex)
+
+        outcomes = set()
+        for _ in range(3):
+            greenlets = [gevent.spawn(query) for _ in range(10)]
+            gevent.joinall(greenlets, timeout=15)
+            outcomes.update(str(g.value) for g in greenlets)
+            gevent.sleep(0.8)  # every connection goes stale and is replaced
+        result(outcomes=sorted(outcomes), connections=db.pool_stats()["connections_num"])
+        """,
+    )
+    assert out["outcomes"] == ["ok"], out
+    assert out["connections"] > 10, out  # replaced
 
 
 def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callable[..., dict[str, Any]]) -> None:
@@ -1762,6 +1812,88 @@ def test_database_down_raises_the_drivers_error_at_once_then_recovers(backend: B
         db.close()
     finally:
         proxy.stop()
+
+
+@backends("pg", "mysql")
+@pytest.mark.parametrize("timeout", [None, 20])
+def test_database_down_with_a_connection_lent_raises_at_once_and_stops_trying(backend: Backend, timeout: Any) -> None:
+    """A connection lent elsewhere doesn't make connect() wait (up to 30 s)
+    for connects to a server that is down: the first failed connect is its
+    error, as playhouse's own connect would be. And once nothing asks for a
+    connection, the pool stops trying (it retried forever, every second)."""
+    if backend.kind == "pg":
+        host, port = parse_dsn_host_port(make_conninfo(**backend.params))
+    else:
+        host, port = backend.params["host"], backend.params["port"]
+    proxy = Proxy(host, port).start()
+    try:
+        db = backend.make(max_connections=5, timeout=timeout, host=proxy.host, port=proxy.port)
+        held = threading.Event()
+        done = threading.Event()
+
+        def hold() -> None:
+            with db.connection_context():
+                held.set()
+                done.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(10)
+        proxy.pause()
+        t0 = time.monotonic()
+        with pytest.raises(peewee.OperationalError, match="(?i)refused|can't connect"):
+            db.connect()
+        assert time.monotonic() - t0 < 5
+        gevent.sleep(1.5)  # a retry or two after its requester got the error
+        errors_then = db.pool_stats()["connections_errors"]
+        gevent.sleep(2.5)
+        assert db.pool_stats()["connections_errors"] == errors_then
+        done.set()
+        holder.join(10)
+        proxy.resume()
+        with db.connection_context():  # the next request tries again
+            assert db.execute_sql("select 1").fetchone() == (1,)
+    finally:
+        proxy.stop()
+
+
+@backends("pg")
+def test_init_that_raises_keeps_the_gevent_aware_connections(backend: Backend) -> None:
+    """peewee's init() makes a new psycopg adapter before it may raise (here:
+    a transaction open): the pool must still connect with GeventConnection."""
+    db = backend.make(max_connections=3)
+    with db.atomic():
+        with pytest.raises(peewee.OperationalError, match="transaction is open"):
+            db.init(backend.database, **backend.params, application_name="x")
+    db.close_idle()
+    with db.connection_context():
+        assert isinstance(db.connection(), GeventConnection)
+
+
+@pytest.mark.parametrize("age, exc", [("x", ValueError), (-1, ValueError), (None, TypeError), ([1], TypeError)])
+def test_close_stale_checks_its_age(age: Any, exc: type) -> None:
+    db = gpw.PooledSqliteDatabase(":memory:")
+    with pytest.raises(exc, match="age"):
+        db.close_stale(age)
+    assert db.close_stale("0") == 0  # strings, as everywhere in peewee
+
+
+def test_without_psycopg_the_error_says_what_to_install(run_python: Callable[..., Any]) -> None:
+    proc = run_python(
+        "import sys; sys.modules['psycopg'] = None\n"
+        "import greenpool\n"
+        "try:\n    greenpool.ConnectionPool\nexcept ModuleNotFoundError as ex:\n    print(ex)\n",
+        env={"GREENPOOL_TEST_DSN": ""},
+    )
+    assert "pip install 'greenpool[psycopg]'" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_idle_connections_are_kept_as_in_playhouse() -> None:
+    """playhouse never closes an idle connection (only stale ones): with
+    SQLite's `:memory:` that would lose the database."""
+    db = gpw.PooledSqliteDatabase(":memory:")
+    assert db.pool.max_idle == math.inf
+    assert gpw.PooledSqliteDatabase(":memory:", max_idle=60).pool.max_idle == 60
 
 
 # --------------------------------------------------------------------------
