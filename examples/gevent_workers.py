@@ -1,6 +1,6 @@
 """Hundreds of greenlets sharing 20 connections, without serializing.
 
-    GREENPOOL_DSN="host=127.0.0.1 user=postgres dbname=test" python examples/gevent_workers.py
+GREENPOOL_DSN="host=127.0.0.1 user=postgres dbname=test" python examples/gevent_workers.py
 """
 
 from gevent import monkey

@@ -1,6 +1,6 @@
 """Peewee models on greenpool's pooled database, under gevent.
 
-    python examples/peewee_models.py      # uses PostgreSQL on 127.0.0.1, database test
+python examples/peewee_models.py      # uses PostgreSQL on 127.0.0.1, database test
 """
 
 from gevent import monkey

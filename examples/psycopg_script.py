@@ -1,6 +1,6 @@
 """A plain script (no gevent): greenpool as a drop-in for psycopg_pool.
 
-    GREENPOOL_DSN="host=127.0.0.1 user=postgres dbname=test" python examples/psycopg_script.py
+GREENPOOL_DSN="host=127.0.0.1 user=postgres dbname=test" python examples/psycopg_script.py
 """
 
 import os

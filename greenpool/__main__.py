@@ -67,7 +67,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="mysql://user:password@host:port/database of the MySQL/MariaDB server for the "
         "mysql-* scenarios (default: $GREENPOOL_MYSQL, else mysql://root@127.0.0.1:3306/test "
-        "if it answers); without a server those scenarios are skipped, not failed",
+        "if it answers: without a server there those scenarios are skipped; a URL given "
+        "that doesn't answer is an error)",
     )
     parser.add_argument(
         "--scenario",

@@ -364,12 +364,15 @@ class PostgresBackend(Backend):
     title = "PostgreSQL"
 
     def connect(self, config: ContenderConfig) -> Any:
+        """A psycopg connection of the config's `connection_class`, with its `connect_kwargs` (autocommit)."""
         return config.connection_class.connect(config.dsn, **config.connect_kwargs)
 
     def execute(self, conn: Any, sql: str) -> None:
+        """Run `sql` with psycopg's ``conn.execute()`` and fetch every row."""
         conn.execute(sql).fetchall()
 
     def server_info(self, dsn: str, connection_class: type[Any] | None = None) -> dict[str, Any]:
+        """One query for version, ``max_connections`` and other client backends (``pg_stat_activity``)."""
         if connection_class is None:
             import psycopg
 
@@ -383,9 +386,11 @@ class PostgresBackend(Backend):
         return {"version": version, "max_connections": max_conn, "client_connections": clients}
 
     def tcp_target(self, dsn: str) -> tuple[str, int]:
+        """The DSN's single TCP host (``hostaddr`` first) and port, defaulting to ``PGHOST``/``PGPORT``/5432."""
         return _tcp_target(dsn)
 
     def via_proxy(self, dsn: str, host: str, port: int) -> str:
+        """The DSN with `host` and `port` set and ``hostaddr`` dropped, as a conninfo string."""
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
         params = conninfo_to_dict(dsn)
@@ -394,6 +399,7 @@ class PostgresBackend(Backend):
         return make_conninfo("", **params)
 
     def peewee_params(self, dsn: str) -> tuple[str, dict[str, Any]]:
+        """The DSN's ``dbname`` (else the user, as libpq) and its other parameters, plus ``prefer_psycopg3``."""
         from psycopg.conninfo import conninfo_to_dict
 
         params: dict[str, Any] = dict(conninfo_to_dict(dsn))
@@ -412,6 +418,7 @@ class PostgresBackend(Backend):
         return database, params
 
     def masked(self, dsn: str) -> str:
+        """The DSN with its password replaced by ``***``."""
         return _masked(dsn)
 
 
@@ -422,6 +429,7 @@ class MySQLBackend(Backend):
     title = "MySQL"
 
     def connect(self, config: ContenderConfig) -> Any:
+        """A pymysql connection from the URL's parameters, in utf8mb4 and autocommit as Peewee connects."""
         import pymysql
 
         database, params = self.peewee_params(config.dsn)
@@ -430,11 +438,13 @@ class MySQLBackend(Backend):
         return pymysql.connect(database=database, autocommit=True, **params)
 
     def execute(self, conn: Any, sql: str) -> None:
+        """Run `sql` on a new pymysql cursor and fetch every row."""
         cursor = conn.cursor()
         cursor.execute(sql)
         cursor.fetchall()
 
     def server_info(self, dsn: str, connection_class: type[Any] | None = None) -> dict[str, Any]:
+        """Version, ``@@max_connections`` and ``Threads_connected`` less this probe's own connection."""
         import pymysql
 
         database, params = self.peewee_params(dsn)
@@ -450,12 +460,14 @@ class MySQLBackend(Backend):
         return {"version": version, "max_connections": int(max_conn), "client_connections": int(connected) - 1}
 
     def tcp_target(self, dsn: str) -> tuple[str, int]:
+        """The URL's host and port; a ``unix_socket`` parameter raises `ValueError`."""
         _, params = self.peewee_params(dsn)
         if "unix_socket" in params:
             raise ValueError("storm needs a TCP host in the MySQL URL, got a unix_socket")
         return str(params["host"]), int(params["port"])
 
     def via_proxy(self, dsn: str, host: str, port: int) -> str:
+        """The URL with `host` and `port` in place of its own, user and password kept."""
         from urllib.parse import urlsplit, urlunsplit
 
         parts = urlsplit(dsn)
@@ -489,6 +501,7 @@ class MySQLBackend(Backend):
         return database, params
 
     def masked(self, dsn: str) -> str:
+        """The URL with its password replaced by ``***``, or as is if it has none."""
         from urllib.parse import urlsplit, urlunsplit
 
         try:
@@ -681,6 +694,7 @@ class PsycopgStylePool(BorrowingContender):
         """The pool class; imported here, after the monkey-patch."""
 
     def open(self) -> None:
+        """Create the pool with min = max = P and the config's connections and lifetime, and wait until it is full."""
         config = self.config
         self.pool = self.pool_class()(
             config.dsn,
@@ -696,18 +710,22 @@ class PsycopgStylePool(BorrowingContender):
         self.pool.open(wait=True, timeout=config.timeout)
 
     def close(self) -> None:
+        """Close the pool, if it was created."""
         if self.pool is not None:
             self.pool.close()
 
     def borrow(self) -> AbstractContextManager[Any]:
+        """The pool's ``connection()`` context manager."""
         return self.pool.connection()  # type: ignore[no-any-return]
 
     def reset_stats(self) -> None:
+        """Zero the pool's counters with ``pop_stats()``, if it has one."""
         # pop_stats() returns the counters and zeroes them (psycopg_pool API).
         if self.pool is not None and hasattr(self.pool, "pop_stats"):
             self.pool.pop_stats()
 
     def stats(self) -> dict[str, Any] | None:
+        """The pool's ``get_stats()``, or None if it was never created."""
         return dict(self.pool.get_stats()) if self.pool is not None else None
 
 
@@ -716,6 +734,7 @@ class GreenpoolContender(PsycopgStylePool):
     """greenpool.ConnectionPool."""
 
     def pool_class(self) -> type[Any]:
+        """`greenpool.ConnectionPool`."""
         from greenpool import ConnectionPool
 
         pool_class: type[Any] = ConnectionPool
@@ -727,6 +746,7 @@ class PsycopgPoolContender(PsycopgStylePool):
     """psycopg_pool.ConnectionPool (its worker threads are greenlets once patched)."""
 
     def pool_class(self) -> type[Any]:
+        """`psycopg_pool.ConnectionPool`; `RuntimeError` if it was imported before the monkey-patch."""
         import psycopg_pool
 
         # psycopg_pool binds threading/time objects when imported: imported
@@ -763,14 +783,17 @@ class PeeweeContender(BorrowingContender):
         """Open `config.pool_size` connections, so the pool starts full."""
 
     def open(self) -> None:
+        """Create the database from the backend's `peewee_params` for the DSN, then `warm()` its pool."""
         database, params = self.config.backend.peewee_params(self.config.dsn)
         self.db = self.database(database, params)
         self.warm()
 
     def borrow(self) -> AbstractContextManager[Any]:
+        """The database's ``connection_context()`` (it yields None)."""
         return self.db.connection_context()  # type: ignore[no-any-return]
 
     def execute(self, conn: Any, sql: str) -> None:
+        """Run `sql` with ``db.execute_sql()`` on the greenlet's connection and fetch every row; `conn` is unused."""
         # `conn` is None: connection_context() yields nothing, the database
         # knows the greenlet's connection.
         self.db.execute_sql(sql).fetchall()
@@ -781,6 +804,7 @@ class PeeweeGreenpool(PeeweeContender):
     """greenpool.peewee.PooledPostgresqlDatabase / PooledMySQLDatabase (min_connections = max_connections = P)."""
 
     def database(self, database: str, params: dict[str, Any]) -> Any:
+        """A `greenpool.peewee` pooled database for the backend, with min_connections = max_connections = P."""
         from greenpool import peewee as gpw
 
         classes = {POSTGRES: gpw.PooledPostgresqlDatabase, MYSQL: gpw.PooledMySQLDatabase}
@@ -795,18 +819,22 @@ class PeeweeGreenpool(PeeweeContender):
         )
 
     def warm(self) -> None:
+        """Open the greenpool engine and wait until its P connections are ready."""
         self.db.pool.open(wait=True, timeout=self.config.timeout)
 
     def close(self) -> None:
+        """Close every connection of the database, then its greenpool engine."""
         if self.db is not None:
             self.db.close_all()
             self.db.pool.close()
 
     def reset_stats(self) -> None:
+        """Zero the engine's counters (``pool.pop_stats()``)."""
         if self.db is not None:
             self.db.pool.pop_stats()
 
     def stats(self) -> dict[str, Any] | None:
+        """The engine's stats (``db.pool_stats()``), or None without a database."""
         return dict(self.db.pool_stats()) if self.db is not None else None
 
 
@@ -815,6 +843,7 @@ class PeeweePlayhouse(PeeweeContender):
     """playhouse.pool.PooledPostgresqlDatabase / PooledMySQLDatabase, Peewee's own pool (P pre-opened)."""
 
     def database(self, database: str, params: dict[str, Any]) -> Any:
+        """A playhouse pooled database for the backend, counting its connects; psycopg 3 required on PostgreSQL."""
         config = self.config
         db = _playhouse_class(config.backend.name)(
             database,
@@ -858,14 +887,17 @@ class PeeweePlayhouse(PeeweeContender):
             raise RuntimeError(f"pre-opened {idle} idle connections, expected {size}")
 
     def close(self) -> None:
+        """Close every connection of the pool with playhouse's ``close_all()``."""
         if self.db is not None:
             self.db.close_all()
 
     def reset_stats(self) -> None:
+        """Zero the database's connect counter."""
         if self.db is not None:
             self.db.bench_connects = 0
 
     def stats(self) -> dict[str, Any] | None:
+        """``connections_num``: the connects counted since `reset_stats()` (playhouse keeps no statistics)."""
         # playhouse keeps no statistics: count the connects ourselves.
         return {"connections_num": self.db.bench_connects} if self.db is not None else None
 
@@ -921,15 +953,18 @@ class BarePool(BorrowingContender):
     # connection returned: only a run that is failing anyway kills them.
 
     def open(self) -> None:
+        """Open P connections at once, all idle, with no greenlet waiting yet."""
         self.conns = _connect_many(partial(self.config.backend.connect, self.config), self.config.pool_size)
         self.idle = list(self.conns)
         self.waiters: deque[Any] = deque()
         self.loop = gevent.get_hub().loop
 
     def close(self) -> None:
+        """Close every connection opened, if any."""
         _close_all(getattr(self, "conns", ()))
 
     def borrow(self) -> AbstractContextManager[Any]:
+        """A `_BareLease`: an idle connection, or a FIFO wait for the next one returned."""
         return _BareLease(self)
 
 
@@ -965,6 +1000,7 @@ class DedicatedConnections(Contender):
     conns: list[Any]
 
     def open(self) -> None:
+        """Open the P workers' connections at once, each with `connect()`."""
         self.conns = _connect_many(self.connect, self.config.pool_size)
 
     def connect(self) -> Any:
@@ -972,6 +1008,7 @@ class DedicatedConnections(Contender):
         return self.config.backend.connect(self.config)
 
     def close(self) -> None:
+        """Close every worker's connection, if any was opened."""
         _close_all(getattr(self, "conns", ()))
 
     def drive(self, work: Workload) -> None:
@@ -1024,6 +1061,7 @@ class PeeweeDedicated(DedicatedConnections):
         return db
 
     def execute(self, conn: Any, sql: str) -> None:
+        """Run `sql` with ``execute_sql()`` on `conn`, the worker's own database, and fetch every row."""
         # `conn` is the worker's database; no connection_context(): it keeps its connection.
         conn.execute_sql(sql).fetchall()
 
@@ -1035,17 +1073,20 @@ class SharedConnection(BorrowingContender):
     conn: Any = None
 
     def open(self) -> None:
+        """Open the one connection and create the (non-FIFO) gevent lock guarding it."""
         # gevent's lock is not FIFO: a greenlet releasing it and asking again
         # without yielding gets it back. That is what naive code gets, so keep it.
         self.lock = gevent.lock.BoundedSemaphore(1)
         (self.conn,) = _connect_many(partial(self.config.backend.connect, self.config), 1)
 
     def close(self) -> None:
+        """Close the connection, if it was opened."""
         if self.conn is not None:
             self.conn.close()
 
     @contextmanager
     def borrow(self) -> Iterator[Any]:
+        """Hold the lock and yield the one connection."""
         with self.lock:
             yield self.conn
 
@@ -1276,11 +1317,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths[0] = max([widths[0], *(len(row[0]) for row in rows)])
     for row in rows:
         if len(row) == len(headers):
-            widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+            widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = []
     for row in [list(headers), *rows]:
         cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=False)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -1543,9 +1584,11 @@ def resolve_mysql(explicit: str | None) -> tuple[str, str, bool]:
 
 
 def connect_mysql(explicit: str | None) -> Server | None:
-    """The MySQL server, or None (with a note printed) if none answers.
+    """The MySQL server, or None (with a note printed) if none answers at the default URL.
 
-    A missing server never fails the run: its scenarios are skipped.
+    No server at the default URL never fails the run: its scenarios are
+    skipped. A URL given (--mysql, $GREENPOOL_MYSQL) that doesn't work
+    ends the run with its error: a mistyped one must not pass for a run.
     """
     url, source, asked = resolve_mysql(explicit)
     backend = BACKENDS[MYSQL]
@@ -1553,12 +1596,8 @@ def connect_mysql(explicit: str | None) -> Server | None:
         info = backend.server_info(url)
     except Exception as exc:  # noqa: BLE001 - skip the MySQL scenarios, run the rest
         if asked:
-            print(
-                f"MySQL scenarios skipped: no server at {backend.masked(url)} ({source}): {_describe_error(exc)}",
-                flush=True,
-            )
-        else:
-            print(f"MySQL scenarios skipped: no server (set {MYSQL_ENV})", flush=True)
+            raise SystemExit(f"no MySQL server at {backend.masked(url)} ({source}): {_describe_error(exc)}") from None
+        print(f"MySQL scenarios skipped: no server (set {MYSQL_ENV})", flush=True)
         return None
     return Server(backend, url, source, info)
 
@@ -1776,6 +1815,13 @@ def main(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         raise SystemExit("--rounds must be at least 1")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise SystemExit(f"--timeout must be a number of seconds > 0, got {args.timeout!r}")
+    if args.json:
+        try:
+            open(args.json, "a").close()  # now, not after the first scenario's minutes
+        except OSError as exc:
+            raise SystemExit(f"--json: can't write {args.json}: {exc.strerror or exc}") from None
     size = 1 if args.quick else 0
     backends_needed = {SCENARIOS[name][size].backend for name in scenario_names}
 
@@ -1788,7 +1834,11 @@ def main(args: argparse.Namespace) -> int:
     servers: dict[str, Server] = {}
     if POSTGRES in backends_needed:
         dsn, dsn_source = resolve_dsn(args.dsn)
-        servers[POSTGRES] = Server(BACKENDS[POSTGRES], dsn, dsn_source, BACKENDS[POSTGRES].server_info(dsn, conn_class))
+        try:
+            info = BACKENDS[POSTGRES].server_info(dsn, conn_class)
+        except Exception as exc:  # noqa: BLE001 - a bad --dsn: one line, not a traceback
+            raise SystemExit(f"no PostgreSQL at {_masked(dsn)} ({dsn_source}): {_describe_error(exc)}") from None
+        servers[POSTGRES] = Server(BACKENDS[POSTGRES], dsn, dsn_source, info)
         print(f"server: {servers[POSTGRES].describe()}")
     if MYSQL in backends_needed:
         mysql = connect_mysql(getattr(args, "mysql", None))

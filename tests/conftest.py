@@ -1,4 +1,4 @@
-"""Shared fixtures: database/broker endpoints, the fault-injection proxy, and
+"""Shared fixtures: database endpoints, the fault-injection proxy, and
 a subprocess runner for import-order tests.
 
 Environment variables (all optional):
@@ -9,10 +9,6 @@ Environment variables (all optional):
 ``GREENPOOL_TEST_MYSQL``
     ``mysql://user:password@host:port/db``; default probes
     ``mysql://root@127.0.0.1:3306/test``.
-``GREENPOOL_TEST_REDIS``
-    default ``redis://127.0.0.1:6379/0``.
-``GREENPOOL_TEST_AMQP``
-    default ``amqp://guest:guest@127.0.0.1:5672//``.
 ``CI``
     when true, a missing service fails the test instead of skipping it, and
     any skipped test fails the session: CI must exercise everything.
@@ -24,9 +20,9 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -154,27 +150,6 @@ def mysql_params() -> dict[str, Any]:
     except pymysql.Error as exc:
         skip_or_fail(f"{hint} ({_redact(url)}: {exc})")
     return params
-
-
-def _service_url(env_var: str, default: str, default_port: int, what: str) -> str:
-    url = os.environ.get(env_var, "").strip() or default
-    parts = urlsplit(url)
-    error = _tcp_reachable(parts.hostname or "127.0.0.1", parts.port or default_port)
-    if error is not None:
-        skip_or_fail(f"needs {what} at {_redact(url)} (set {env_var}): {error}")
-    return url
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """URL of the Redis under test (``GREENPOOL_TEST_REDIS``)."""
-    return _service_url("GREENPOOL_TEST_REDIS", "redis://127.0.0.1:6379/0", 6379, "Redis")
-
-
-@pytest.fixture(scope="session")
-def amqp_url() -> str:
-    """URL of the AMQP broker (RabbitMQ) under test (``GREENPOOL_TEST_AMQP``)."""
-    return _service_url("GREENPOOL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//", 5672, "RabbitMQ")
 
 
 # --------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def _cells(text: str) -> dict[str, dict[str, str]]:
     lines = text.splitlines()
     headers = re.split(r"\s{2,}", lines[0].strip())
     return {
-        cells[0]: dict(zip(headers, cells))
+        cells[0]: dict(zip(headers, cells, strict=False))
         for line in lines[1:]
         if line and not line[0].isspace()
         for cells in [re.split(r"\s{2,}", line.strip())]
@@ -351,24 +351,27 @@ def test_absent_default_mysql_is_a_note(monkeypatch: pytest.MonkeyPatch, capsys:
     assert capsys.readouterr().out == f"MySQL scenarios skipped: no server (set {bench.MYSQL_ENV})\n"
 
 
-def test_cli_skips_mysql_scenarios_without_a_server() -> None:
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        (["--mysql", "mysql://root@127.0.0.1:1/test"], "no MySQL server at mysql://root@127.0.0.1:1/test (--mysql): "),
+        (["--mysql", "postgres://u@h/db"], "no MySQL server at postgres://u@h/db (--mysql): ValueError"),
+        (["--dsn", "host=127.0.0.1 port=1 dbname=test"], "no PostgreSQL at "),
+        (["--timeout", "nan"], "--timeout must be a number of seconds > 0, got nan"),
+        (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
+        (["--json", "/nonexistent-dir/figures.json"], "--json: can't write /nonexistent-dir/figures.json"),
+    ],
+)
+def test_cli_refuses_bad_options_in_one_line(options: list[str], error: str) -> None:
+    """Options given that can't work end the run at once, with one line
+    naming them, before any scenario runs: a mistyped --mysql must not pass
+    for a green run that skipped its scenarios."""
     pytest.importorskip("pymysql")
-    done = _run(
-        [
-            "-m",
-            "greenpool",
-            "bench",
-            "--quick",
-            "--scenario",
-            "mysql-overhead",
-            "--mysql",
-            "mysql://root@127.0.0.1:1/test",
-        ]
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "MySQL scenarios skipped: no server at mysql://root@127.0.0.1:1/test (--mysql)" in done.stdout
-    assert "== mysql-overhead" not in done.stdout
-    assert "load average at end" in done.stdout
+    scenario = "mysql-overhead" if "--mysql" in options else "overhead"
+    done = _run(["-m", "greenpool", "bench", "--quick", "--scenario", scenario, *options])
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith(error), done.stderr
+    assert "Traceback" not in done.stderr and "== " not in done.stdout
 
 
 def test_cli_list() -> None:

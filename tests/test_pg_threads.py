@@ -21,8 +21,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import helpers
 import psycopg
