@@ -211,6 +211,14 @@ class Backend:
         self.dbs.append(db)
         return db
 
+    def proxy(self) -> Proxy:
+        """A started fault-injection proxy in front of the server (not SQLite)."""
+        if self.kind == "pg":
+            host, port = parse_dsn_host_port(make_conninfo(**self.params))
+        else:
+            host, port = self.params["host"], self.params["port"]
+        return Proxy(host, port).start()
+
     @property
     def ident_sql(self) -> str:
         return "select pg_backend_pid()" if self.kind == "pg" else "select connection_id()"
@@ -1777,11 +1785,7 @@ def test_database_down_raises_the_drivers_error_at_once_then_recovers(backend: B
     once, not after `timeout`. Each caller gets an error object of its own:
     one shared object raised by every caller would pile all their frames onto
     its one traceback. Once the server answers again, connect() works."""
-    if backend.kind == "pg":
-        host, port = parse_dsn_host_port(make_conninfo(**backend.params))
-    else:
-        host, port = backend.params["host"], backend.params["port"]
-    proxy = Proxy(host, port).start()
+    proxy = backend.proxy()
     try:
         proxy.pause()
         db = backend.make(max_connections=2, timeout=20, host=proxy.host, port=proxy.port)
@@ -1821,11 +1825,7 @@ def test_database_down_with_a_connection_lent_raises_at_once_and_stops_trying(ba
     for connects to a server that is down: the first failed connect is its
     error, as playhouse's own connect would be. And once nothing asks for a
     connection, the pool stops trying (it retried forever, every second)."""
-    if backend.kind == "pg":
-        host, port = parse_dsn_host_port(make_conninfo(**backend.params))
-    else:
-        host, port = backend.params["host"], backend.params["port"]
-    proxy = Proxy(host, port).start()
+    proxy = backend.proxy()
     try:
         db = backend.make(max_connections=5, timeout=timeout, host=proxy.host, port=proxy.port)
         held = threading.Event()
