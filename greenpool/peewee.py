@@ -435,6 +435,7 @@ class PooledDatabase:
         if pool.closed:
             pool.open()
         wait = self._wait_timeout
+        connecting = False
         if pool.failing:
             # The database is down: no connect to wait for. playhouse would
             # raise the driver's error at once; an idle connection, or one
@@ -444,6 +445,7 @@ class PooledDatabase:
             # `timeout` bounds waiting for a connection in use, as in
             # playhouse: none for one being made.
             timeout = CONNECT_WAIT
+            connecting = True  # not full (else TooManyRequests): a timeout is the connect's
         else:
             timeout = wait
         try:
@@ -454,6 +456,8 @@ class PooledDatabase:
             cause = ex.__cause__
             if isinstance(cause, Exception) and not isinstance(cause, errors.PoolError):
                 raise _own_copy(cause) from None  # the database is down: the driver's error
+            if connecting:  # the cap was not the problem: the connect was
+                raise peewee.OperationalError(f"no connection could be made within {CONNECT_WAIT:g} s") from None
             raise MaxConnectionsExceeded("Max connections exceeded, timed out attempting to connect.") from None
         owner = getcurrent()
         self._lent[id(slot.conn)] = (slot, owner)

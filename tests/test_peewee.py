@@ -1858,6 +1858,21 @@ def test_database_down_with_a_connection_lent_raises_at_once_and_stops_trying(ba
 
 
 @backends("pg")
+def test_a_connect_too_slow_is_not_called_max_connections(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool with room whose connect doesn't finish in time says so; the cap
+    was never the problem (it said "Max connections exceeded")."""
+    monkeypatch.setattr(gpw, "CONNECT_WAIT", 0.3)
+    proxy = backend.proxy()
+    try:
+        proxy.set_connect_delay(1.0)
+        db = backend.make(max_connections=5, host=proxy.host, port=proxy.port)
+        with pytest.raises(peewee.OperationalError, match="no connection could be made within 0.3 s"):
+            db.connect()
+    finally:
+        proxy.stop()
+
+
+@backends("pg")
 def test_init_that_raises_keeps_the_gevent_aware_connections(backend: Backend) -> None:
     """peewee's init() makes a new psycopg adapter before it may raise (here:
     a transaction open): the pool must still connect with GeventConnection."""
