@@ -128,20 +128,26 @@ class Executor:
     """Runs background jobs as greenlets of one hub, or as daemon OS threads.
 
     Jobs submitted by greenlets of the hub that opened the pool run as
-    greenlets there; so do those submitted from the main thread of a
-    monkey-patched program, whose hub runs whenever anything waits (and
-    whose sockets, once patched, belong to it: a pymysql connection made
-    elsewhere can't be used there). Any other job runs in an OS thread of
-    its own: the main greenlet of an unpatched thread blocks its thread, so
-    that thread's hub doesn't run while the submitter waits (for a connect,
-    say); and the hub of another thread may stop, or never run again, when
-    its thread ends.
+    greenlets there, and so do those submitted from the main thread of a
+    monkey-patched program, whose hub runs whenever anything waits. Any
+    other job runs in an OS thread of its own: the main greenlet of an
+    unpatched thread blocks its thread, so that thread's hub doesn't run
+    while the submitter waits (for a connect, say); the hub of another
+    thread may stop, or never run again, when its thread ends (in a patched
+    program, a worker of gevent's thread pool runs its hub only while it
+    waits). With `hub_bound` connections (pymysql's patched sockets belong
+    to the hub that made them), the jobs of a patched program's other
+    threads go to its main hub instead, where the connections are used.
     """
 
-    def __init__(self) -> None:
-        self.hub = gevent_hub()
-        if self.hub is not None:
-            _note_hub(self.hub)
+    def __init__(self, hub_bound: bool = False) -> None:
+        hub = gevent_hub()
+        if hub is not None and _threads_patched() and not hub.main_hub:
+            hub = None  # a worker thread's hub: it may never run again
+        self.hub = hub
+        self.hub_bound = hub_bound
+        if hub is not None:
+            _note_hub(hub)
 
     @property
     def uses_gevent(self) -> bool:
@@ -160,10 +166,8 @@ class Executor:
 
                 gevent.spawn(fn, *args)
                 return
-        main_hub = _main_hub()
+        main_hub = _main_hub() if self.hub_bound else None
         if main_hub is not None and _threads_patched():
-            # Another thread of a patched program (gevent's thread pool, a
-            # thread started before the patch): to the main hub.
             main_hub.loop.run_callback_threadsafe(_spawn, fn, args)
         else:
             _start_os_thread(fn, args)

@@ -175,6 +175,11 @@ class Pool(Generic[C]):
     #: Keep returned connections for reuse; a "null" pool closes them.
     _retain_idle = True
 
+    #: Connections can only be used in the gevent hub that made them (a
+    #: patched pymysql socket): background jobs of a patched program's
+    #: other threads run in its main hub, not in threads of their own.
+    _hub_bound_connections = False
+
     #: A connect that fails fails the first queued request with its error,
     #: as a client making its own connect would see it. Otherwise requests
     #: wait on (for their timeout) while some connection may come back.
@@ -326,7 +331,7 @@ class Pool(Generic[C]):
             starting = self._closed
             if starting:
                 self._pid = os.getpid()
-                self._executor = executor = Executor()
+                self._executor = executor = Executor(self._hub_bound_connections)
                 self._closed = False
                 self._opened = True
         if starting:
@@ -596,10 +601,11 @@ class Pool(Generic[C]):
         if fail_if_full and self.full():
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
-        if self._failing_since is not None and not self._slots and not self._inflight:
-            # The database is unreachable and nothing can come back: fail
-            # fast with the driver's error instead of a long wait. (With a
-            # connect under way, wait for it: one failure may be a fluke.)
+        if self._failing_since is not None and not self._slots and not self._inflight and self._todo:
+            # The database is unreachable, nothing can come back and a retry
+            # is due: fail fast with the driver's error instead of a long
+            # wait. (With a connect under way, wait for it: one failure may
+            # be a fluke; with none due, this request's own connect is tried.)
             self.requests_errors += 1
             raise self.PoolTimeout(
                 f"the pool {self.name!r} has no connection" + self._error_suffix()
@@ -785,11 +791,16 @@ class Pool(Generic[C]):
         lock: once this one marked it IDLE, that one leaves it alone; if
         that one was first, the slot is not the pool's any more.
         """
-        slot.state = IDLE
-        if slot in self._slots:
-            return True
-        slot.state = GONE
-        return False
+        lock = self._lock
+        lock.acquire()
+        try:
+            if slot in self._slots:
+                slot.state = IDLE
+                return True
+            slot.state = GONE
+            return False
+        finally:
+            lock.release()
 
     def _hand_locked(self, slot: Slot[C], fresh: bool = False) -> _Request:
         """Hand `slot` to the first waiting request (under the pool lock; one waits).
@@ -929,29 +940,24 @@ class Pool(Generic[C]):
                         closed = self._closed
                         self._inflight -= 1
                         reserved = False
-                        pending = len(self._todo) + self._inflight
-                        # A connect for a request that gave up (failed by this
-                        # error, say), beyond min_size, is not retried: the next
-                        # request tries again.
-                        wanted = (
-                            replaces is not None
-                            or len(self._slots) + pending < self._min_size
-                            or len(self._waiters) > pending
-                        )
-                        if wanted and not closed:  # close() cleared the reservations
-                            self._todo.appendleft(replaces)
                     if closed:
                         # In flight when the pool closed (its server may be going
                         # away with it): nothing waits for it, nothing to report.
                         logger.debug("error connecting in closed %r: %s", self.name, ex)
                         continue  # and return at the top, without a backoff
-                    self._connect_failed(ex, t0)
+                    self._connect_failed(ex, t0)  # may fail requests with this error
+                    with self._lock:
+                        pending = len(self._todo) + self._inflight
+                        # Still asked for by a request left waiting, or by
+                        # min_size? Else not retried: the next request tries again.
+                        wanted = (
+                            replaces is not None
+                            or len(self._slots) + pending < self._min_size
+                            or len(self._waiters) > pending
+                        )
+                        if wanted and not self._closed:  # close() cleared the reservations
+                            self._todo.appendleft(replaces)
                     if not wanted:
-                        with self._lock:
-                            if not self._todo and not self._inflight:
-                                # No one retries: a request must not fail fast
-                                # (`_refuse()`) without a connect being tried.
-                                self._failing_since = None
                         continue
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))

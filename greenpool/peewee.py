@@ -245,6 +245,7 @@ class PooledDatabase:
         self._lean = _lean_paths(type(self))  # type: ignore[arg-type]
         self._lean_cursor = self._lean and _plain_cursor(type(self))  # type: ignore[arg-type]
         self._backend = _backend_for(self)
+        self._pool._hub_bound_connections = isinstance(self._backend, _MySQLBackend)
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
             # Greenlet-local state makes peewee's database lock pointless; a

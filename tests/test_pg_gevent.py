@@ -617,6 +617,65 @@ def test_a_pool_opened_before_patching_keeps_its_jobs_in_threads(run_python: Run
     assert result["error"] == "PoolTimeout" and result["took"] < 2.5, result
 
 
+_OPENED_IN_A_THREADPOOL_WORKER_CHILD = """
+import json, os, time
+from gevent import monkey; monkey.patch_all()
+import gevent
+from greenpool import ConnectionPool
+
+pool = ConnectionPool(os.environ["GREENPOOL_TEST_DSN"], min_size=2, max_size=2, open=False)
+gevent.get_hub().threadpool.apply(pool.open)  # a worker's hub runs only while it waits
+t0 = time.monotonic()
+with pool.connection(timeout=10) as conn:
+    one = conn.execute("select 1").fetchone()[0]
+took = time.monotonic() - t0
+pool.close()
+print(json.dumps({"one": one, "took": took}))
+"""
+
+
+def test_a_pool_opened_in_a_thread_pool_worker_of_a_patched_program_connects(run_python: RunPython) -> None:
+    """Its jobs must not be greenlets of the worker's hub, which doesn't run
+    once the worker returns: the connects never happened."""
+    result = run_child(run_python, _OPENED_IN_A_THREADPOOL_WORKER_CHILD, timeout=60)
+    assert result["one"] == 1 and result["took"] < 5, result
+
+
+_MAIN_HUB_BLOCKED_CHILD = """
+import json, os, threading, time
+go = threading.Event()
+done = threading.Lock()  # real: made before the patch
+done.acquire()
+outcome = []
+
+def worker():  # a real OS thread: started before the patch
+    go.wait()
+    try:
+        with pool.connection(timeout=5) as conn:
+            outcome.append(conn.execute("select 1").fetchone()[0])
+    except Exception as ex:
+        outcome.append(repr(ex))
+    done.release()
+
+threading.Thread(target=worker, daemon=True).start()
+from gevent import monkey; monkey.patch_all()
+from greenpool import ConnectionPool
+
+pool = ConnectionPool(os.environ["GREENPOOL_TEST_DSN"], min_size=0, max_size=2, open=True)
+go.set()
+done.acquire()  # the main thread blocks for real: its hub doesn't run
+print(json.dumps({"outcome": outcome[0]}))
+"""
+
+
+def test_connects_a_thread_waits_for_dont_wait_for_a_blocked_main_hub(run_python: RunPython) -> None:
+    """psycopg connections go to any hub: the connect a real thread of a
+    patched program asks for runs in a thread, not in the main hub, which
+    doesn't run while the main thread is blocked."""
+    result = run_child(run_python, _MAIN_HUB_BLOCKED_CHILD, timeout=60)
+    assert result["outcome"] == 1, result
+
+
 def test_query_interrupted_while_sending_is_recovered(
     make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
 ) -> None:
