@@ -149,11 +149,6 @@ class Executor:
         if hub is not None:
             _note_hub(hub)
 
-    @property
-    def uses_gevent(self) -> bool:
-        """True if jobs submitted in the opening thread's greenlets run as greenlets."""
-        return self.hub is not None
-
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` in the background; never blocks the caller."""
         # The hub, not the thread id: a thread that ended leaves its id to

@@ -249,6 +249,9 @@ class Pool(Generic[C]):
         # Forgotten connections not closed yet: the server still has them,
         # and max_size caps what it has.
         self._closing = 0
+        # Background jobs update the counters above only in the epoch they
+        # were started in: a forked child starts a new one (`forget_all()`).
+        self._epoch = 0
         self._failing_since: float | None = None
         self._last_error: BaseException | None = None
         self._reconnect_reported = False
@@ -335,7 +338,7 @@ class Pool(Generic[C]):
                 self._closed = False
                 self._opened = True
         if starting:
-            executor.submit(self._housekeeper, weakref.ref(self))
+            executor.submit(self._housekeeper, weakref.ref(self), self._epoch)
             self._fill()
         if wait:
             self.wait(timeout)
@@ -707,12 +710,13 @@ class Pool(Generic[C]):
             self.returns_reset += 1
             with self._lock:
                 self._cleaning += 1
+                epoch = self._epoch
             assert self._executor is not None
-            self._executor.submit(self._clean_then_release, slot)
+            self._executor.submit(self._clean_then_release, slot, epoch)
         else:
             self._discard(slot)
 
-    def _clean_then_release(self, slot: Slot[C]) -> None:
+    def _clean_then_release(self, slot: Slot[C], epoch: int) -> None:
         try:
             self._clean(slot.conn)
         except Exception as ex:
@@ -728,7 +732,8 @@ class Pool(Generic[C]):
             raise
         finally:
             with self._lock:
-                self._cleaning -= 1
+                if self._epoch == epoch:
+                    self._cleaning -= 1
         slot.last_used = monotonic()
         if slot.last_used >= slot.expire_at:
             self._discard(slot)
@@ -862,21 +867,23 @@ class Pool(Generic[C]):
             slot.state = GONE
             self._slots.discard(slot)
             self._closing += 1
-        self._close_forgotten(slot, close_now)
+            epoch = self._epoch
+        self._close_forgotten(slot, epoch, close_now)
 
-    def _close_forgotten(self, slot: Slot[C], close_now: bool = False) -> None:
+    def _close_forgotten(self, slot: Slot[C], epoch: int, close_now: bool = False) -> None:
         """Close a forgotten slot's connection (in the background), then refill if needed."""
         if close_now or self._executor is None:
-            self._close_then_fill(slot.conn)
+            self._close_then_fill(slot.conn, epoch)
         else:
-            self._executor.submit(self._close_then_fill, slot.conn)
+            self._executor.submit(self._close_then_fill, slot.conn, epoch)
 
-    def _close_then_fill(self, conn: C) -> None:
+    def _close_then_fill(self, conn: C, epoch: int) -> None:
         try:
             self._close_quietly(conn)
         finally:
             with self._lock:
-                self._closing -= 1
+                if self._epoch == epoch:
+                    self._closing -= 1
         self._fill()
 
     def _close_quietly(self, conn: C) -> None:
@@ -910,18 +917,24 @@ class Pool(Generic[C]):
             limit = 1 if self._failing_since is not None else self.num_workers
             n = max(0, min(len(self._todo), limit - self._connecting))
             self._connecting += n
+            epoch = self._epoch
         assert self._executor is not None
         for _ in range(n):
-            self._executor.submit(self._connector)
+            self._executor.submit(self._connector, epoch)
 
-    def _connector(self) -> None:
-        """Background job: make the reserved connections, retrying on failure."""
+    def _connector(self, epoch: int) -> None:
+        """Background job: make the reserved connections, retrying on failure.
+
+        A connector of another epoch (the parent's, copied by a fork) stops.
+        """
         delay = _BACKOFF_FIRST
         replaces: Slot[C] | None = None
         reserved = False  # holding a reservation popped from _todo
         try:
             while True:
                 with self._lock:
+                    if self._epoch != epoch:
+                        return
                     limit = 1 if self._failing_since is not None else self.num_workers
                     if self._closed or not self._todo or self._connecting > limit:
                         self._connecting -= 1
@@ -937,6 +950,8 @@ class Pool(Generic[C]):
                 except Exception as ex:
                     self.connections_errors += 1
                     with self._lock:
+                        if self._epoch != epoch:
+                            return
                         closed = self._closed
                         self._inflight -= 1
                         reserved = False
@@ -947,6 +962,8 @@ class Pool(Generic[C]):
                         continue  # and return at the top, without a backoff
                     self._connect_failed(ex, t0)  # may fail requests with this error
                     with self._lock:
+                        if self._epoch != epoch:
+                            return
                         pending = len(self._todo) + self._inflight
                         # Still asked for by a request left waiting, or by
                         # min_size? Else not retried: the next request tries again.
@@ -974,11 +991,13 @@ class Pool(Generic[C]):
                     self._last_error = None  # not the cause of a later timeout
                     self._reconnect_reported = False
                 reserved = False  # _add_connection settles the reservation
-                self._add_connection(conn, replaces, drains)
+                self._add_connection(conn, replaces, drains, epoch)
                 if recovered:
                     self._start_connectors()
         except BaseException:
             with self._lock:
+                if self._epoch != epoch:
+                    raise
                 if reserved:
                     self._inflight -= 1
                     if not self._closed:
@@ -1006,12 +1025,16 @@ class Pool(Generic[C]):
         for req in failed:
             req.fire()
 
-    def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int) -> None:
+    def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int, epoch: int) -> None:
         """Put a new connection to use; `drains` is `_drains` when its connect began."""
         now = monotonic()
         slot = Slot(conn, now, self._draw_lifetime())
         slot.state = OUT
         with self._lock:
+            if self._epoch != epoch:
+                # Begun before a fork: the parent has it too. Not ours to
+                # use, nor to close (closing would end the parent's session).
+                return
             self._inflight -= 1
             closed = self._closed
             # Made with the settings a drain() since was called to get rid of:
@@ -1043,7 +1066,7 @@ class Pool(Generic[C]):
         return min(1.0, max(0.05, min(self.max_lifetime, self.max_idle) / 20))
 
     @staticmethod
-    def _housekeeper(pool_ref: weakref.ref[Pool[Any]]) -> None:
+    def _housekeeper(pool_ref: weakref.ref[Pool[Any]], epoch: int) -> None:
         """Background job: periodic maintenance until the pool closes or is dropped.
 
         It holds the pool only while at work, so a pool dropped without
@@ -1052,7 +1075,7 @@ class Pool(Generic[C]):
         woke = False  # from a tick's sleep: time to work
         while True:
             pool = pool_ref()
-            if pool is None or pool._closed:
+            if pool is None or pool._closed or pool._epoch != epoch:
                 return
             if woke:
                 try:
@@ -1222,8 +1245,9 @@ class Pool(Generic[C]):
                 slot.state = GONE
                 self._slots.discard(slot)
             self._closing += len(stale)
+            epoch = self._epoch
         for slot in stale:
-            self._close_forgotten(slot)
+            self._close_forgotten(slot, epoch)
         return stale
 
     def forget_all(self) -> None:
@@ -1231,9 +1255,9 @@ class Pool(Generic[C]):
 
         In a child forked since the pool opened, the pool starts afresh: its
         locks are made anew (another thread of the parent may have held one),
-        and if its background jobs were threads, which a fork doesn't copy,
-        their work is forgotten and a new housekeeper starts. (Greenlets are
-        copied: under gevent they carry on in the child.)
+        the work of its background jobs is forgotten (threads are not copied
+        by a fork; greenlets are, and stop, their epoch over) and a new
+        housekeeper starts.
         """
         forked = self._pid != os.getpid()
         if forked:
@@ -1242,21 +1266,21 @@ class Pool(Generic[C]):
             for seg in self._segments:
                 seg.lock = allocate_lock()
         self._take_all_idle()
-        executor = self._executor
-        jobs_lost = forked and executor is not None and not executor.uses_gevent
         with self._lock:
             for slot in self._slots:
                 slot.state = GONE
             self._slots.clear()
-            if jobs_lost:
+            if forked:
+                self._epoch += 1
                 self._todo.clear()
                 self._inflight = self._connecting = self._cleaning = self._closing = 0
                 # Only this thread was copied: the others' requests wait no more.
                 me = get_thread_ident()
                 self._waiters = deque(r for r in self._waiters if r.hub is not None and r.hub.thread_ident == me)
-        if jobs_lost and not self._closed:
-            assert executor is not None
-            executor.submit(self._housekeeper, weakref.ref(self))
+        if forked and not self._closed:
+            assert self._executor is not None
+            self._executor.submit(self._housekeeper, weakref.ref(self), self._epoch)
+            self._fill()  # for this thread's requests still waiting
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size limits at runtime.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import sys
 import threading
@@ -815,6 +816,52 @@ def test_a_failed_connect_nothing_waits_for_is_not_retried_and_the_next_request_
     p.release(p.acquire())  # a connect of its own, which now works
     assert p.get_stats()["connections_num"] == tried + 1
     p.close()
+
+
+_FORK_CHILD = """
+import json, os
+from greenpool.engine import Pool
+
+class Fake(Pool):
+    def _open_connection(self):
+        gevent.sleep(0.3)
+        return object()
+    def _close_connection(self, conn):
+        pass
+    def _status(self, conn):
+        return 0
+    def _clean(self, conn):
+        pass
+
+pool = Fake(min_size=0, max_size=2, timeout=5)
+pool.open()  # before the patch: its jobs are threads, until the patch makes them greenlets
+from gevent import monkey; monkey.patch_all()
+import gevent
+
+gevent.spawn(pool.acquire, 5)
+gevent.sleep(0.1)  # its connect, a greenlet of the main hub, is under way
+read, write = os.pipe()
+if os.fork() == 0:
+    pool.forget_all()
+    gevent.sleep(0.5)  # the copied connect ends
+    takers = [gevent.spawn(pool.acquire, 2) for _ in range(3)]
+    gevent.sleep(1)
+    counters = [pool._inflight, pool._connecting, pool._cleaning, pool._closing]
+    os.write(write, json.dumps({"counters": counters, "slots": len(pool._slots)}).encode())
+    os._exit(0)
+os.close(write)
+print(os.read(read, 1000).decode())
+"""
+
+
+def test_a_fork_leaves_the_childs_counters_to_its_own_jobs(run_python):
+    """Jobs copied by a fork (greenlets of a pool opened before the patch,
+    which `forget_all()` counted as lost threads) drove the child's
+    counters below zero, and the pool over max_size."""
+    proc = run_python(_FORK_CHILD, env={"GREENPOOL_TEST_DSN": ""}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"counters": [0, 0, 0, 0], "slots": 2}, result
 
 
 # -- plain threads ----------------------------------------------------------

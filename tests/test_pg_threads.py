@@ -426,7 +426,7 @@ def test_pool_opened_in_a_greenlet_serves_threads_while_its_hub_is_blocked(make_
     pools: list[Any] = []
     gevent.spawn(lambda: pools.append(make_pool(min_size=0, max_size=3))).join()
     pool = pools[0]
-    assert pool._executor.uses_gevent
+    assert pool._executor.hub is not None
     outcomes: list[str] = []
     worker = _borrower(pool, outcomes, "select pg_sleep(0.1)")
     try:
