@@ -112,11 +112,27 @@ class _Segment:
 # A request (`GreenRequest` or `ThreadRequest`) waits in the pool's queue
 # until, under the pool lock, exactly one of these happens: a check-in takes
 # it off the queue and sets its `slot`; it takes itself off the queue when it
-# gives up; the pool closes or fails and sets its `slot` to `_CANCELLED`.
+# gives up; the pool closes or fails it, and sets its `slot` to a `_Failed`.
 # That is the accept handshake: a connection is never handed to a request
 # that gave up, and a request that gave up never loses one handed to it.
 _Request = Any
-_CANCELLED = object()
+
+
+class _Failed:
+    """A request's `slot` when it got none: cancelled, or failed by a connect's error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+
+#: The request gave up, or the pool closed.
+_CANCELLED = _Failed(None)
+
+
+def _describe(error: BaseException) -> str:
+    return f": {type(error).__name__}: {error}"
 
 
 def _check_number(name: str, value: Any) -> float:
@@ -530,8 +546,9 @@ class Pool(Generic[C]):
                 self._record_wait(monotonic() - start)
                 raise
             slot = req.slot
-            failed = slot is _CANCELLED  # by close(), or by connects failing with no connection left
+            failed = type(slot) is _Failed  # by close(), or by a connect's error
             if slot is None or failed:
+                failure = slot
                 slot = self._cancel(req)
             now = monotonic()
             if slot is None:
@@ -539,10 +556,14 @@ class Pool(Generic[C]):
                 self.requests_errors += 1
                 self._check_open()
                 if failed:
-                    what = f"the pool {self.name!r} has no connection"
+                    # The error it was failed with: the pool's own may be
+                    # cleared or replaced by now.
+                    error = failure.error
+                    what = f"the pool {self.name!r} has no connection" + (_describe(error) if error else "")
                 else:
-                    what = f"couldn't get a connection after {timeout:.2f} sec"
-                raise self.PoolTimeout(what + self._error_suffix()) from self._last_error
+                    error = self._last_error
+                    what = f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
+                raise self.PoolTimeout(what) from error
             queued = True
             if slot.state is not OUT:
                 continue  # closed (`close_lent()`) while handed to us: queue again
@@ -638,7 +659,7 @@ class Pool(Generic[C]):
                     self._waiters.remove(req)  # rare: no need for O(1)
                 except ValueError:
                     pass  # interrupted before it was queued
-        return None if slot is _CANCELLED else slot
+        return None if type(slot) is _Failed else slot
 
     def _lend(self, slot: Slot[C], now: float) -> bool:
         """Lend `slot` if the local checks (and the `check` callback) pass.
@@ -974,8 +995,16 @@ class Pool(Generic[C]):
                         )
                         if wanted and not self._closed:  # close() cleared the reservations
                             self._todo.appendleft(replaces)
-                    if not wanted:
+                        elif not pending:
+                            # No retry: the next request tries a connect of
+                            # its own, and its error is its own.
+                            self._failing_since = None
+                            self._last_error = None
+                        retry_due = bool(self._todo)
+                    if not retry_due:
                         continue
+                    # Also before others' connects queued meanwhile: under
+                    # load they would follow each other without a pause.
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, _BACKOFF_MAX)
@@ -1020,8 +1049,9 @@ class Pool(Generic[C]):
                 failed = [self._waiters.popleft()]
             else:
                 return
+            failure = _Failed(ex)
             for req in failed:
-                req.slot = _CANCELLED
+                req.slot = failure
         for req in failed:
             req.fire()
 
@@ -1058,7 +1088,7 @@ class Pool(Generic[C]):
     def _error_suffix(self) -> str:
         if self._failing_since is None or self._last_error is None:
             return ""
-        return f": {type(self._last_error).__name__}: {self._last_error}"
+        return _describe(self._last_error)
 
     # -- housekeeping ----------------------------------------------------
 

@@ -864,6 +864,49 @@ def test_a_fork_leaves_the_childs_counters_to_its_own_jobs(run_python):
     assert result == {"counters": [0, 0, 0, 0], "slots": 2}, result
 
 
+def test_failed_connects_keep_their_backoff_under_load():
+    """Requests queuing while a connect fails leave connects of their own to
+    make: they must wait for the backoff too, not follow each other at once
+    (thousands of attempts a second at a down server)."""
+    p = make_pool(min_size=0, max_size=4, timeout=0.3)
+    p.fail_connect = OSError("db down")
+
+    def hammer() -> None:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                p.release(p.acquire())
+            except errors.PoolTimeout:
+                pass
+
+    gevent.joinall([gevent.spawn(hammer) for _ in range(8)], timeout=10)
+    assert p.get_stats()["connections_errors"] <= 15  # backoff 0.1 s doubling to 1 s
+    p.close()
+
+
+def test_a_connect_failure_no_one_retries_leaves_a_healthy_pool():
+    """A failed connect dropped because no one waits for it any more leaves
+    no "failing" state behind: no `reconnect_failed` call, no old error in
+    a later timeout, no `failing` for Peewee to act on."""
+    reported = []
+    p = make_pool(min_size=1, max_size=2, timeout=5, reconnect_timeout=1, reconnect_failed=reported.append)
+    held = p.acquire()
+    p.fail_connect = OSError("db down")
+    with pytest.raises(errors.PoolTimeout):
+        p.acquire(timeout=0.2)  # its connect fails meanwhile
+    p.fail_connect = None
+    wait_until(lambda: not p.failing, timeout=5, what="the pool healthy again")
+    time.sleep(1.5)  # past reconnect_timeout
+    assert reported == []
+    second = p.acquire()  # the pool full: the next request times out
+    with pytest.raises(errors.PoolTimeout) as info:
+        p.acquire(timeout=0.1)
+    assert info.value.__cause__ is None and "db down" not in str(info.value)
+    p.release(held)
+    p.release(second)
+    p.close()
+
+
 # -- plain threads ----------------------------------------------------------
 
 
