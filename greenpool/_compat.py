@@ -136,10 +136,10 @@ class Executor:
     thread may stop, or never run again, when its thread ends (in a patched
     program, a worker of gevent's thread pool runs its hub only while it
     waits). With `hub_bound` connections (pymysql's patched sockets belong
-    to the hub that made them) in a patched program, a job asked for by
-    another thread runs in that thread's hub, where its connections are
-    used (it runs while the thread waits for it), and one asked for by a
-    job's own thread (the housekeeper's) in the main hub.
+    to the hub that made them), the jobs of a patched program's other
+    threads go to its main hub instead, where the connections are used.
+    (Not to the asking thread's hub: it runs only while that thread waits,
+    and most jobs outlive the wait.)
     """
 
     def __init__(self, hub_bound: bool = False) -> None:
@@ -159,11 +159,7 @@ class Executor:
         patched = _threads_patched()
         if hub is not None:
             _note_hub(hub)
-            if (
-                hub is self.hub
-                or (patched and hub.main_hub)
-                or (patched and self.hub_bound and get_thread_ident() not in _job_threads)
-            ):
+            if hub is self.hub or (patched and hub.main_hub):
                 import gevent
 
                 gevent.spawn(fn, *args)
@@ -172,7 +168,7 @@ class Executor:
         if main_hub is not None:
             main_hub.loop.run_callback_threadsafe(_spawn, fn, args)
         else:
-            _start_os_thread(_run_in_job_thread, (fn, args))
+            _start_os_thread(fn, args)
 
     @staticmethod
     def sleep(seconds: float) -> None:
@@ -202,19 +198,6 @@ def _note_hub(hub: Any) -> None:
     global _main_hub
     if hub.main_hub and _main_hub() is not hub:
         _main_hub = weakref.ref(hub)
-
-
-#: Idents of the OS threads running a job (their hubs run only while the job waits).
-_job_threads: set[int] = set()
-
-
-def _run_in_job_thread(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    ident = get_thread_ident()
-    _job_threads.add(ident)
-    try:
-        fn(*args)
-    finally:
-        _job_threads.discard(ident)
 
 
 def _spawn(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:

@@ -907,6 +907,52 @@ def test_a_connect_failure_no_one_retries_leaves_a_healthy_pool():
     p.close()
 
 
+_HUB_BOUND_WORKER_CHILD = """
+import json
+from gevent import monkey; monkey.patch_all()
+import gevent, gevent.threadpool
+from greenpool.engine import BROKEN, Pool
+
+class HubBound(Pool):
+    _hub_bound_connections = True  # as Peewee's pymysql
+    def _open_connection(self):
+        return {"status": 0}
+    def _close_connection(self, conn):
+        pass
+    def _status(self, conn):
+        return conn["status"]
+    def _clean(self, conn):
+        pass
+
+pool = HubBound(min_size=0, max_size=1, timeout=2)
+pool.open()
+pool.release(pool.acquire())
+
+def in_worker():
+    slot = pool.acquire(1)
+    slot.conn["status"] = BROKEN  # the server went away meanwhile
+    pool.release(slot)  # its close job must not wait for this worker's hub
+
+gevent.threadpool.ThreadPool(1).spawn(in_worker).get()
+gevent.sleep(0.5)
+try:
+    pool.release(pool.acquire(2))
+    outcome = "ok"
+except Exception as ex:
+    outcome = repr(ex)
+print(json.dumps({"outcome": outcome, "closing": pool._closing}))
+"""
+
+
+def test_hub_bound_jobs_of_a_thread_pool_worker_dont_wait_for_its_hub(run_python):
+    """A worker of gevent's thread pool runs its hub only while it waits:
+    jobs a hub-bound pool (Peewee's pymysql) spawned there never ran, and
+    the connection they were closing counted against max_size for good."""
+    proc = run_python(_HUB_BOUND_WORKER_CHILD, env={"GREENPOOL_TEST_DSN": ""}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"outcome": "ok", "closing": 0}
+
+
 # -- plain threads ----------------------------------------------------------
 
 

@@ -1426,43 +1426,6 @@ def test_import_order_pool_used_before_patch_all_replaces_stale_connections(
     assert out["connections"] > 10, out  # replaced
 
 
-def test_mysql_used_by_another_thread_of_a_patched_program(child: Callable[..., dict[str, Any]]) -> None:
-    """A patched pymysql socket belongs to the hub that made it: the connects
-    a thread other than the main one asks for run in its own hub, where it
-    uses them (not in the main hub, nor in a thread of their own)."""
-    out = child(
-        """
-        import threading, time
-        go, done, outcomes = threading.Event(), threading.Event(), []
-
-        def worker():
-            go.wait()
-            try:
-                for _ in range(3):
-                    with db.connection_context():
-                        outcomes.append(db.execute_sql("select 1").fetchone()[0])
-            except BaseException as ex:
-                outcomes.append(repr(ex))
-            done.set()
-
-        threading.Thread(target=worker, daemon=True).start()
-        """,
-        CHILD_PATCH_ALL,
-        """
-        import gevent
-        import greenpool.peewee as gpw
-        gevent.get_hub()  # the main hub first (gevent's import lock)
-        db = make_db(gpw, "mysql", max_connections=4, timeout=5)
-        go.set()
-        t0 = time.monotonic()
-        while not done.is_set() and time.monotonic() - t0 < 20:
-            gevent.sleep(0.05)  # the main hub runs meanwhile
-        result(outcomes=outcomes)
-        """,
-    )
-    assert out["outcomes"] == [1, 1, 1], out
-
-
 def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callable[..., dict[str, Any]]) -> None:
     """The bug greenpool fixes: playhouse.pool's database made before
     patch_all() keeps a real `threading.local` (every greenlet shares one
