@@ -885,11 +885,15 @@ class Pool(Generic[C]):
         with self._lock:
             if slot.state == GONE:
                 return  # by another thread, meanwhile
-            slot.state = GONE
-            self._slots.discard(slot)
-            self._closing += 1
+            self._forget_locked(slot)
             epoch = self._epoch
         self._close_forgotten(slot, epoch, close_now)
+
+    def _forget_locked(self, slot: Slot[C]) -> None:
+        """Take a slot from the pool, its connection to be closed (under the lock)."""
+        slot.state = GONE
+        self._slots.discard(slot)
+        self._closing += 1
 
     def _close_forgotten(self, slot: Slot[C], epoch: int, close_now: bool = False) -> None:
         """Close a forgotten slot's connection (in the background), then refill if needed."""
@@ -1272,9 +1276,7 @@ class Pool(Generic[C]):
             # meanwhile sees it is not the pool's any more (`_unlent()`).
             stale = [s for s in self._slots if s.state == OUT and s.taken_at <= cutoff]
             for slot in stale:
-                slot.state = GONE
-                self._slots.discard(slot)
-            self._closing += len(stale)
+                self._forget_locked(slot)
             epoch = self._epoch
         for slot in stale:
             self._close_forgotten(slot, epoch)

@@ -245,7 +245,7 @@ class PooledDatabase:
         self._lean = _lean_paths(type(self))  # type: ignore[arg-type]
         self._lean_cursor = self._lean and _plain_cursor(type(self))  # type: ignore[arg-type]
         self._backend = _backend_for(self)
-        self._pool._hub_bound_connections = isinstance(self._backend, _MySQLBackend)
+        self._pool._hub_bound_connections = self._backend.hub_bound
         super().__init__(database, **kwargs)  # type: ignore[call-arg]
         if self.thread_safe:  # type: ignore[attr-defined]
             # Greenlet-local state makes peewee's database lock pointless; a
@@ -585,6 +585,8 @@ class _Backend:
 
     #: Mark connections busy during queries (when the driver can't tell).
     marks_busy = False
+    #: Connections usable only in the gevent hub that made them (see the engine's `_hub_bound_connections`).
+    hub_bound = False
 
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         """Adjust the database's connect parameters before peewee's init()."""
@@ -675,6 +677,7 @@ class _MySQLBackend(_Backend):
     cooperates once `monkey.patch_all()` has run (before or after import)."""
 
     marks_busy = True
+    hub_bound = True  # patched sockets: gevent's belong to the hub that made them
 
     def connect(self, db: Any) -> Any:
         # Not for a class with a `_connect()` of its own: it connects its way.
