@@ -1027,6 +1027,7 @@ class Pool(Generic[C]):
                 self._add_connection(conn, replaces, drains, epoch)
                 if recovered:
                     self._start_connectors()
+                self._replace_expiring(monotonic())
         except BaseException:
             with self._lock:
                 if self._epoch != epoch:
@@ -1150,17 +1151,30 @@ class Pool(Generic[C]):
         connection is opened first and the old one retired when idle; at
         `max_size` (a hard cap on server connections) the old one is retired
         when idle and the refill opens its successor, `num_workers` at a time.
+        Called by the housekeeper every tick and by a connector after each
+        connect, so a cohort expiring together is replaced back to back, not
+        `num_workers` per tick.
         """
         if self._failing_since is not None or not self._retain_idle:
             return  # a pool keeping nothing idle would close the successor at once
         with self._lock:
-            candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
+            candidates = []
+            retired = 0  # replaced and retired, not closed yet
+            for s in self._slots:
+                if not s.replacing:
+                    if s.expire_at > 0:
+                        candidates.append(s)
+                elif s.expire_at == 0:
+                    retired += 1
             backlog = len(self._todo) + self._inflight
+            # Connections gone or going, whose successors are not made yet:
+            # each is one connection fewer to lend, so at most num_workers.
+            missing = backlog + retired + self._closing
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma
         due = []
         for i, slot in enumerate(candidates):
-            batches = (i + backlog) // self.num_workers + 1
+            batches = (i + missing) // self.num_workers + 1
             if slot.expire_at - lead - self._connect_ewma * batches > now:
                 break
             due.append(slot)
@@ -1172,11 +1186,13 @@ class Pool(Generic[C]):
                 return
             headroom = self._max_size - len(self._slots) - len(self._todo) - self._inflight - self._closing
             for slot in due:
+                if slot.replacing or slot not in self._slots:
+                    continue  # seen to since the first look, by another caller
                 if headroom > 0:
                     headroom -= 1
                     self._todo.append(slot)
-                elif backlog < self.num_workers:
-                    backlog += 1
+                elif missing < self.num_workers:
+                    missing += 1
                     retiring.append(slot)
                 else:
                     break

@@ -1083,6 +1083,39 @@ def test_replacement_never_exceeds_max_size():
     p.close()
 
 
+def test_cohort_at_max_size_is_replaced_back_to_back():
+    """Connections made together expire together. At max_size the housekeeper
+    retires them ahead, and each connect done lets the next retire start, so
+    at most num_workers are missing at a time and none is lent expired. (Once
+    per tick, 2 of the 12 every 0.1 s, the last ones expired first.)"""
+    p = make_pool(min_size=12, max_size=12, num_workers=2, connect_delay=0.01, max_lifetime=2.0, lifetime_jitter=0.0)
+    first = {s.conn.id for s in p._slots}
+    fewest = 12
+    expired_lent = 0
+    deadline = time.monotonic() + 2.6
+
+    def user() -> None:
+        nonlocal expired_lent
+        while time.monotonic() < deadline:
+            slot = p.acquire(timeout=2)
+            if time.monotonic() >= slot.expire_at:
+                expired_lent += 1
+            gevent.sleep(0.003)
+            p.release(slot)
+
+    def watch() -> None:
+        nonlocal fewest
+        while time.monotonic() < deadline:
+            fewest = min(fewest, len(p._slots))
+            gevent.sleep(0.001)
+
+    gevent.joinall([gevent.spawn(user) for _ in range(6)] + [gevent.spawn(watch)], timeout=5, raise_error=True)
+    assert not first & {s.conn.id for s in p._slots}  # the cohort was replaced
+    assert expired_lent == 0
+    assert fewest >= 12 - 2
+    p.close()
+
+
 def test_replacement_opens_first_below_max_size():
     """With headroom, the successor is opened before the old connection goes."""
     p = make_pool(min_size=2, max_size=4, max_lifetime=0.5, lifetime_jitter=0.0)
