@@ -1027,7 +1027,8 @@ class Pool(Generic[C]):
                 self._add_connection(conn, replaces, drains, epoch)
                 if recovered:
                     self._start_connectors()
-                self._replace_expiring(monotonic())
+                if self._epoch == epoch:  # a job copied by a fork leaves the child's pool alone
+                    self._replace_expiring(monotonic())
         except BaseException:
             with self._lock:
                 if self._epoch != epoch:
