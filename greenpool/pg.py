@@ -156,6 +156,10 @@ class ConnectionPool(Pool[CT], Generic[CT]):
 
     def _close_connection(self, conn: CT) -> None:
         conn._pool = None
+        # The slot refers to the connection: without this reference cycle
+        # the connection is freed as soon as it is dropped, not by the cyclic
+        # GC, whose full collections a storm of reconnects makes frequent.
+        conn._pool_slot = None  # type: ignore[attr-defined]
         conn.close()
 
     def _status(self, conn: CT) -> int:
@@ -335,6 +339,7 @@ class _Lease(Generic[CT]):
         finally:
             if conn._pool is pool:
                 conn._pool = None
+                conn._pool_lease = None  # the lending is over (and no cycle through this lease)
                 pool.release(self._slot, status)
             # else closed by the pool (`close_lent()`) meanwhile: nothing to give back
         if uncommitted:
@@ -347,6 +352,7 @@ class _Lease(Generic[CT]):
     def _given_back(self, conn: CT) -> None:
         """The block's connection isn't its own any more: raise, unless the pool closed it."""
         if conn._pool_lease is self and self._slot.state is GONE:  # type: ignore[attr-defined]
+            conn._pool_lease = None  # type: ignore[attr-defined]
             return  # closed by the pool (`close_lent()`), as its borrower sees
         raise ValueError(
             f"can't return connection to pool {self._pool.name!r}: it was given back inside"

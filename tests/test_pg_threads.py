@@ -436,3 +436,29 @@ def test_pool_opened_in_a_greenlet_serves_threads_while_its_hub_is_blocked(make_
     finally:
         pool.close()
         destroy_main_hub()
+
+
+def test_connections_the_pool_closes_are_freed_without_the_cyclic_gc(make_pool: Callable[..., Any]) -> None:
+    """A closed connection is freed as soon as the pool drops it, whether it
+    was lent by `connection()`, by `getconn()`, or closed while lent
+    (`close_lent()`): no reference cycle through its slot or lease leaves
+    it, and its psycopg objects, to the cyclic collector."""
+    pool = make_pool(min_size=2, max_size=2)
+    refs = []
+    with pool.connection() as conn:
+        conn.execute("select 1")
+    refs.append(weakref.ref(conn))
+    conn = pool.getconn()
+    pool.putconn(conn)
+    refs.append(weakref.ref(conn))
+    with pool.connection() as conn:
+        pool.close_lent(0)
+        helpers.wait_until(lambda lent=conn: lent.closed, what="the lent connection to close")
+    refs.append(weakref.ref(conn))
+    del conn
+    gc.disable()
+    try:
+        pool.drain()
+        helpers.wait_until(lambda: all(ref() is None for ref in refs), what="the closed connections to be freed")
+    finally:
+        gc.enable()
