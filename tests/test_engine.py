@@ -504,19 +504,23 @@ def test_lifetimes_are_jittered_within_range():
     p.close()
 
 
+def borrow_until(p: FakePool, deadline: float, hold: float) -> int:
+    """Borrow a connection for `hold` seconds, over and over until `deadline`; return how many were lent expired."""
+    expired = 0
+    while time.monotonic() < deadline:
+        slot = p.acquire(timeout=2)
+        if time.monotonic() >= slot.expire_at:
+            expired += 1
+        gevent.sleep(hold)
+        p.release(slot)
+    return expired
+
+
 def test_connections_are_replaced_before_they_expire():
     p = make_pool(min_size=5, max_size=5, max_lifetime=0.6, lifetime_jitter=0.2)
     first = {s.conn.id for s in p._slots}
-    expired_seen = 0
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        slot = p.acquire(timeout=1)
-        if time.monotonic() >= slot.expire_at:
-            expired_seen += 1
-        gevent.sleep(0.005)
-        p.release(slot)
+    assert borrow_until(p, time.monotonic() + 2.0, 0.005) == 0
     assert not first & {s.conn.id for s in p._slots}  # all replaced
-    assert expired_seen == 0
     assert p.get_stats()["requests_queued"] == 0  # nobody ever waited for it
     p.close()
 
@@ -1091,17 +1095,7 @@ def test_cohort_at_max_size_is_replaced_back_to_back():
     p = make_pool(min_size=12, max_size=12, num_workers=2, connect_delay=0.01, max_lifetime=2.0, lifetime_jitter=0.0)
     first = {s.conn.id for s in p._slots}
     fewest = 12
-    expired_lent = 0
     deadline = time.monotonic() + 2.6
-
-    def user() -> None:
-        nonlocal expired_lent
-        while time.monotonic() < deadline:
-            slot = p.acquire(timeout=2)
-            if time.monotonic() >= slot.expire_at:
-                expired_lent += 1
-            gevent.sleep(0.003)
-            p.release(slot)
 
     def watch() -> None:
         nonlocal fewest
@@ -1109,9 +1103,10 @@ def test_cohort_at_max_size_is_replaced_back_to_back():
             fewest = min(fewest, len(p._slots))
             gevent.sleep(0.001)
 
-    gevent.joinall([gevent.spawn(user) for _ in range(6)] + [gevent.spawn(watch)], timeout=5, raise_error=True)
+    users = [gevent.spawn(borrow_until, p, deadline, 0.003) for _ in range(6)]
+    gevent.joinall([*users, gevent.spawn(watch)], timeout=5, raise_error=True)
     assert not first & {s.conn.id for s in p._slots}  # the cohort was replaced
-    assert expired_lent == 0
+    assert sum(user.value for user in users) == 0  # none lent expired
     assert fewest >= 12 - 2
     p.close()
 
