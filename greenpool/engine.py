@@ -1160,7 +1160,7 @@ class Pool(Generic[C]):
             return  # a pool keeping nothing idle would close the successor at once
         with self._lock:
             candidates = []
-            retired = 0  # replaced and retired, not closed yet
+            retired = 0  # replaced and retired, not closed yet (at max_size: successor not made yet)
             for s in self._slots:
                 if not s.replacing:
                     if s.expire_at > 0:
@@ -1168,8 +1168,10 @@ class Pool(Generic[C]):
                 elif s.expire_at == 0:
                     retired += 1
             backlog = len(self._todo) + self._inflight
-            # Connections gone or going, whose successors are not made yet:
+            # Connections gone or going, and connects queued: at max_size
             # each is one connection fewer to lend, so at most num_workers.
+            # (Below it a retired one's successor exists: counting it only
+            # starts the next replacements a little earlier.)
             missing = backlog + retired + self._closing
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma

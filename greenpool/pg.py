@@ -157,8 +157,8 @@ class ConnectionPool(Pool[CT], Generic[CT]):
     def _close_connection(self, conn: CT) -> None:
         conn._pool = None
         # The slot refers to the connection: without this reference cycle
-        # the connection is freed as soon as it is dropped, not by the cyclic
-        # GC, whose full collections a storm of reconnects makes frequent.
+        # the connection and its psycopg objects are freed as soon as the
+        # pool drops them, not left to a full collection of the cyclic GC.
         conn._pool_slot = None  # type: ignore[attr-defined]
         conn.close()
 
@@ -337,9 +337,9 @@ class _Lease(Generic[CT]):
                 # A block ending normally must commit: say it can't.
                 uncommitted = exc_type is None and not conn.autocommit
         finally:
+            conn._pool_lease = None  # the lending is over (and no cycle through this lease)
             if conn._pool is pool:
                 conn._pool = None
-                conn._pool_lease = None  # the lending is over (and no cycle through this lease)
                 pool.release(self._slot, status)
             # else closed by the pool (`close_lent()`) meanwhile: nothing to give back
         if uncommitted:
