@@ -1159,25 +1159,13 @@ class Pool(Generic[C]):
         if self._failing_since is not None or not self._retain_idle:
             return  # a pool keeping nothing idle would close the successor at once
         with self._lock:
-            candidates = []
-            retired = 0  # replaced and retired, not closed yet (at max_size: successor not made yet)
-            for s in self._slots:
-                if not s.replacing:
-                    if s.expire_at > 0:
-                        candidates.append(s)
-                elif s.expire_at == 0:
-                    retired += 1
-            backlog = len(self._todo) + self._inflight
-            # Connections gone or going, and connects queued: at max_size
-            # each is one connection fewer to lend, so at most num_workers.
-            # (Below it a retired one's successor exists: counting it only
-            # starts the next replacements a little earlier.)
-            missing = backlog + retired + self._closing
+            candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
+            backlog = self._missing_locked()
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma
         due = []
         for i, slot in enumerate(candidates):
-            batches = (i + missing) // self.num_workers + 1
+            batches = (i + backlog) // self.num_workers + 1
             if slot.expire_at - lead - self._connect_ewma * batches > now:
                 break
             due.append(slot)
@@ -1188,6 +1176,7 @@ class Pool(Generic[C]):
             if self._closed:
                 return
             headroom = self._max_size - len(self._slots) - len(self._todo) - self._inflight - self._closing
+            missing = self._missing_locked()  # afresh: another caller may have retired some since
             for slot in due:
                 if slot.replacing or slot not in self._slots:
                     continue  # seen to since the first look, by another caller
@@ -1196,15 +1185,26 @@ class Pool(Generic[C]):
                     self._todo.append(slot)
                 elif missing < self.num_workers:
                     missing += 1
+                    slot.retire()  # under the lock: counted as missing by the next look
                     retiring.append(slot)
                 else:
                     break
                 slot.replacing = True
         for slot in retiring:
-            slot.retire()
             if self._take_idle(slot):
                 self._discard(slot)
         self._start_connectors()
+
+    def _missing_locked(self) -> int:
+        """Connections gone or going whose successors are to be made, and connects queued.
+
+        At max_size each is one connection fewer to lend: at most
+        `num_workers` at a time. A connection retired for replacement counts
+        until it is closed (below max_size its successor exists already:
+        counting it only starts the next replacements a little earlier).
+        """
+        retired = sum(1 for s in self._slots if s.replacing and s.expire_at == 0)
+        return len(self._todo) + self._inflight + self._closing + retired
 
     def _shrink_idle(self, now: float) -> None:
         surplus = len(self._slots) - self._min_size
