@@ -1160,7 +1160,13 @@ class Pool(Generic[C]):
             return  # a pool keeping nothing idle would close the successor at once
         with self._lock:
             candidates = [s for s in self._slots if not s.replacing and s.expire_at > 0]
-            backlog = self._missing_locked()
+            # Retired, yet parked idle: a return that read its lifetime just
+            # before another thread retired it. Close it now, not when next lent.
+            stranded = [s for s in self._slots if s.expire_at == 0 and s.state == IDLE]
+            backlog = self._missing_locked(now)
+        for slot in stranded:
+            if self._take_idle(slot):
+                self._discard(slot)
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma
         due = []
@@ -1176,7 +1182,7 @@ class Pool(Generic[C]):
             if self._closed:
                 return
             headroom = self._max_size - len(self._slots) - len(self._todo) - self._inflight - self._closing
-            missing = self._missing_locked()  # afresh: another caller may have retired some since
+            missing = self._missing_locked(now)  # afresh: another caller may have retired some since
             for slot in due:
                 if slot.replacing or slot not in self._slots:
                     continue  # seen to since the first look, by another caller
@@ -1195,15 +1201,21 @@ class Pool(Generic[C]):
                 self._discard(slot)
         self._start_connectors()
 
-    def _missing_locked(self) -> int:
+    def _missing_locked(self, now: float) -> int:
         """Connections gone or going whose successors are to be made, and connects queued.
 
         At max_size each is one connection fewer to lend: at most
         `num_workers` at a time. A connection retired for replacement counts
-        until it is closed (below max_size its successor exists already:
-        counting it only starts the next replacements a little earlier).
+        from when it is retired until it is closed (below max_size its
+        successor exists already: counting it only starts the next
+        replacements a little earlier); but one lent for longer than a tick
+        may be held for good (a LISTEN loop, a leak), and serves until it
+        comes back: it doesn't count, lest it stop the others' replacement.
         """
-        retired = sum(1 for s in self._slots if s.replacing and s.expire_at == 0)
+        held_long = now - self._tick()
+        retired = sum(
+            1 for s in self._slots if s.replacing and s.expire_at == 0 and (s.state != OUT or s.taken_at > held_long)
+        )
         return len(self._todo) + self._inflight + self._closing + retired
 
     def _shrink_idle(self, now: float) -> None:

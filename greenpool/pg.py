@@ -243,7 +243,8 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         slot = conn._pool_slot  # type: ignore[attr-defined]
         conn._pool = None
         conn._pool_lease = None  # type: ignore[attr-defined]
-        self.release(slot)
+        if slot is not None:  # else closed by the pool (`close_lent()`) since `_pool` was read
+            self.release(slot)
 
     @staticmethod
     def check_connection(conn: CT) -> None:

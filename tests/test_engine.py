@@ -1111,6 +1111,45 @@ def test_cohort_at_max_size_is_replaced_back_to_back():
     p.close()
 
 
+def test_a_connection_held_for_good_does_not_stop_replacement_at_max_size():
+    """A lent connection retired ahead serves until it comes back: it is not
+    one of the num_workers missing, however long it is held (a LISTEN loop,
+    a leak), and the others are still replaced before they expire."""
+    p = make_pool(min_size=4, max_size=4, num_workers=1, max_lifetime=1.0, lifetime_jitter=0.0)
+    held = p.acquire()
+    held.expire_at = time.monotonic() + 0.3  # expires first: retired while lent
+    others = {s.conn.id for s in p._slots if s is not held}
+    gevent.sleep(1.6)  # an idle pool: only the housekeeper replaces
+    assert held.expire_at == 0  # retired, still lent
+    assert not others & {s.conn.id for s in p._slots}
+    p.release(held)
+    p.close()
+
+
+def test_a_retired_connection_parked_by_a_racing_return_is_closed():
+    """A return reads the connection's lifetime, then another thread retires
+    it and finds it not idle yet: the return parks it. The housekeeper closes
+    it, and it does not hold up the others' replacement."""
+    p = make_pool(min_size=3, max_size=3, num_workers=1, max_lifetime=1.0, lifetime_jitter=0.0)
+    x = p.acquire()
+    x.expire_at = time.monotonic() + 0.06  # due for replacement now
+    unlent = p._unlent
+
+    def retired_meanwhile(slot):
+        p._replace_expiring(time.monotonic())  # as another thread would, just then
+        return unlent(slot)
+
+    p._unlent = retired_meanwhile  # type: ignore[method-assign]
+    p.release(x)
+    del p._unlent
+    assert x.expire_at == 0 and x.state == "idle"  # retired, yet parked
+    others = {s.conn.id for s in p._slots if s is not x}
+    wait_until(lambda: x.conn.closed, 2, "the parked retired connection closed")
+    gevent.sleep(1.2)
+    assert not others & {s.conn.id for s in p._slots}
+    p.close()
+
+
 def test_replacement_opens_first_below_max_size():
     """With headroom, the successor is opened before the old connection goes."""
     p = make_pool(min_size=2, max_size=4, max_lifetime=0.5, lifetime_jitter=0.0)

@@ -462,3 +462,41 @@ def test_connections_the_pool_closes_are_freed_without_the_cyclic_gc(make_pool: 
         helpers.wait_until(lambda: all(ref() is None for ref in refs), what="the closed connections to be freed")
     finally:
         gc.enable()
+
+
+def test_putconn_while_the_pool_closes_the_connection_is_quiet(pg_dsn: str) -> None:
+    """`putconn()` of a connection that `close_lent()` (another thread's
+    Peewee `close_stale()`) closes just as it is given back: nothing to give
+    back, no error from the half-dismantled connection."""
+
+    class ClosedWhileGivenBack(greenpool.pgconn.GeventConnection):
+        close_now: Callable[[Any], None] | None = None
+
+        @property
+        def _pool(self) -> Any:
+            close_now, type(self).close_now = type(self).close_now, None
+            value = self.__dict__.get("_test_pool")
+            if close_now is not None:
+                close_now(self)  # right after putconn() read it
+            return value
+
+        @_pool.setter
+        def _pool(self, value: Any) -> None:
+            self.__dict__["_test_pool"] = value
+
+    pool = GREEN(pg_dsn, min_size=1, max_size=1, connection_class=ClosedWhileGivenBack, open=True)
+    try:
+        pool.wait(10)
+        conn = pool.getconn()
+
+        def close_lent(c: Any) -> None:
+            pool.close_lent(0)
+            helpers.wait_until(lambda: c.closed, what="the pool to close it")
+
+        ClosedWhileGivenBack.close_now = close_lent
+        pool.putconn(conn)
+        assert conn.closed
+        with pool.connection(timeout=10) as other:  # its successor serves
+            other.execute("select 1")
+    finally:
+        pool.close()
