@@ -878,6 +878,11 @@ class Pool(Generic[C]):
 
     # -- discarding and connecting ---------------------------------------
 
+    def _discard_if_idle(self, slot: Slot[C]) -> None:
+        """Close a retired slot now if it sits idle; a lent one is closed when it comes back."""
+        if self._take_idle(slot):
+            self._discard(slot)
+
     def _discard(self, slot: Slot[C], close_now: bool = False) -> None:
         """Forget a slot, close its connection, and refill if needed."""
         if slot.state == GONE:
@@ -1087,8 +1092,7 @@ class Pool(Generic[C]):
             # The successor was opened within max_size: both may be in use
             # until the old one, retired, comes back.
             replaces.retire()
-            if self._take_idle(replaces):
-                self._discard(replaces)
+            self._discard_if_idle(replaces)
         self._release(slot)
 
     def _error_suffix(self) -> str:
@@ -1165,8 +1169,7 @@ class Pool(Generic[C]):
             stranded = [s for s in self._slots if s.expire_at == 0 and s.state == IDLE]
             backlog = self._missing_locked(now)
         for slot in stranded:
-            if self._take_idle(slot):
-                self._discard(slot)
+            self._discard_if_idle(slot)
         candidates.sort(key=lambda s: s.expire_at)
         lead = self._tick() + self._connect_ewma
         due = []
@@ -1197,8 +1200,7 @@ class Pool(Generic[C]):
                     break
                 slot.replacing = True
         for slot in retiring:
-            if self._take_idle(slot):
-                self._discard(slot)
+            self._discard_if_idle(slot)
         self._start_connectors()
 
     def _missing_locked(self, now: float) -> int:
@@ -1367,8 +1369,7 @@ class Pool(Generic[C]):
             for slot in surplus:
                 slot.retire()
         for slot in surplus:
-            if self._take_idle(slot):
-                self._discard(slot)
+            self._discard_if_idle(slot)
         self._fill()
 
     def drain(self) -> None:
