@@ -30,7 +30,7 @@ _PSYCOPG_NAMES = {
     "PoolClosed": "pg",
     "PoolTimeout": "pg",
     "TooManyRequests": "pg",
-    "GeventConnection": "pgconn",
+    "GeventConnection": "pg",
 }
 
 

@@ -5,7 +5,7 @@ Environment variables (all optional):
 
 ``GREENPOOL_TEST_DSN``
     libpq DSN of a PostgreSQL to test against. Unset: an embedded server
-    (``greenpool.embedded``, needs ``pip install 'greenpool[embedded]'``).
+    (``greenpool.testing.embedded``, needs ``pip install 'greenpool[embedded]'``).
 ``GREENPOOL_TEST_MYSQL``
     ``mysql://user:password@host:port/db``; default probes
     ``mysql://root@127.0.0.1:3306/test``.
@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from greenpool.proxy import Proxy, parse_dsn_host_port
+from greenpool.testing.proxy import Proxy, parse_dsn_host_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def pg_dsn() -> str:
     except ImportError:
         skip_or_fail(f"{_PG_HINT} (psycopg is not installed)")
     if not dsn:
-        from greenpool.embedded import embedded_dsn
+        from greenpool.testing.embedded import embedded_dsn
 
         try:
             return embedded_dsn()

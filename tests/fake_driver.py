@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import gevent
 
-from greenpool.engine import BROKEN, OK, Pool
+from greenpool.engine import BROKEN, OK, Driver, Pool
 
 
 class FakeConn:
@@ -21,17 +22,16 @@ class FakeConn:
         self.cleaned = 0
 
 
-class FakePool(Pool[FakeConn]):
-    """The engine over FakeConn, with a configurable connect delay/failure."""
+class FakeDriver(Driver[FakeConn]):
+    """FakeConns, with a configurable connect delay or failure; keeps what it opened and closed."""
 
-    def __init__(self, *, connect_delay: float = 0.0, **kwargs: object) -> None:
+    def __init__(self, connect_delay: float = 0.0) -> None:
         self.connect_delay = connect_delay
         self.fail_connect: Exception | None = None
         self.opened: list[FakeConn] = []
         self.closed_conns: list[FakeConn] = []
-        super().__init__(**kwargs)  # type: ignore[arg-type]
 
-    def _open_connection(self) -> FakeConn:
+    def connect(self) -> FakeConn:
         if self.connect_delay:
             gevent.sleep(self.connect_delay)
         if self.fail_connect is not None:
@@ -40,20 +40,29 @@ class FakePool(Pool[FakeConn]):
         self.opened.append(conn)
         return conn
 
-    def _close_connection(self, conn: FakeConn) -> None:
+    def close(self, conn: FakeConn) -> None:
         conn.closed = True
         self.closed_conns.append(conn)
 
-    def _status(self, conn: FakeConn) -> int:
+    def status(self, conn: FakeConn) -> int:
         return BROKEN if conn.closed else conn.status
 
-    def _clean(self, conn: FakeConn) -> None:
+    def clean(self, conn: FakeConn) -> None:
         gevent.sleep(0.01)
         conn.cleaned += 1
         conn.status = OK
 
 
-def make_pool(**kwargs: object) -> FakePool:
+class FakePool(Pool[FakeConn]):
+    """The engine on a `FakeDriver` (or the one given)."""
+
+    driver: FakeDriver
+
+    def __init__(self, driver: FakeDriver | None = None, *, connect_delay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(FakeDriver(connect_delay) if driver is None else driver, **kwargs)
+
+
+def make_pool(**kwargs: Any) -> FakePool:
     pool = FakePool(**kwargs)
     pool.open(wait=True, timeout=5)
     return pool

@@ -1,4 +1,4 @@
-"""Tests for greenpool.embedded: DSN resolution and the throw-away server's
+"""Tests for greenpool.testing.embedded: DSN resolution and the throw-away server's
 lifecycle (TCP, cleanup at exit, cleanup when the owner is killed, gevent)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from greenpool import embedded
+from greenpool.testing import embedded
 
 RunPython = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -58,7 +58,7 @@ def test_missing_pgserver_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 _REPORT = """
 import json, os, time, psycopg
-from greenpool import embedded
+from greenpool.testing import embedded
 started = time.monotonic()
 dsn = embedded.embedded_dsn()
 elapsed = time.monotonic() - started

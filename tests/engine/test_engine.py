@@ -17,7 +17,7 @@ import time
 
 import gevent
 import pytest
-from fake_driver import FakeConn, FakePool, make_pool
+from fake_driver import FakeConn, FakeDriver, FakePool, make_pool
 from helpers import wait_until
 
 from greenpool import errors
@@ -195,7 +195,7 @@ def test_a_return_racing_close_lent_parks_nothing(pool, monkeypatch, status):
     monkeypatch.setattr(pool, "_status", status_then_closed_by_another_thread)
     pool.release(slot)
     assert slot.state == "gone"
-    assert all(slot not in seg.idle for seg in pool._segments)
+    assert all(slot not in seg.idle for seg in pool._idle.segments)
     assert pool.get_stats().get("returns_reset", 0) == 0
     taken = [pool.acquire(), pool.acquire()]
     assert slot not in taken and not any(s.conn.closed for s in taken)
@@ -226,7 +226,7 @@ def test_returns_racing_close_lent_in_threads_park_no_closed_slot():
             returner.start()
             p.close_lent(1)
             returner.join()
-            parked = [s for seg in p._segments for s in seg.idle]
+            parked = [s for seg in p._idle.segments for s in seg.idle]
             assert all(s.state == "idle" and s in p._slots for s in parked)
             p.close()
     finally:
@@ -527,7 +527,7 @@ def test_broken_connections_are_replaced(pool):
 
 def test_no_lock_across_a_slow_connect():
     p = make_pool(min_size=2, max_size=4, connect_delay=0.0)
-    p.connect_delay = 0.3
+    p.driver.connect_delay = 0.3
     p.resize(4, 4)  # two connects start in the background
     gevent.sleep(0.01)
     assert p._connecting == 2
@@ -549,7 +549,7 @@ def test_no_lock_across_a_slow_connect():
 def test_connect_failures_fail_fast_and_recover():
     p = make_pool(min_size=1, max_size=1)
     slot = p.acquire()
-    p.fail_connect = OSError("connection refused (fake)")
+    p.driver.fail_connect = OSError("connection refused (fake)")
     slot.conn.closed = True
     p.release(slot)  # broken: replaced... but connects fail
     gevent.sleep(0.05)
@@ -558,7 +558,7 @@ def test_connect_failures_fail_fast_and_recover():
         p.acquire(timeout=5)
     assert time.monotonic() - t0 < 1  # fail fast, not after 5 s
     assert p.get_stats()["connections_errors"] >= 1
-    p.fail_connect = None
+    p.driver.fail_connect = None
     slot = acquire_once_recovered(p, within=3)  # back within one backoff period
     assert slot.conn.closed is False
     p.close()
@@ -569,8 +569,8 @@ def test_a_queued_request_failed_by_connects_says_so_not_that_it_timed_out():
     the last of them fails, says the pool has no connection (and why), not
     "after 5.00 sec": it didn't wait that long."""
     p = make_pool(min_size=0, max_size=1)
-    p.fail_connect = OSError("connection refused (fake)")
-    p.connect_delay = 0.2
+    p.driver.fail_connect = OSError("connection refused (fake)")
+    p.driver.connect_delay = 0.2
     t0 = time.monotonic()
     with pytest.raises(errors.PoolTimeout) as info:
         p.acquire(timeout=5)
@@ -595,18 +595,18 @@ def test_one_failed_connect_fails_no_request_while_other_connects_are_under_way(
     """Fail fast only when nothing can come: with other connects in flight,
     one failure (a fluke, a configure callback's) fails no queued request."""
 
-    class FirstConnectFails(FakePool):
+    class FirstConnectFails(FakeDriver):
         attempts = 0
 
-        def _open_connection(self) -> FakeConn:
+        def connect(self) -> FakeConn:
             self.attempts += 1
             first = self.attempts == 1
             gevent.sleep(0.02 if first else 0.05)  # fails while the others are under way
             if first:
                 raise OSError("the first connect fails (fake)")
-            return super()._open_connection()
+            return super().connect()
 
-    p = FirstConnectFails(min_size=0, max_size=3, timeout=5)
+    p = FakePool(FirstConnectFails(), min_size=0, max_size=3, timeout=5)
     p.open()
     requests = [gevent.spawn(p.acquire) for _ in range(3)]
     slots = [g.get(timeout=10) for g in requests]
@@ -620,10 +620,10 @@ def test_one_failed_connect_fails_no_request_while_other_connects_are_under_way(
 def test_connects_failing_after_close_are_not_reported(caplog):
     caplog.set_level(logging.DEBUG, logger="greenpool")
     pool = make_pool(min_size=1, max_size=3, timeout=2)
-    pool.connect_delay = 0.05
+    pool.driver.connect_delay = 0.05
     pool.resize(3, 3)  # two connects in flight
     gevent.sleep(0.01)
-    pool.fail_connect = ConnectionError("server gone")
+    pool.driver.fail_connect = ConnectionError("server gone")
     pool.close()
     gevent.sleep(0.1)
     assert [r for r in caplog.records if "server gone" in r.getMessage()]  # they did fail...
@@ -636,7 +636,7 @@ def test_connects_failing_after_close_are_not_reported(caplog):
 def test_reconnect_failed_callback():
     called = []
     p = FakePool(min_size=1, reconnect_timeout=0.2, reconnect_failed=called.append)
-    p.fail_connect = OSError("down")
+    p.driver.fail_connect = OSError("down")
     p.open()
     deadline = time.monotonic() + 3
     while not called and time.monotonic() < deadline:
@@ -647,7 +647,7 @@ def test_reconnect_failed_callback():
 
 def test_wait_reports_the_connection_error():
     p = FakePool(min_size=1)
-    p.fail_connect = OSError("no route to fake host")
+    p.driver.fail_connect = OSError("no route to fake host")
     p.open()
     with pytest.raises(errors.PoolTimeout, match="no route to fake host"):
         p.wait(timeout=0.3)
@@ -683,11 +683,11 @@ def test_drain_also_replaces_connections_being_made():
     first = p.acquire()
     second = gevent.spawn(p.acquire)  # starts a 0.2 s connect
     gevent.sleep(0.05)
-    opened_before = len(p.opened)
+    opened_before = len(p.driver.opened)
     p.drain()  # e.g. peewee init() with another database
     p.release(first)
     slot = second.get(timeout=2)
-    in_flight = p.opened[opened_before]  # the connect running during drain()
+    in_flight = p.driver.opened[opened_before]  # the connect running during drain()
     assert slot.conn is not in_flight and slot.conn is not first.conn
     assert in_flight.closed
     p.release(slot)
@@ -717,7 +717,7 @@ def test_resize_below_the_connections_calls_off_connects_and_retires_the_surplus
     for slot in slots:
         p.release(slot)
     gevent.sleep(0.5)
-    assert len(p.opened) <= 3  # the 7 waiters' connects: 2 already under way
+    assert len(p.driver.opened) <= 3  # the 7 waiters' connects: 2 already under way
     gevent.killall(waiters[2:])
     p.close()
 
@@ -759,14 +759,14 @@ def test_a_failed_connect_nothing_waits_for_is_not_retried_and_the_next_request_
     (it was, every second, for good); the next request makes its own attempt
     instead of failing fast on the old error."""
     p = make_pool(min_size=0, max_size=2, timeout=2)
-    p.fail_connect = OSError("db down")
+    p.driver.fail_connect = OSError("db down")
     with pytest.raises(errors.PoolTimeout, match="db down"):
         p.acquire()
     wait_until(lambda: p._inflight == 0 and not p._todo, what="no connect left")
     time.sleep(0.5)  # longer than the first backoff
     tried = p.get_stats()["connections_num"]
     assert tried == 1  # the request's own attempt: no retry for no one
-    p.fail_connect = None
+    p.driver.fail_connect = None
     p.release(p.acquire())  # a connect of its own, which now works
     assert p.get_stats()["connections_num"] == tried + 1
     p.close()
@@ -774,20 +774,18 @@ def test_a_failed_connect_nothing_waits_for_is_not_retried_and_the_next_request_
 
 _FORK_CHILD = """
 import json, os
-from greenpool.engine import Pool
+from greenpool.engine import Driver, Pool
 
-class Fake(Pool):
-    def _open_connection(self):
+class Fake(Driver):
+    def connect(self):
         gevent.sleep(0.3)
         return object()
-    def _close_connection(self, conn):
+    def close(self, conn):
         pass
-    def _status(self, conn):
+    def status(self, conn):
         return 0
-    def _clean(self, conn):
-        pass
 
-pool = Fake(min_size=0, max_size=2, timeout=5)
+pool = Pool(Fake(), min_size=0, max_size=2, timeout=5)
 pool.open()  # before the patch: its jobs are threads, until the patch makes them greenlets
 from gevent import monkey; monkey.patch_all()
 import gevent
@@ -823,7 +821,7 @@ def test_failed_connects_keep_their_backoff_under_load():
     make: they must wait for the backoff too, not follow each other at once
     (thousands of attempts a second at a down server)."""
     p = make_pool(min_size=0, max_size=4, timeout=0.3)
-    p.fail_connect = OSError("db down")
+    p.driver.fail_connect = OSError("db down")
 
     def hammer() -> None:
         deadline = time.monotonic() + 1.5
@@ -845,10 +843,10 @@ def test_a_connect_failure_no_one_retries_leaves_a_healthy_pool():
     reported = []
     p = make_pool(min_size=1, max_size=2, timeout=5, reconnect_timeout=1, reconnect_failed=reported.append)
     held = p.acquire()
-    p.fail_connect = OSError("db down")
+    p.driver.fail_connect = OSError("db down")
     with pytest.raises(errors.PoolTimeout):
         p.acquire(timeout=0.2)  # its connect fails meanwhile
-    p.fail_connect = None
+    p.driver.fail_connect = None
     wait_until(lambda: not p.failing, timeout=5, what="the pool healthy again")
     time.sleep(1.5)  # past reconnect_timeout
     assert reported == []
@@ -865,20 +863,18 @@ _HUB_BOUND_WORKER_CHILD = """
 import json
 from gevent import monkey; monkey.patch_all()
 import gevent, gevent.threadpool
-from greenpool.engine import BROKEN, Pool
+from greenpool.engine import BROKEN, Driver, Pool
 
-class HubBound(Pool):
-    _hub_bound_connections = True  # as Peewee's pymysql
-    def _open_connection(self):
+class HubBound(Driver):
+    hub_bound = True  # as Peewee's pymysql
+    def connect(self):
         return {"status": 0}
-    def _close_connection(self, conn):
+    def close(self, conn):
         pass
-    def _status(self, conn):
+    def status(self, conn):
         return conn["status"]
-    def _clean(self, conn):
-        pass
 
-pool = HubBound(min_size=0, max_size=1, timeout=2)
+pool = Pool(HubBound(), min_size=0, max_size=1, timeout=2)
 pool.open()
 pool.release(pool.acquire())
 
@@ -1028,7 +1024,7 @@ def test_replacement_never_exceeds_max_size():
     def watch() -> None:
         nonlocal peak
         while time.monotonic() < deadline:
-            peak = max(peak, len(p.opened) - len(p.closed_conns))
+            peak = max(peak, len(p.driver.opened) - len(p.driver.closed_conns))
             gevent.sleep(0.001)
 
     gevent.joinall([gevent.spawn(user) for _ in range(3)] + [gevent.spawn(watch)], timeout=5, raise_error=True)
@@ -1106,9 +1102,9 @@ def test_replacement_opens_first_below_max_size():
     held = p.acquire()
     old = held.conn
     deadline = time.monotonic() + 2
-    while len(p.opened) < 3 and time.monotonic() < deadline:
+    while len(p.driver.opened) < 3 and time.monotonic() < deadline:
         gevent.sleep(0.01)
-    assert len(p.opened) >= 3  # a successor exists while the old one is lent
+    assert len(p.driver.opened) >= 3  # a successor exists while the old one is lent
     assert not old.closed
     p.release(held)
     gevent.sleep(0.05)
@@ -1123,21 +1119,21 @@ def test_check_interrupted_gives_every_connection_back() -> None:
     go back as they were; none is lost."""
     pinged: list[FakeConn] = []
 
-    class SlowPing(FakePool):
-        def _ping(self, conn: FakeConn) -> None:
+    class SlowPing(FakeDriver):
+        def ping(self, conn: FakeConn) -> None:
             pinged.append(conn)
             conn.status = DIRTY  # a round trip in flight
             gevent.sleep(0.2)
             conn.status = OK
 
-    pool = SlowPing(min_size=3, max_size=3, timeout=2)
+    pool = FakePool(SlowPing(), min_size=3, max_size=3, timeout=2)
     pool.open(wait=True, timeout=5)
     try:
         with gevent.Timeout(0.05, False):
             pool.check()
         assert len(pinged) == 1
         slots = [pool.acquire(timeout=1) for _ in range(3)]
-        assert {s.conn for s in slots} == set(pool.opened)
+        assert {s.conn for s in slots} == set(pool.driver.opened)
         assert pinged[0].cleaned == 1
         assert pool.get_stats()["connections_num"] == 3
         for s in slots:
@@ -1155,11 +1151,11 @@ def test_clean_interrupted_discards_the_connection() -> None:
     """A reset cut short by a BaseException leaves the connection in an
     unknown state: it is closed and replaced, never left counted."""
 
-    class InterruptedClean(FakePool):
-        def _clean(self, conn: FakeConn) -> None:
+    class InterruptedClean(FakeDriver):
+        def clean(self, conn: FakeConn) -> None:
             raise Interrupt()
 
-    pool = InterruptedClean(min_size=1, max_size=1, timeout=2)
+    pool = FakePool(InterruptedClean(), min_size=1, max_size=1, timeout=2)
     pool.open(wait=True, timeout=5)
     try:
         slot = pool.acquire()
@@ -1180,21 +1176,21 @@ def test_housekeeper_restarts_connects_whose_connector_died() -> None:
     """A connector killed mid-connect leaves its reservation behind; the
     housekeeper starts a new connector for it at its next tick."""
 
-    class DyingOnce(FakePool):
+    class DyingOnce(FakeDriver):
         died = False
 
-        def _open_connection(self) -> FakeConn:
+        def connect(self) -> FakeConn:
             if not self.died:
                 self.died = True
                 raise Interrupt()
-            return super()._open_connection()
+            return super().connect()
 
     # max_idle / 20 = 0.1 s housekeeping ticks.
-    pool = DyingOnce(min_size=1, max_size=1, timeout=2, max_idle=2.0)
+    pool = FakePool(DyingOnce(), min_size=1, max_size=1, timeout=2, max_idle=2.0)
     pool.open()
     try:
         slot = pool.acquire(timeout=2)  # alone in the queue: no one else starts a connector
-        assert pool.died and pool.get_stats()["pool_size"] == 1
+        assert pool.driver.died and pool.get_stats()["pool_size"] == 1
         pool.release(slot)
     finally:
         pool.close()
@@ -1271,10 +1267,10 @@ def test_a_connection_closed_while_handed_over_is_not_given(pool) -> None:
 def test_a_recovered_connect_error_is_not_a_later_timeout_s_cause() -> None:
     p = make_pool(min_size=0, max_size=1, timeout=1)
     try:
-        p.fail_connect = OSError("connection refused (fake)")
+        p.driver.fail_connect = OSError("connection refused (fake)")
         with pytest.raises(errors.PoolTimeout):
             p.acquire(timeout=0.5)
-        p.fail_connect = None
+        p.driver.fail_connect = None
         slot = acquire_once_recovered(p, within=5)
         with pytest.raises(errors.PoolTimeout) as info:
             p.acquire(timeout=0.2)  # exhausted: nothing to do with the old error
@@ -1292,7 +1288,7 @@ def test_reconnect_failed_method_may_be_overridden() -> None:
             called.set()
 
     p = Reporting(min_size=1, max_size=1, reconnect_timeout=0.2, max_idle=1.0)
-    p.fail_connect = OSError("connection refused (fake)")
+    p.driver.fail_connect = OSError("connection refused (fake)")
     p.open()
     try:
         assert called.wait(5)

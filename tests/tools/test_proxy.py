@@ -1,4 +1,4 @@
-"""Tests for greenpool.proxy: relaying, connect delay, connection kills,
+"""Tests for greenpool.testing.proxy: relaying, connect delay, connection kills,
 pause/resume, DSN rewriting, and the controller under gevent monkey-patching."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from greenpool.proxy import Proxy, parse_dsn_host_port
+from greenpool.testing.proxy import Proxy, parse_dsn_host_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,7 +204,7 @@ def test_lifecycle() -> None:
 def test_cli() -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "greenpool.proxy", "--target-host", "127.0.0.1", "--target-port", "9"],
+        [sys.executable, "-m", "greenpool.testing.proxy", "--target-host", "127.0.0.1", "--target-port", "9"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -227,7 +227,7 @@ def test_cli() -> None:
 def test_child_exits_when_parent_dies(run_python: RunPython) -> None:
     code = """
         import os
-        from greenpool.proxy import Proxy
+        from greenpool.testing.proxy import Proxy
         p = Proxy("127.0.0.1", 9).start()
         print(p._child.pid, flush=True)
         os._exit(0)  # no stop(), no atexit: only the pipe EOF is left
@@ -242,7 +242,7 @@ def test_child_exits_when_parent_dies_after_forking(run_python: RunPython) -> No
     # control pipe, so EOF never comes; the parent-pid watch must catch it.
     code = """
         import os, time
-        from greenpool.proxy import Proxy
+        from greenpool.testing.proxy import Proxy
         p = Proxy("127.0.0.1", 9).start()
         pid = os.fork()
         if pid == 0:
@@ -276,7 +276,7 @@ def test_child_exits_when_parent_dies_after_forking(run_python: RunPython) -> No
 _GEVENT_SCRIPT = """
 import os, time
 {before}
-from greenpool.proxy import Proxy
+from greenpool.testing.proxy import Proxy
 
 proxy = Proxy(os.environ["TARGET_HOST"], int(os.environ["TARGET_PORT"])).start()
 {after}
@@ -338,7 +338,7 @@ def test_controller_under_gevent(run_python: RunPython, pg_dsn: str, when: str) 
     result = run_python(code, env={"TARGET_HOST": host, "TARGET_PORT": str(port)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("OK")
-    # Importing greenpool.proxy must not import ssl behind gevent's back.
+    # Importing greenpool.testing.proxy must not import ssl behind gevent's back.
     assert "MonkeyPatchWarning" not in result.stderr, result.stderr
 
 

@@ -1,57 +1,41 @@
 """psycopg 3 pools on the greenpool engine: drop-ins for psycopg_pool's.
 
 `ConnectionPool` takes psycopg_pool's constructor parameters with the same
-defaults, has the same methods and raises the same errors (subclasses of
-`psycopg.OperationalError` and, when psycopg_pool is installed, of its error
-classes too, so existing `except psycopg_pool.PoolTimeout` keeps working).
+defaults, has the same methods and raises the same errors (see
+`greenpool.pg.errors`). `Lease` is what `connection()` returns: the hot path
+of a checkout, kept beside the pool it serves.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as e
-from psycopg.pq import TransactionStatus
 
-from . import errors
-from .engine import DIRTY, GONE, OK, Pool, Slot, _check_positive
-from .pgconn import _ACTIVE, _IDLE, GeventConnection, pool_status, settle
-
-logger = logging.getLogger("greenpool")
+from ..engine import GONE, OK, Pool, Slot, options
+from .connection import GeventConnection
+from .driver import (
+    ACTIVE,
+    IDLE,
+    ConninfoParam,
+    KwargsParam,
+    PsycopgDriver,
+    ResettingPsycopgDriver,
+    call_pooled,
+    check_connection,
+)
+from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]")
 
-ConninfoParam = str | Callable[[], str]
-KwargsParam = dict[str, Any] | Callable[[], dict[str, Any]]
-
-try:
-    import psycopg_pool as _psycopg_pool
-
-    _COMPAT: dict[str, tuple[type, ...]] = {
-        name: (getattr(_psycopg_pool, name),) for name in ("PoolTimeout", "PoolClosed", "TooManyRequests")
-    }
-except ImportError:  # pragma: no cover - psycopg_pool is optional
-    _COMPAT = {name: (e.OperationalError,) for name in ("PoolTimeout", "PoolClosed", "TooManyRequests")}
-
-
-class PoolTimeout(errors.PoolTimeout, *_COMPAT["PoolTimeout"]):  # type: ignore[misc]
-    """The pool couldn't provide a connection in acceptable time."""
-
-
-class PoolClosed(errors.PoolClosed, *_COMPAT["PoolClosed"]):  # type: ignore[misc]
-    """Attempt to get a connection from a closed pool."""
-
-
-class TooManyRequests(errors.TooManyRequests, *_COMPAT["TooManyRequests"]):  # type: ignore[misc]
-    """Too many requests in the queue waiting for a connection from the pool."""
-
-
+#: `max_size` of a NullConnectionPool without a limit.
 _UNLIMITED = 2**31 - 1
+
+_new_object = object.__new__
 
 
 class ConnectionPool(Pool[CT], Generic[CT]):
@@ -59,7 +43,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
 
     Parameters are psycopg_pool's, with the same defaults, plus the engine's
     `lifetime_jitter`, `segments`, `check_idle` and `leak_threshold` (see the
-    README). `connection_class` defaults to `GeventConnection`, which behaves
+    docs). `connection_class` defaults to `GeventConnection`, which behaves
     as `psycopg.Connection` outside gevent and cooperates with gevent inside.
     """
 
@@ -67,11 +51,14 @@ class ConnectionPool(Pool[CT], Generic[CT]):
     PoolClosed = PoolClosed
     TooManyRequests = TooManyRequests
 
+    #: Keep returned connections idle for reuse (`NullConnectionPool`: close them).
+    retain_idle: ClassVar[bool] = True
+
     def __init__(
         self,
         conninfo: ConninfoParam = "",
         *,
-        connection_class: type[CT] = GeventConnection,  # type: ignore[assignment]
+        connection_class: type[CT] = GeventConnection,  # type: ignore[assignment]  # CT's default
         kwargs: KwargsParam | None = None,
         min_size: int = 4,
         max_size: int | None = None,
@@ -106,13 +93,11 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         for pname, value in (("configure", configure), ("reset", reset)):
             if value is not None and not callable(value):
                 raise TypeError(f"{pname} must be callable or None, got {value!r}")
-        self.conninfo = conninfo
-        self.kwargs = kwargs
-        self.connection_class = connection_class
-        self._configure = configure
-        self._reset = reset
         self.close_returns = close_returns
+        driver_class = PsycopgDriver if reset is None else ResettingPsycopgDriver
+        self._psycopg = driver_class(self, conninfo, kwargs, connection_class, configure, reset)
         super().__init__(
+            self._psycopg,
             min_size=min_size,
             max_size=max_size,
             name=name,
@@ -125,55 +110,45 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
             segments=segments,
-            check=functools.partial(_call_pooled, self, check) if callable(check) else check,
+            check=functools.partial(call_pooled, self, check) if callable(check) else check,
             check_idle=check_idle,
             leak_threshold=leak_threshold,
+            retain_idle=self.retain_idle,
         )
-        #: `_status()` of an idle connection, if it is always the same; None: ask.
-        self._idle_status: int | None = None
-        if reset is None and type(self)._status is ConnectionPool._status:
-            # Checked on every return: skip a call layer when there's no reset.
-            self._status = pool_status  # type: ignore[method-assign]
-            self._idle_status = OK
+        #: The driver's status of an idle connection, if it is always the same; None: ask.
+        self._idle_status: int | None = OK if reset is None else None
         self._open_implicit = open is None
         if open is None or open:
             self.open()
 
     # -- engine hooks ----------------------------------------------------
 
-    def _open_connection(self) -> CT:
-        conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
-        kwargs = self.kwargs() if callable(self.kwargs) else (self.kwargs or {})
-        conn = self.connection_class.connect(conninfo, **kwargs)
-        conn._pool = None
-        if self._configure is not None:
-            try:
-                _run_callback(self, "configure", self._configure, conn)
-            except BaseException:
-                conn.close()
-                raise
-        return conn
+    # -- where connections come from (psycopg_pool's attributes) --------
 
-    def _close_connection(self, conn: CT) -> None:
-        conn._pool = None
-        # The slot refers to the connection: without this reference cycle
-        # the connection and its psycopg objects are freed as soon as the
-        # pool drops them, not left to a full collection of the cyclic GC.
-        conn._pool_slot = None  # type: ignore[attr-defined]
-        conn.close()
+    @property
+    def conninfo(self) -> ConninfoParam:
+        """The connection string, or a callable returning one (called for each connect)."""
+        return self._psycopg.conninfo
 
-    def _status(self, conn: CT) -> int:
-        status = pool_status(conn)
-        # The reset callback runs on every return, so every return is dirty.
-        return DIRTY if status == OK and self._reset is not None else status
+    @conninfo.setter
+    def conninfo(self, value: ConninfoParam) -> None:
+        self._psycopg.conninfo = value
 
-    def _clean(self, conn: CT) -> None:
-        settle(conn)
-        if self._reset is not None:
-            _run_callback(self, "reset", self._reset, conn)
+    @property
+    def kwargs(self) -> KwargsParam | None:
+        """Extra `connect()` arguments, or a callable returning them."""
+        return self._psycopg.kwargs
 
-    def _ping(self, conn: CT) -> None:
-        self.check_connection(conn)
+    @kwargs.setter
+    def kwargs(self, value: KwargsParam | None) -> None:
+        self._psycopg.kwargs = value
+
+    @property
+    def connection_class(self) -> type[CT]:
+        """The `psycopg.Connection` subclass connections are made with."""
+        return self._psycopg.connection_class
+
+    check_connection = staticmethod(check_connection)
 
     # -- psycopg_pool API ------------------------------------------------
 
@@ -192,7 +167,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         self.open()
         return self
 
-    def connection(self, timeout: float | None = None) -> _Lease[CT]:
+    def connection(self, timeout: float | None = None) -> Lease[CT]:
         """Context manager lending a connection, returned on exit.
 
         The connection's own context applies: commit on success, roll back
@@ -200,16 +175,23 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         """
         # No __init__: calling into Python from C is the dearest part of a
         # small object's creation, and one is made per checkout.
-        lease = _new_object(_Lease)
+        lease = _new_object(Lease)
         lease._pool = self
         lease._timeout = timeout
         return lease
 
     def getconn(self, timeout: float | None = None) -> CT:
-        """Lend a connection; you must give it back with `putconn()`."""
-        if self._open_implicit:
-            self._warn_open_implicit()
-        return self._lend_connection(self.acquire(timeout))
+        """Lend a connection; you must give it back with `putconn()`.
+
+        A lease without a block: the lending is the same as `connection()`'s.
+        """
+        lease: Lease[CT] = _new_object(Lease)
+        lease._pool = self
+        lease._timeout = timeout
+        conn = lease.lend()
+        lent: Any = conn
+        lent._pool_lease = None  # no block to end it: putconn() gives it back
+        return conn
 
     def _warn_open_implicit(self) -> None:
         """psycopg_pool's warning, before the first checkout of a pool opened implicitly."""
@@ -222,79 +204,31 @@ class ConnectionPool(Pool[CT], Generic[CT]):
             stacklevel=3,
         )
 
-    def _lend_connection(self, slot: Slot[CT]) -> CT:
-        conn = slot.conn
-        conn._pool = self  # type: ignore[assignment]
-        conn._pool_slot = slot  # type: ignore[attr-defined]
-        conn._pool_lease = None  # type: ignore[attr-defined]
-        return conn
-
     def putconn(self, conn: CT) -> None:
         """Give back a connection obtained with `getconn()`."""
-        pool = getattr(conn, "_pool", None)
+        lent: Any = conn
+        pool = getattr(lent, "_pool", None)
         if pool is not self:
             if pool is not None:
                 where = f"it comes from pool {pool.name!r}"
-            elif getattr(conn, "_pool_slot", None) in self._slots:
+            elif getattr(lent, "_pool_slot", None) in self._slots:
                 where = "it was given back already"
             else:
                 where = "it doesn't come from any pool"
             raise ValueError(f"can't return connection to pool {self.name!r}, {where}: {conn}")
-        slot = conn._pool_slot  # type: ignore[attr-defined]
-        conn._pool = None
-        conn._pool_lease = None  # type: ignore[attr-defined]
+        slot = lent._pool_slot
+        lent._pool = None
+        lent._pool_lease = None
         if slot is not None:  # else closed by the pool (`close_lent()`) since `_pool` was read
             self.release(slot)
 
-    @staticmethod
-    def check_connection(conn: CT) -> None:
-        """Verify with a round trip that `conn` works; raise if it doesn't.
 
-        Usable as the `check` callback, like psycopg_pool's.
-        """
-        if conn.autocommit:
-            conn.execute("")
-        else:
-            conn.autocommit = True
-            try:
-                conn.execute("")
-            finally:
-                try:
-                    conn.autocommit = False
-                except Exception:
-                    # Broken, or interrupted mid round trip (psycopg refuses
-                    # while ACTIVE): never lend it on in autocommit. Break it
-                    # (`close()` would return it instead, with `close_returns`).
-                    conn.pgconn.finish()
+class Lease(Generic[CT]):
+    """What `pool.connection()` returns: lends a connection for a `with` block.
 
-
-def _run_callback(pool: ConnectionPool[Any], role: str, callback: Callable[[Any], None], conn: Any) -> None:
-    """Run a user callback on a connection, which it must leave idle."""
-    _call_pooled(pool, callback, conn)
-    status = conn.pgconn.transaction_status
-    if status != _IDLE:
-        raise e.ProgrammingError(
-            f"connection left in status {TransactionStatus(status).name} by {role} function {callback}: discarded"
-        )
-
-
-def _call_pooled(pool: ConnectionPool[Any], callback: Callable[[Any], None], conn: Any) -> None:
-    """Call `callback(conn)` with `conn` marked as the pool's, as psycopg_pool does.
-
-    So a callback's `with conn:` commits or rolls back instead of closing it.
+    A class, not a generator, to keep the hot path short; `getconn()` uses
+    its `lend()` too.
     """
-    conn._pool = pool
-    try:
-        callback(conn)
-    finally:
-        conn._pool = None
-
-
-_new_object = object.__new__
-
-
-class _Lease(Generic[CT]):
-    """`pool.connection()`: a class, not a generator, to keep the hot path short."""
 
     __slots__ = ("_pool", "_timeout", "_slot")
 
@@ -302,19 +236,23 @@ class _Lease(Generic[CT]):
     _timeout: float | None
     _slot: Slot[CT]
 
-    def __enter__(self) -> CT:
+    def lend(self) -> CT:
+        """Take a connection from the pool, marked as lent by this lease."""
         pool = self._pool
         if pool._open_implicit:
             pool._warn_open_implicit()
         self._slot = slot = pool.acquire(self._timeout)
-        conn = slot.conn  # `_lend_connection()`, inlined
-        conn._pool = pool  # type: ignore[assignment]
-        conn._pool_slot = slot  # type: ignore[attr-defined]
+        conn = slot.conn
+        lent: Any = conn  # psycopg's types don't know the pool's attributes
+        lent._pool = pool
+        lent._pool_slot = slot
         # Whose lending this is: given back inside the block (`putconn()`,
         # `close()` with `close_returns`), it may be lent again before the
         # block ends, and is then someone else's to commit and return.
-        conn._pool_lease = self  # type: ignore[attr-defined]
+        lent._pool_lease = self
         return conn
+
+    __enter__ = lend
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         conn: Any = self._slot.conn  # psycopg types `_pool` as one of psycopg_pool's
@@ -330,9 +268,9 @@ class _Lease(Generic[CT]):
             # pool's too); nothing possible on a busy one (an interrupted
             # query): the pool cancels it, and rolls back.
             pgstatus = conn.pgconn.transaction_status
-            if exc_type is None and pgstatus == _IDLE and not conn._pipeline:
+            if exc_type is None and pgstatus == IDLE and not conn._pipeline:
                 status = pool._idle_status
-            elif pgstatus != _ACTIVE:
+            elif pgstatus != ACTIVE:
                 conn.__exit__(exc_type, exc, tb)
             else:
                 # A block ending normally must commit: say it can't.
@@ -350,10 +288,10 @@ class _Lease(Generic[CT]):
                 " committed, and is rolled back"
             )
 
-    def _given_back(self, conn: CT) -> None:
+    def _given_back(self, conn: Any) -> None:
         """The block's connection isn't its own any more: raise, unless the pool closed it."""
-        if conn._pool_lease is self and self._slot.state is GONE:  # type: ignore[attr-defined]
-            conn._pool_lease = None  # type: ignore[attr-defined]
+        if conn._pool_lease is self and self._slot.state is GONE:
+            conn._pool_lease = None
             return  # closed by the pool (`close_lent()`), as its borrower sees
         raise ValueError(
             f"can't return connection to pool {self._pool.name!r}: it was given back inside"
@@ -369,18 +307,17 @@ class NullConnectionPool(ConnectionPool[CT]):
     exist at once; `min_size` must be 0.
     """
 
-    _retain_idle = False
+    retain_idle = False
 
-    def __init__(self, conninfo: ConninfoParam = "", *, min_size: int = 0, **kwargs: Any) -> None:
-        super().__init__(conninfo, min_size=min_size, **kwargs)
+    def __init__(
+        self, conninfo: ConninfoParam = "", *, min_size: int = 0, max_size: int | None = None, **kwargs: Any
+    ) -> None:
+        min_size, max_size = _null_sizes(min_size, max_size)
+        super().__init__(conninfo, min_size=min_size, max_size=max_size, **kwargs)
 
-    @staticmethod
-    def _check_size(min_size: int, max_size: int | None) -> tuple[int, int]:
-        if min_size != 0:
-            raise ValueError(f"min_size must be 0 for a NullConnectionPool, got {min_size!r}")
-        if max_size is None or max_size == 0:
-            max_size = _UNLIMITED
-        return Pool._check_size(min_size, max_size)
+    def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change `max_size` (`min_size` must stay 0; `max_size` None or 0: unlimited)."""
+        super().resize(*_null_sizes(min_size, max_size))
 
     @property
     def max_size(self) -> int:
@@ -401,14 +338,23 @@ class NullConnectionPool(ConnectionPool[CT]):
         answer, after `timeout`.
         """
         self._check_open()
-        timeout = _check_positive("timeout", timeout)
+        timeout = options.positive("timeout", timeout)
         if self._open_implicit:
             self._warn_open_implicit()
         try:
             slot = self.acquire(timeout)
-        except errors.PoolTimeout as ex:
+        except PoolTimeout as ex:
             self.close()
             cause = ex.__cause__
             suffix = f": {cause}" if cause is not None else ""
             raise PoolTimeout(f"pool initialization incomplete after {timeout} sec{suffix}") from cause
         self.release(slot)
+
+
+def _null_sizes(min_size: int, max_size: int | None) -> tuple[int, int]:
+    """A null pool's sizes: `min_size` 0, `max_size` None or 0 for unlimited."""
+    if min_size != 0:
+        raise ValueError(f"min_size must be 0 for a NullConnectionPool, got {min_size!r}")
+    if max_size is None or max_size == 0:
+        max_size = _UNLIMITED
+    return min_size, max_size

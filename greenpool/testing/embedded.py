@@ -12,7 +12,7 @@ fault-injection proxy in front of. So this module uses pgserver only as a
 source of binaries and runs ``initdb`` and ``postgres`` itself.
 
 The server is owned by a small supervisor child process (``python -m
-greenpool.embedded``), not by the caller: the caller may be gevent
+greenpool.testing.embedded``), not by the caller: the caller may be gevent
 monkey-patched by the time it exits, and a hard-killed caller would otherwise
 leak a running postgres. The supervisor stops postgres and deletes the
 directory when told to, when its stdin closes, or when its parent dies.
@@ -49,11 +49,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ._childproc import HelperError, LineChild
+from .childproc import HelperError, LineChild
 
 __all__ = ["embedded_dsn", "main", "resolve_dsn"]
 
-logger = logging.getLogger("greenpool.embedded")
+logger = logging.getLogger("greenpool.testing")
 
 _INSTALL_HINT = "pip install 'greenpool[embedded]'"
 # Generous: the cold start is about 1 s, but a loaded CI box can be much slower
@@ -133,7 +133,7 @@ def _pgserver_dir() -> Path:
 def _start_server() -> _EmbeddedServer:
     pkg = _pgserver_dir()
     started = time.monotonic()
-    child = LineChild("greenpool.embedded", ["--pgserver-dir", str(pkg)], what="embedded PostgreSQL")
+    child = LineChild("greenpool.testing.embedded", ["--pgserver-dir", str(pkg)], what="embedded PostgreSQL")
     try:
         reply = child.readline(_START_TIMEOUT)
         if not reply.startswith("ok "):
@@ -215,7 +215,7 @@ def resolve_dsn(explicit: str | None, env_var: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Supervisor child (stdlib only; runs as ``python -m greenpool.embedded``)
+# Supervisor child (stdlib only; runs as ``python -m greenpool.testing.embedded``)
 # --------------------------------------------------------------------------
 
 
@@ -418,7 +418,7 @@ def _serve_until_quit(proc: subprocess.Popen[bytes], parent: int) -> None:
                 return
             if proc.poll() is not None and not reported_death:
                 reported_death = True
-                print(f"greenpool.embedded: postgres exited unexpectedly ({proc.returncode})", file=sys.stderr)
+                print(f"greenpool.testing.embedded: postgres exited unexpectedly ({proc.returncode})", file=sys.stderr)
             continue
         chunk = os.read(0, 4096)
         if not chunk:
@@ -437,7 +437,7 @@ def _serve_until_quit(proc: subprocess.Popen[bytes], parent: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the supervisor child (``python -m greenpool.embedded``).
+    """Entry point of the supervisor child (``python -m greenpool.testing.embedded``).
 
     Starts PostgreSQL in a new temporary directory, prints
     ``ok port=<port> version=<v> dir=<path> user=<run-as> binaries=<installed|copy>``
@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``ping``/``quit`` on stdin, and on ``quit``, stdin EOF or parent death
     stops the server and deletes the directory.
     """
-    parser = argparse.ArgumentParser(prog="python -m greenpool.embedded")
+    parser = argparse.ArgumentParser(prog="python -m greenpool.testing.embedded")
     parser.add_argument("--pgserver-dir", type=Path, default=None, help="installed pgserver package directory")
     args = parser.parse_args(argv)
     # Before the reply: once it has it, the parent may exit at once, and a

@@ -1,7 +1,7 @@
 """Smoke tests against whatever ``pg_dsn`` resolves to.
 
 ``.ci/run`` runs this file a second time with ``GREENPOOL_TEST_DSN`` unset, so
-that it exercises the embedded server (``greenpool.embedded``) end to end.
+that it exercises the embedded server (``greenpool.testing.embedded``) end to end.
 """
 
 from __future__ import annotations

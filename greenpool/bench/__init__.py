@@ -1047,11 +1047,11 @@ class PeeweeDedicated(DedicatedConnections):
         database, params = config.backend.peewee_params(config.dsn)
         if config.backend.name == MYSQL:
             return peewee.MySQLDatabase(database, thread_safe=False, autoconnect=False, **params)
-        from greenpool.peewee import _gevent_adapter
+        from greenpool.peewee.postgres import gevent_adapter
 
         db = peewee.PostgresqlDatabase(database, thread_safe=False, autoconnect=False, **params)
         _require_psycopg3(db)
-        db._adapter.__class__ = _gevent_adapter(type(db._adapter))  # type: ignore[attr-defined]
+        db._adapter.__class__ = gevent_adapter(type(db._adapter))  # type: ignore[attr-defined]
         return db
 
     def connect(self) -> Any:
@@ -1566,7 +1566,7 @@ def resolve_dsn(explicit: str | None) -> tuple[str, str]:
         return explicit, "--dsn"
     if os.environ.get(DSN_ENV):
         return os.environ[DSN_ENV], f"${DSN_ENV}"
-    from greenpool.embedded import resolve_dsn as embedded_dsn
+    from greenpool.testing.embedded import resolve_dsn as embedded_dsn
 
     return embedded_dsn(None, DSN_ENV), "embedded throw-away pgserver"
 
@@ -1605,14 +1605,14 @@ def connect_mysql(explicit: str | None) -> Server | None:
 def resolve_connection_class() -> tuple[type[Any], str]:
     """greenpool's gevent-aware connection class if importable, else psycopg's."""
     try:
-        from greenpool.pgconn import GeventConnection
+        from greenpool.pg import GeventConnection
     except Exception as exc:  # noqa: BLE001 - any import problem means: fall back
         import psycopg
 
         return psycopg.Connection, (
-            f"psycopg.Connection (greenpool.pgconn.GeventConnection unavailable: {_describe_error(exc)})"
+            f"psycopg.Connection (greenpool.GeventConnection unavailable: {_describe_error(exc)})"
         )
-    return GeventConnection, "greenpool.pgconn.GeventConnection"
+    return GeventConnection, "greenpool.GeventConnection"
 
 
 def _masked(dsn: str) -> str:
@@ -1667,7 +1667,7 @@ def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Env
     results: list[RunResult] = []
     if scenario.is_storm:
         try:
-            from greenpool.proxy import Proxy
+            from greenpool.testing.proxy import Proxy
 
             host, port = backend.tcp_target(server.dsn)
             proxy = Proxy(host, port, connect_delay=scenario.connect_delay)

@@ -59,9 +59,8 @@ from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
 from psycopg.conninfo import make_conninfo
 
 import greenpool.peewee as gpw
-from greenpool.engine import BROKEN
-from greenpool.pgconn import GeventConnection
-from greenpool.proxy import Proxy, parse_dsn_host_port
+from greenpool.pg import GeventConnection
+from greenpool.testing.proxy import Proxy, parse_dsn_host_port
 
 #: Every test must end well within this (seconds); a hang fails the test.
 TEST_DEADLINE = 90
@@ -664,17 +663,17 @@ def test_manual_close_closes_at_once(backend: Backend) -> None:
 
 
 @backends("pg")
-def test_instance_conn_status_is_asked_at_return(backend: Backend) -> None:
-    """The backend hooks are looked up on the database at each use, as
-    methods: patching one on an instance takes effect."""
+def test_instance_hooks_are_asked_at_use(backend: Backend) -> None:
+    """playhouse's backend hooks (`_can_reuse`, `_is_closed`) are looked up
+    on the database at each use, as methods: patching one on an instance
+    takes effect."""
     db = backend.make(max_connections=3)
     db.connect()
-    db.close()
-    assert db.pool_stats()["pool_size"] == 1
-    with mock.patch.object(db, "_conn_status", lambda conn: BROKEN):
-        db.connect()
+    db.connection().execute("begin")  # a transaction left open: the return needs cleaning
+    with mock.patch.object(db, "_can_reuse", lambda conn: False):
         db.close()
-    wait_until(lambda: db.pool_stats()["pool_size"] == 0, what="the broken connection to be discarded")
+        wait_until(lambda: db.pool_stats()["returns_bad"] == 1, what="the connection to be refused reuse")
+    assert db.pool_stats()["pool_size"] == 0
 
 
 @backends("pg")
@@ -1861,7 +1860,7 @@ def test_database_down_with_a_connection_lent_raises_at_once_and_stops_trying(ba
 def test_a_connect_too_slow_is_not_called_max_connections(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pool with room whose connect doesn't finish in time says so; the cap
     was never the problem (it said "Max connections exceeded")."""
-    monkeypatch.setattr(gpw, "CONNECT_WAIT", 0.3)
+    monkeypatch.setattr(gpw.database, "CONNECT_WAIT", 0.3)
     proxy = backend.proxy()
     try:
         proxy.set_connect_delay(1.0)
@@ -1952,7 +1951,7 @@ def test_leak_warning_names_where_the_connection_was_taken(backend: Backend, cap
     leaks = [
         r
         for r in caplog.records
-        if r.name == "greenpool" and "leak_threshold" in r.getMessage() and pool_name in r.getMessage()
+        if r.name.startswith("greenpool") and "leak_threshold" in r.getMessage() and pool_name in r.getMessage()
     ]
     assert leaks, [r.getMessage() for r in caplog.records]
     for record in leaks:  # one report, naming where the connection was taken

@@ -1,11 +1,11 @@
 """Loopback TCP proxy for fault injection (tests and the ``storm`` benchmark).
 
-The proxy runs in a child process (``python -m greenpool.proxy``) on its own
+The proxy runs in a child process (``python -m greenpool.testing.proxy``) on its own
 asyncio loop, so it is untouched by the calling process's gevent hub,
 monkey-patching, or blocking calls: a benchmark that saturates its own hub
 still gets a proxy that relays promptly. The in-process :class:`Proxy`
 controller drives it synchronously over a line protocol on the child's
-stdin/stdout (see :mod:`greenpool._childproc`):
+stdin/stdout (see :mod:`greenpool.testing.childproc`):
 
 ==================  ===========================================================
 command             effect / reply
@@ -42,7 +42,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ._childproc import HelperError, LineChild, original
+from .._runtime.patching import original
+from .childproc import HelperError, LineChild
 
 # asyncio is imported only inside the child-side functions: importing it in
 # the parent would import ssl, and gevent warns (rightly) about ssl imported
@@ -249,7 +250,7 @@ class Proxy:
 
     def _spawn(self) -> LineChild:
         child = LineChild(
-            "greenpool.proxy",
+            "greenpool.testing.proxy",
             [
                 "--target-host",
                 self.target_host,
@@ -641,14 +642,14 @@ async def _amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m greenpool.proxy``: run the proxy in this process.
+    """Entry point of ``python -m greenpool.testing.proxy``: run the proxy in this process.
 
     Prints ``ok port=<port>`` once listening, then serves the control
     protocol on stdin/stdout until ``quit`` or EOF.
     """
     import asyncio
 
-    parser = argparse.ArgumentParser(prog="python -m greenpool.proxy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m greenpool.testing.proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target-host", required=True)
     parser.add_argument("--target-port", required=True, type=int)
     parser.add_argument("--connect-delay", type=float, default=0.0)

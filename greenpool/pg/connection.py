@@ -10,25 +10,14 @@ exactly like `psycopg.Connection`.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import psycopg
 from psycopg import errors as e
 from psycopg.conninfo import conninfo_attempts, make_conninfo, timeout_from_conninfo
-from psycopg.generators import fetch_many, send
-from psycopg.pq import TransactionStatus
 from psycopg.waiting import Ready
 
-from ._compat import allocate_lock, get_thread_ident, gevent_hub
-from .engine import BROKEN, DIRTY, OK
-
-logger = logging.getLogger("greenpool")
-
-#: Seconds allowed for each step of settling a returned connection (finish
-#: sending an interrupted query, cancel it, drain it, roll back): a server
-#: that stopped answering costs the connection, not a cleaner for good.
-SETTLE_TIMEOUT = 5.0
+from .._runtime.hub import allocate_lock, get_thread_ident, gevent_hub
 
 _READY = {int(r): r for r in Ready}
 
@@ -229,48 +218,3 @@ def _connect_error(failures: list[tuple[e.Error, str]]) -> e.Error:
     lines = [str(last), "Multiple connection attempts failed. All failures were:"]
     lines.extend(f"- {where}: {error}" for error, where in failures)
     return type(last)("\n".join(lines), pgconn=last.pgconn)
-
-
-# Plain ints: an enum member lookup costs more than the rest of the check.
-_IDLE = int(TransactionStatus.IDLE)
-_ACTIVE = int(TransactionStatus.ACTIVE)
-_UNKNOWN = int(TransactionStatus.UNKNOWN)
-
-
-def pool_status(conn: psycopg.Connection[Any]) -> int:
-    """The engine's view of a connection, without I/O: OK, DIRTY or BROKEN."""
-    status = conn.pgconn.transaction_status
-    if status == _IDLE:
-        return OK
-    return BROKEN if status == _UNKNOWN else DIRTY
-
-
-def settle(conn: psycopg.Connection[Any]) -> None:
-    """Bring a returned connection back to IDLE, or raise if it can't be.
-
-    A query interrupted mid-flight (`gevent.Timeout`, a killed greenlet)
-    leaves the connection ACTIVE: cancel it on the server and read the rest
-    of its results, so it neither runs on orphaned nor blocks the next
-    command (psycopg #1198). Then roll back any open transaction.
-    """
-    status = conn.pgconn.transaction_status
-    if status == TransactionStatus.ACTIVE:
-        logger.warning("cancelling the query of a connection returned busy: %s", conn)
-        # Interrupted while still sending? The server ignores a cancel until
-        # it has the whole query: finish sending it first.
-        conn.wait(send(conn.pgconn), timeout=SETTLE_TIMEOUT)
-        conn.cancel_safe(timeout=SETTLE_TIMEOUT)
-        conn.wait(_drain(conn.pgconn), timeout=SETTLE_TIMEOUT)
-        status = conn.pgconn.transaction_status
-    if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-        logger.info("rolling back returned connection: %s", conn)
-        with conn.lock:  # `conn.rollback()`, with a timeout
-            conn.wait(conn._rollback_gen(), timeout=SETTLE_TIMEOUT)
-    status = conn.pgconn.transaction_status
-    if status != TransactionStatus.IDLE:
-        raise e.ProgrammingError(f"connection left in status {TransactionStatus(status).name}: discarded")
-
-
-def _drain(pgconn: Any) -> Any:
-    """A psycopg generator reading results until the connection is idle."""
-    yield from fetch_many(pgconn)

@@ -41,7 +41,7 @@ from greenlet import GreenletExit
 from helpers import close_pools, last_resort_deadline, open_pool, unique
 
 import greenpool
-from greenpool.proxy import Proxy
+from greenpool.testing.proxy import Proxy
 
 GREEN = greenpool.ConnectionPool
 
@@ -501,7 +501,7 @@ _OLD_LIBPQ_CANCEL_CHILD = """
 import json, os, time
 import gevent, psycopg
 from greenpool import ConnectionPool
-from greenpool.proxy import Proxy, parse_dsn_host_port
+from greenpool.testing.proxy import Proxy, parse_dsn_host_port
 
 DSN = os.environ["GREENPOOL_TEST_DSN"]
 
@@ -762,7 +762,7 @@ def test_rollback_of_a_returned_connection_gives_up_on_a_silent_server(
     background; if the server stops answering (the proxy frozen), the
     rollback gives up after `SETTLE_TIMEOUT` and the connection is replaced,
     instead of pinning its slot (and a cleaner) for good."""
-    monkeypatch.setattr(greenpool.pgconn, "SETTLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(greenpool.pg.driver, "SETTLE_TIMEOUT", 0.3)
     proxy = make_proxy()
     proxy_pid = proxy._child.pid  # type: ignore[union-attr]
 

@@ -469,7 +469,7 @@ def test_putconn_while_the_pool_closes_the_connection_is_quiet(pg_dsn: str) -> N
     Peewee `close_stale()`) closes just as it is given back: nothing to give
     back, no error from the half-dismantled connection."""
 
-    class ClosedWhileGivenBack(greenpool.pgconn.GeventConnection):
+    class ClosedWhileGivenBack(greenpool.GeventConnection):
         close_now: Callable[[Any], None] | None = None
 
         @property

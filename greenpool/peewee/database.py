@@ -1,7 +1,7 @@
-"""Peewee: pooled databases on the greenpool engine, drop-ins for `playhouse.pool`.
+"""`PooledDatabase`: the mixin making a Peewee database class pooled, as `playhouse.pool`'s.
 
-`class MyDB(PooledDatabase, PostgresqlDatabase)` works as with peewee's
-mixin, and the ready classes keep playhouse's names. Differences that matter:
+`class MyDB(PooledDatabase, PostgresqlDatabase)` works as with playhouse's
+mixin. Differences that matter:
 
 - Each greenlet (or thread) has its own connection state, whatever the import
   order: peewee's `threading.local` state, bound before `monkey.patch_all()`,
@@ -24,28 +24,23 @@ import functools
 import itertools
 import logging
 import math
-import sys
-from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded
 
-from . import errors
-from ._compat import getcurrent
-from .engine import BROKEN, DIRTY, OK, Pool, Slot, _check_count
+from .. import errors
+from .._runtime.hub import getcurrent
+from ..engine import Pool, Slot, options
+from .drivers import driver_for, while_busy
 
 logger = logging.getLogger("greenpool.peewee")
 
-__all__ = [
-    "MaxConnectionsExceeded",
-    "PooledDatabase",
-    "PooledMySQLDatabase",
-    "PooledPostgresqlDatabase",
-    "PooledPostgresqlExtDatabase",
-    "PooledPsycopg3Database",
-    "PooledSqliteDatabase",
-]
+if TYPE_CHECKING:
+    # peewee has no type hints: to the type checker the mixin is a Database.
+    _DatabaseBase = peewee.Database
+else:
+    _DatabaseBase = object
 
 _UNLIMITED = 2**31 - 1
 
@@ -115,12 +110,6 @@ def _plain_cursor(cls: type) -> bool:
     return _inherits(cls, "cursor", peewee.Database)
 
 
-@functools.cache
-def _plain_mysql_connect(cls: type) -> bool:
-    """Whether `cls` connects with `MySQLDatabase._connect()` itself (see `_MySQLBackend.connect`)."""
-    return _inherits(cls, "_connect", peewee.MySQLDatabase)
-
-
 #: Peewee's translation of driver errors into its own (a dunder name mypy won't see).
 _EXCEPTION_WRAPPER: Any = vars(peewee)["__exception_wrapper__"]
 
@@ -165,38 +154,7 @@ class _ConnectionContext(peewee.ConnectionContext):
             db.close()
 
 
-class _DatabasePool(Pool[Any]):
-    """The engine, its hooks calling one peewee database's."""
-
-    # playhouse connects in the caller: a connect's error is a request's.
-    _connect_error_fails_a_request = True
-
-    def __init__(self, db: PooledDatabase, **kwargs: Any) -> None:
-        self._db = db
-        super().__init__(check=self._probe, **kwargs)
-
-    def _open_connection(self) -> Any:
-        return self._db._connect_raw()
-
-    def _close_connection(self, conn: Any) -> None:
-        self._db._close_raw(conn)
-
-    def _status(self, conn: Any) -> int:
-        return self._db._conn_status(conn)
-
-    def _clean(self, conn: Any) -> None:
-        if not self._db._can_reuse(conn):
-            raise errors.PoolError("connection can't be reused")
-
-    def _ping(self, conn: Any) -> None:
-        self._probe(conn)
-
-    def _probe(self, conn: Any) -> None:
-        if self._db._is_closed(conn):
-            raise errors.PoolError("connection is closed")
-
-
-class PooledDatabase:
+class PooledDatabase(_DatabaseBase):
     """Mixin making a peewee `Database` class pooled, like `playhouse.pool`'s.
 
     `max_connections` (None or 0: unlimited), `stale_timeout` (seconds, the
@@ -222,10 +180,13 @@ class PooledDatabase:
         leak_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_count("min_connections", min_connections, 0)
+        options.count("min_connections", min_connections, 0)
         max_size = self._max_size(max_connections, min_connections)
-        self._pool = _DatabasePool(
-            self,
+        # The database class's own connect and close (peewee's stubs lack these private methods).
+        self._driver = driver_for(self, super()._connect, super()._close)  # type: ignore[misc]
+        self._pool: Pool[Any] = Pool(
+            self._driver,
+            check=self._driver.ping,
             min_size=min_connections,
             max_size=max_size,
             timeout=CONNECT_WAIT,
@@ -242,12 +203,11 @@ class PooledDatabase:
         # id(connection) -> (its slot, the greenlet or thread holding it).
         self._lent: dict[int, tuple[Slot[Any], Any]] = {}
         self._link_key = f"_greenpool_linked_{id(self):x}"
-        self._lean = _lean_paths(type(self))  # type: ignore[arg-type]
-        self._lean_cursor = self._lean and _plain_cursor(type(self))  # type: ignore[arg-type]
-        self._backend = _backend_for(self)
-        self._pool._hub_bound_connections = self._backend.hub_bound
-        super().__init__(database, **kwargs)  # type: ignore[call-arg]
-        if self.thread_safe:  # type: ignore[attr-defined]
+        cls: type = type(self)
+        self._lean = _lean_paths(cls)
+        self._lean_cursor = self._lean and _plain_cursor(cls)
+        super().__init__(database, **kwargs)
+        if self.thread_safe:
             # Greenlet-local state makes peewee's database lock pointless; a
             # real lock taken before patch_all() would freeze the hub.
             self._lock = peewee._NoopLock()
@@ -282,7 +242,7 @@ class PooledDatabase:
     def _state(self, state: Any) -> None:
         # Peewee sets it in __init__: a thread-local if `thread_safe`, else
         # one state shared by all.
-        if self.thread_safe:  # type: ignore[attr-defined]
+        if self.thread_safe:
             # A new key: every greenlet starts afresh, as with a new thread-local.
             self._state_key = f"_greenpool_state_{id(self):x}_{next(_state_generations)}"
         else:
@@ -334,13 +294,13 @@ class PooledDatabase:
         wait = None if timeout is None else self._wait(timeout)
         # Peewee's __init__ calls init() too, before `database` exists.
         replace = bool(connect_kwargs) or database != getattr(self, "database", database)
-        self._backend.configure(connect_kwargs)
+        self._driver.configure(connect_kwargs)
         try:
-            super().init(database, **connect_kwargs)  # type: ignore[misc]
+            super().init(database, **connect_kwargs)
         finally:
             # Also if it raised (an open transaction): peewee may have made
             # its own adapter by then.
-            self._backend.adopt(self)
+            self._driver.adopt(self)
         if replace:
             pool.drain()
         if max_size is not None:
@@ -372,8 +332,8 @@ class PooledDatabase:
     def connect(self, reuse_if_open: bool = False) -> bool:
         """Take a pooled connection for the calling greenlet (peewee's semantics)."""
         if not self._lean:
-            return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
-        if self.deferred:  # type: ignore[attr-defined]
+            return super().connect(reuse_if_open)
+        if self.deferred:
             raise peewee.InterfaceError("Error, database must be initialized before opening a connection.")
         state = self._state
         if not state.closed:
@@ -388,9 +348,9 @@ class PooledDatabase:
         # Sets every field `reset()` would: no reset before it.
         state.set_connection(conn)
         try:
-            if self.server_version is None:  # type: ignore[attr-defined]
-                self._set_server_version(conn)  # type: ignore[attr-defined]
-            self._initialize_connection(conn)  # type: ignore[attr-defined]
+            if self.server_version is None:
+                self._set_server_version(conn)  # type: ignore[attr-defined]  # not in peewee's stubs
+            self._initialize_connection(conn)  # type: ignore[attr-defined]  # not in peewee's stubs
         except BaseException:
             _reraise_as_peewee()
         return True
@@ -398,8 +358,8 @@ class PooledDatabase:
     def close(self) -> bool:
         """Give the calling greenlet's connection back (peewee's semantics)."""
         if not self._lean:
-            return super().close()  # type: ignore[misc, no-any-return]
-        if self.deferred:  # type: ignore[attr-defined]
+            return super().close()
+        if self.deferred:
             raise peewee.InterfaceError("Error, database must be initialized before opening a connection.")
         state = self._state
         if state.transactions:
@@ -417,10 +377,10 @@ class PooledDatabase:
     def cursor(self, named_cursor: Any = None) -> Any:
         """A cursor on the calling greenlet's connection, connecting first if allowed (peewee's)."""
         if not self._lean_cursor:  # e.g. PostgresqlExtDatabase's, with named cursors
-            return super().cursor(named_cursor)  # type: ignore[misc]
+            return super().cursor(named_cursor)  # type: ignore[no-untyped-call]  # untyped in peewee's stubs
         state = self._state  # one lookup, where peewee's makes two
         if state.closed:
-            if not self.autoconnect:  # type: ignore[attr-defined]
+            if not self.autoconnect:
                 raise peewee.InterfaceError("Error, database connection not opened.")
             self.connect()
         return state.conn.cursor()
@@ -498,52 +458,39 @@ class PooledDatabase:
         else:
             self._pool.release(slot)
 
-    def _connect_raw(self) -> Any:
-        conn = self._backend.connect(self)
-        return super()._connect() if conn is None else conn  # type: ignore[misc]
-
-    def _close_raw(self, conn: Any) -> None:
-        try:
-            super()._close(conn)  # type: ignore[misc]
-        except Exception:
-            logger.debug("error closing connection %s", id(conn), exc_info=True)
-
-    # -- backend hooks (peewee's names where peewee has them) ------------
-
-    def _conn_status(self, conn: Any) -> int:
-        """Cheap local check, no I/O: `OK`, `DIRTY` (roll back) or `BROKEN`."""
-        return self._backend.status(conn)
+    # -- playhouse's backend hooks (its names) ----------------------------
 
     def _is_closed(self, conn: Any) -> bool:
         """Round-trip probe at checkout of a connection idle `check_idle` or more."""
-        return self._backend.is_closed(self, conn)
+        return self._driver.is_closed(conn)
 
     def _can_reuse(self, conn: Any) -> bool:
         """Roll back a returned connection; False if it can't be reused."""
-        return self._backend.can_reuse(self, conn)
+        return self._driver.can_reuse(conn)
 
     def _execute_cursor(self, sql: str, params: Any, **options: Any) -> Any:
-        if not self._backend.marks_busy:
-            return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
-        if self.is_closed() and self.autoconnect:  # type: ignore[attr-defined]
+        execute = super()._execute_cursor  # type: ignore[misc]  # peewee's stubs lack its private methods
+        if not self._driver.marks_busy:
+            return execute(sql, params, **options)
+        if self.is_closed() and self.autoconnect:
             self.connect()
         conn = self._state.conn
         if conn is None:
-            return super()._execute_cursor(sql, params, **options)  # type: ignore[misc]
-        return _while_busy(conn, super()._execute_cursor, sql, params, **options)  # type: ignore[misc]
+            return execute(sql, params, **options)
+        return while_busy(conn, execute, sql, params, **options)
 
     # -- playhouse.pool's API --------------------------------------------
 
     def manual_close(self) -> bool | None:
         """Close the calling greenlet's connection instead of returning it."""
-        if self.is_closed():  # type: ignore[attr-defined]
+        if self.is_closed():
             return False
         # close() refuses inside a transaction: refuse before forgetting the
         # connection, or its slot would stay lent for good. (playhouse forgets
         # it first, then raises, and never closes nor reuses it.)
-        if self.in_transaction():  # type: ignore[attr-defined]
+        if self.in_transaction():
             raise peewee.OperationalError("Attempting to close database while transaction is open.")
-        conn = self.connection()  # type: ignore[attr-defined]
+        conn = self.connection()  # type: ignore[no-untyped-call]  # untyped in peewee's stubs
         slot = self._forget_lent(conn)
         self.close()
         if slot is not None:
@@ -572,317 +519,9 @@ class PooledDatabase:
 
     def dispose(self) -> None:
         """Forget every connection without closing them (after a fork)."""
-        super().dispose()  # type: ignore[misc]
+        super().dispose()
         self._pool.forget_all()
         self._lent.clear()
 
 
 # -- backends ----------------------------------------------------------------
-
-
-class _Backend:
-    """How the pool treats one driver's connections (any other driver: trust them)."""
-
-    #: Mark connections busy during queries (when the driver can't tell).
-    marks_busy = False
-    #: Connections usable only in the gevent hub that made them (see the engine's `_hub_bound_connections`).
-    hub_bound = False
-
-    def configure(self, connect_kwargs: dict[str, Any]) -> None:
-        """Adjust the database's connect parameters before peewee's init()."""
-
-    def adopt(self, db: Any) -> None:
-        """Adjust the database after peewee's init()."""
-
-    def connect(self, db: Any) -> Any:
-        """Make a connection, or None to use peewee's `_connect()`."""
-        return None
-
-    def status(self, conn: Any) -> int:
-        """`OK`, `DIRTY` or `BROKEN`, without I/O."""
-        return OK
-
-    def is_closed(self, db: Any, conn: Any) -> bool:
-        """Probe the connection; True if it is unusable."""
-        return False
-
-    def can_reuse(self, db: Any, conn: Any) -> bool:
-        """Settle a returned connection; False if it can't be reused."""
-        return True
-
-
-class _PostgresBackend(_Backend):
-    """psycopg 3, connected through `GeventConnection`."""
-
-    def __init__(self) -> None:
-        # psycopg is an optional extra: import it only for a PostgreSQL database.
-        from .pgconn import pool_status, settle
-
-        self.status = pool_status  # type: ignore[method-assign]
-        self._settle = settle
-
-    def configure(self, connect_kwargs: dict[str, Any]) -> None:
-        connect_kwargs["prefer_psycopg3"] = True
-
-    def adopt(self, db: Any) -> None:
-        db._adapter.__class__ = _gevent_adapter(type(db._adapter))
-
-    def is_closed(self, db: Any, conn: Any) -> bool:
-        return bool(conn.closed) or bool(db._adapter.is_connection_closed(conn))
-
-    def can_reuse(self, db: Any, conn: Any) -> bool:
-        try:
-            self._settle(conn)
-        except Exception as ex:
-            logger.warning("discarding connection: %s", ex)
-            return False
-        return True
-
-
-class _GeventPsycopg3Adapter(peewee.Psycopg3Adapter):
-    """Peewee's psycopg 3 adapter, connecting with `GeventConnection`."""
-
-    def connect(self, db: Any, **params: Any) -> Any:
-        from .pgconn import GeventConnection
-
-        if db._encoding:
-            params.setdefault("client_encoding", db._encoding)
-        if db.database.startswith("postgresql://"):
-            params.setdefault("conninfo", db.database)
-        else:
-            params.setdefault("dbname", db.database)
-        return GeventConnection.connect(params.pop("conninfo", ""), **params)
-
-
-_ADAPTERS: dict[type, type] = {peewee.Psycopg3Adapter: _GeventPsycopg3Adapter}
-
-
-def _gevent_adapter(base: type) -> type:
-    """`base`, a peewee psycopg 3 adapter class, connecting with `GeventConnection`.
-
-    `_GeventPsycopg3Adapter` comes right after `base` and its own bases in
-    the method resolution order, in place of peewee's `connect()`: a `base`
-    with a `connect()` of its own that calls `super().connect()` (to set
-    something up on each connection) keeps it.
-    """
-    if base in _ADAPTERS.values():
-        return base
-    if base not in _ADAPTERS:
-        _ADAPTERS[base] = type(f"Gevent{base.__name__}", (base, _GeventPsycopg3Adapter), {})
-    return _ADAPTERS[base]
-
-
-class _MySQLBackend(_Backend):
-    """pymysql: pure Python on the `socket` module, so under gevent it
-    cooperates once `monkey.patch_all()` has run (before or after import)."""
-
-    marks_busy = True
-    hub_bound = True  # patched sockets: gevent's belong to the hub that made them
-
-    def connect(self, db: Any) -> Any:
-        # Not for a class with a `_connect()` of its own: it connects its way.
-        if (
-            _SharedContextConnection is None
-            or getattr(peewee, "mysql", None) is not _pymysql()
-            or not _plain_mysql_connect(type(db))  # type: ignore[arg-type]
-        ):
-            return None
-        # As peewee's MySQLDatabase._connect, sharing pymysql's TLS context.
-        return _SharedContextConnection(database=db.database, autocommit=True, **db.connect_params)
-
-    def status(self, conn: Any) -> int:
-        if getattr(conn, "_greenpool_busy", False):
-            # A query was interrupted mid-flight (pymysql may have closed the
-            # socket already): it still runs on the server until killed.
-            return DIRTY
-        if not getattr(conn, "open", True) or _blocking_under_gevent(conn):
-            return BROKEN
-        server_status = getattr(conn, "server_status", 0) or 0
-        return DIRTY if server_status & 1 else OK  # SERVER_STATUS_IN_TRANS
-
-    def is_closed(self, db: Any, conn: Any) -> bool:
-        try:
-            try:
-                conn.ping(False)  # never pymysql's silent reconnect
-            except TypeError:  # a driver whose ping() takes no argument (MariaDB's), as playhouse
-                conn.ping()
-        except Exception:
-            return True
-        return False
-
-    def can_reuse(self, db: Any, conn: Any) -> bool:
-        if getattr(conn, "_greenpool_busy", False):
-            # The protocol stream is mid-result: stop the query on the server
-            # from another connection, and drop this one.
-            self._kill_query(db, conn)
-            return False
-        try:
-            conn.rollback()
-        except Exception:
-            return False
-        return True
-
-    @staticmethod
-    def _kill_query(db: Any, conn: Any) -> None:
-        try:
-            killer = db._connect_raw()
-            try:
-                killer.cursor().execute(f"KILL QUERY {int(conn.thread_id())}")
-            finally:
-                db._close_raw(killer)
-        except Exception as ex:
-            logger.warning("couldn't cancel the interrupted query: %s", ex)
-
-
-class _SqliteBackend(_Backend):
-    def configure(self, connect_kwargs: dict[str, Any]) -> None:
-        # The pool's background jobs make and close connections.
-        connect_kwargs.setdefault("check_same_thread", False)
-
-    def status(self, conn: Any) -> int:
-        try:
-            return DIRTY if conn.in_transaction else OK
-        except Exception:
-            return BROKEN
-
-    def is_closed(self, db: Any, conn: Any) -> bool:
-        try:
-            return conn.total_changes is None  # raises once closed
-        except Exception:
-            return True
-
-    def can_reuse(self, db: Any, conn: Any) -> bool:
-        try:
-            if conn.in_transaction:
-                conn.rollback()
-        except Exception:
-            return False
-        return True
-
-
-def _while_busy(conn: Any, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call(*args, **kwargs)`, with `conn` marked busy (for `_MySQLBackend`) until it returns.
-
-    The mark stays only if the call is interrupted (gevent.Timeout, a kill):
-    then the connection is mid-result, its query still running on the
-    server. A call failing afterwards on that dead connection keeps it.
-    """
-    was_busy = getattr(conn, "_greenpool_busy", False)
-    conn._greenpool_busy = True
-    try:
-        result = call(*args, **kwargs)
-    except Exception:
-        conn._greenpool_busy = was_busy
-        raise
-    conn._greenpool_busy = False
-    return result
-
-
-def _blocking_under_gevent(conn: Any) -> bool:
-    """True for a pymysql connection made before `monkey.patch_all()`.
-
-    Its socket blocks the hub: replace it with one made on patched sockets.
-    """
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is None or not monkey.is_module_patched("socket"):
-        return False
-    from gevent.socket import socket as green_socket
-
-    sock = getattr(conn, "_sock", None)
-    return sock is not None and not isinstance(sock, green_socket)
-
-
-def _backend_for(db: Any) -> _Backend:
-    for base, backend in (
-        (peewee.PostgresqlDatabase, _PostgresBackend),
-        (peewee.MySQLDatabase, _MySQLBackend),
-        (peewee.SqliteDatabase, _SqliteBackend),
-    ):
-        if isinstance(db, base):
-            return backend()
-    return _Backend()
-
-
-def _pymysql() -> Any:
-    try:
-        import pymysql
-    except ImportError:  # pragma: no cover - the mysql extra is optional
-        return None
-    return pymysql
-
-
-def _shared_context_connection_class() -> Any:
-    pymysql = _pymysql()
-    if pymysql is None:  # pragma: no cover
-        return None
-
-    class SharedContextConnection(pymysql.connections.Connection):  # type: ignore[misc, name-defined]
-        """pymysql's connection, building its default TLS context once, and
-        marking itself busy while a query runs (see `_while_busy`).
-
-        With no TLS option pymysql "prefers" TLS and builds a fresh
-        `ssl.create_default_context()` (loading the CA store) for every
-        connection: about 20 ms of CPU that blocks the gevent hub. The
-        context is the same every time and safe to share.
-        """
-
-        _default_context: Any = None
-
-        def query(self, sql: Any, unbuffered: bool = False) -> Any:
-            # What every cursor's execute() comes down to, `db.cursor()`'s too.
-            return _while_busy(self, super().query, sql, unbuffered)
-
-        def _create_ssl_ctx(self, sslp: Any) -> Any:
-            if sslp != {}:
-                return super()._create_ssl_ctx(sslp)
-            cls = type(self)
-            if cls._default_context is None:
-                cls._default_context = super()._create_ssl_ctx(sslp)
-            return cls._default_context
-
-    return SharedContextConnection
-
-
-_SharedContextConnection = _shared_context_connection_class()
-
-
-def _postgres_ext() -> tuple[type, type]:
-    from playhouse.postgres_ext import PostgresqlExtDatabase, Psycopg3Database
-
-    return PostgresqlExtDatabase, Psycopg3Database
-
-
-_PostgresqlExtDatabase, _Psycopg3Database = _postgres_ext()
-
-
-class PooledPostgresqlDatabase(PooledDatabase, peewee.PostgresqlDatabase):  # type: ignore[misc]
-    """Pooled `PostgresqlDatabase` (psycopg 3)."""
-
-
-class PooledPostgresqlExtDatabase(PooledDatabase, _PostgresqlExtDatabase):  # type: ignore[misc, valid-type]
-    """Pooled `playhouse.postgres_ext.PostgresqlExtDatabase` (psycopg 3)."""
-
-
-class PooledPsycopg3Database(PooledDatabase, _Psycopg3Database):  # type: ignore[misc, valid-type]
-    """Pooled `playhouse.postgres_ext.Psycopg3Database`."""
-
-
-class PooledMySQLDatabase(PooledDatabase, peewee.MySQLDatabase):  # type: ignore[misc]
-    """Pooled `MySQLDatabase` (pymysql)."""
-
-
-class PooledSqliteDatabase(PooledDatabase, peewee.SqliteDatabase):  # type: ignore[misc]
-    """Pooled `SqliteDatabase`."""
-
-
-def _register_urls() -> None:
-    from playhouse.db_url import register_database
-
-    register_database(PooledPostgresqlDatabase, "greenpool+postgres", "greenpool+postgresql")
-    register_database(PooledPostgresqlExtDatabase, "greenpool+postgresext", "greenpool+postgresqlext")
-    register_database(PooledPsycopg3Database, "greenpool+psycopg3")
-    register_database(PooledMySQLDatabase, "greenpool+mysql")
-    register_database(PooledSqliteDatabase, "greenpool+sqlite")
-
-
-_register_urls()

@@ -115,11 +115,11 @@ def test_peewee_dedicated_postgres_database_is_plain_psycopg3_through_gevent_con
     pytest.importorskip("psycopg")
     import peewee
 
-    from greenpool import peewee as gpw
+    from greenpool.peewee.postgres import gevent_adapter
 
     config = _config(bench.POSTGRES, "host=127.0.0.1 port=5432 user=postgres dbname=test")
     db: Any = bench.PeeweeDedicated(config).database()
-    assert type(db._adapter) is gpw._gevent_adapter(peewee.Psycopg3Adapter)
+    assert type(db._adapter) is gevent_adapter(peewee.Psycopg3Adapter)
     assert type(db) is peewee.PostgresqlDatabase  # no pool, not even greenpool's
     assert (db.database, db.connect_params["host"], db.connect_params["port"]) == ("test", "127.0.0.1", "5432")
     assert (db.thread_safe, db.autoconnect, db.is_closed()) == (False, False, True)
@@ -449,7 +449,7 @@ def test_bare_pool_lends_each_connection_to_one_greenlet_at_a_time(pg_dsn: str) 
         monkey.patch_all()
         import sys, gevent
         from greenpool import bench
-        from greenpool.pgconn import GeventConnection
+        from greenpool.pg import GeventConnection
 
         config = bench.ContenderConfig(
             dsn=sys.argv[1], pool_size=3, max_lifetime=bench.CALM_LIFETIME,

@@ -1,5 +1,5 @@
-"""Line-protocol helper child processes (shared by :mod:`greenpool.proxy` and
-:mod:`greenpool.embedded`).
+"""Line-protocol helper child processes (shared by :mod:`greenpool.testing.proxy`
+and :mod:`greenpool.testing.embedded`).
 
 A helper child is one of greenpool's own modules run as ``__main__`` in a
 fresh interpreter. The parent talks to it over two private pipes: it writes
@@ -22,7 +22,6 @@ POSIX only.
 
 from __future__ import annotations
 
-import importlib
 import os
 import select
 import subprocess
@@ -30,13 +29,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
 
-__all__ = ["HelperError", "LineChild", "original"]
+from .._runtime.patching import original
+
+__all__ = ["HelperError", "LineChild"]
 
 #: The directory of the ``greenpool`` package, handed to children so they can
 #: import greenpool's modules without executing ``greenpool/__init__.py``.
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run in the child via ``python -I -c``. It installs an empty stand-in for the
 # ``greenpool`` package and then runs the target module like ``python -m``
@@ -55,19 +55,6 @@ _BOOTSTRAP = (
 )
 
 _STDERR_TAIL = 4000
-
-
-def original(module: str, name: str) -> Any:
-    """Return ``module.name`` as it was before any gevent monkey-patching.
-
-    Only consults gevent when ``gevent.monkey`` has already been imported by
-    someone else: importing it here would be pointless (nothing can have been
-    patched without it) and would drag gevent into processes that never use it.
-    """
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        return monkey.get_original(module, name)
-    return getattr(importlib.import_module(module), name)
 
 
 class HelperError(RuntimeError):

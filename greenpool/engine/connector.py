@@ -1,0 +1,265 @@
+"""The part of `Pool` that makes and closes connections.
+
+Connects are reserved under the pool lock (`_todo`: None to grow, or the
+slot a new connection replaces) and made by background *connector* jobs,
+at most `num_workers` at a time, one while the database is failing. A
+failed connect is retried with a jittered backoff only while something
+still asks for it (a waiting request, `min_size`, a replacement); the
+request it failed may be failed with its error. Closes run in the
+background too, and count against `max_size` until done.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from time import monotonic
+from typing import TypeVar
+
+from .._runtime.waiters import Failed
+from .idle import GONE, OUT, Slot
+from .state import PoolState
+
+logger = logging.getLogger("greenpool.engine")
+
+C = TypeVar("C")
+
+# Reconnection backoff while connects fail: from first to max delay, doubling.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 1.0
+
+
+def describe(error: BaseException) -> str:
+    """`error` as the end of a message: ": Type: text"."""
+    return f": {type(error).__name__}: {error}"
+
+
+class Connector(PoolState[C]):
+    """The part of `Pool` that makes and closes connections (see the module docstring)."""
+
+    @property
+    def failing(self) -> bool:
+        """Whether connects have been failing since the last one that worked."""
+        return self._failing_since is not None
+
+    def _discard_if_idle(self, slot: Slot[C]) -> None:
+        """Close a retired slot now if it sits idle; a lent one is closed when it comes back."""
+        if self._idle.take(slot):
+            self._discard(slot)
+
+    def _discard(self, slot: Slot[C], close_now: bool = False) -> None:
+        """Forget a slot, close its connection, and refill if needed."""
+        if slot.state == GONE:
+            return
+        with self._lock:
+            if slot.state == GONE:
+                return  # by another thread, meanwhile
+            self._forget_locked(slot)
+            epoch = self._epoch
+        self._close_forgotten(slot, epoch, close_now)
+
+    def _forget_locked(self, slot: Slot[C]) -> None:
+        """Take a slot from the pool, its connection to be closed (under the lock)."""
+        slot.state = GONE
+        self._slots.discard(slot)
+        self._closing += 1
+
+    def _close_forgotten(self, slot: Slot[C], epoch: int, close_now: bool = False) -> None:
+        """Close a forgotten slot's connection (in the background), then refill if needed."""
+        if close_now or self._executor is None:
+            self._close_then_fill(slot.conn, epoch)
+        else:
+            self._executor.submit(self._close_then_fill, slot.conn, epoch)
+
+    def _close_then_fill(self, conn: C, epoch: int) -> None:
+        try:
+            self._close_quietly(conn)
+        finally:
+            with self._lock:
+                if self._epoch == epoch:
+                    self._closing -= 1
+        self._fill()
+
+    def _close_quietly(self, conn: C) -> None:
+        try:
+            self.driver.close(conn)
+        except Exception as ex:
+            logger.debug("error closing connection in %r: %s", self.name, ex)
+
+    def _fill(self) -> None:
+        """Reserve connects up to `min_size`, and for waiters up to `max_size`."""
+        pending = self._pending()
+        size = self._planned()
+        if size >= self._min_size and (size >= self._max_size or len(self._waiters) <= pending):
+            return  # nothing to do: the common case, decided without the lock
+        with self._lock:
+            if self._closed:
+                return
+            pending = self._pending()
+            size = self._planned()
+            want = max(
+                self._min_size - size,
+                min(len(self._waiters) - pending, self._max_size - size),
+            )
+            self._todo.extend([None] * want)
+        self._start_connectors()
+
+    def _start_connectors(self) -> None:
+        with self._lock:
+            if self._closed or not self._todo:
+                return
+            limit = 1 if self._failing_since is not None else self.num_workers
+            n = max(0, min(len(self._todo), limit - self._connecting))
+            self._connecting += n
+            epoch = self._epoch
+        assert self._executor is not None
+        for _ in range(n):
+            self._executor.submit(self._connector, epoch)
+
+    def _connector(self, epoch: int) -> None:
+        """Background job: make the reserved connections, retrying on failure.
+
+        A connector of another epoch (the parent's, copied by a fork) stops.
+        """
+        delay = BACKOFF_FIRST
+        replaces: Slot[C] | None = None
+        reserved = False  # holding a reservation popped from _todo
+        try:
+            while True:
+                with self._lock:
+                    if self._epoch != epoch:
+                        return
+                    limit = 1 if self._failing_since is not None else self.num_workers
+                    if self._closed or not self._todo or self._connecting > limit:
+                        self._connecting -= 1
+                        return
+                    replaces = self._todo.popleft()
+                    reserved = True
+                    self._inflight += 1
+                    drains = self._drains
+                t0 = monotonic()
+                try:
+                    self.connections_num += 1
+                    conn = self.driver.connect()
+                except Exception as ex:
+                    self.connections_errors += 1
+                    with self._lock:
+                        if self._epoch != epoch:
+                            return
+                        closed = self._closed
+                        self._inflight -= 1
+                        reserved = False
+                    if closed:
+                        # In flight when the pool closed (its server may be going
+                        # away with it): nothing waits for it, nothing to report.
+                        logger.debug("error connecting in closed %r: %s", self.name, ex)
+                        continue  # and return at the top, without a backoff
+                    self._connect_failed(ex, t0)  # may fail requests with this error
+                    with self._lock:
+                        if self._epoch != epoch:
+                            return
+                        pending = self._pending()
+                        # Still asked for by a request left waiting, or by
+                        # min_size? Else not retried: the next request tries again.
+                        wanted = (
+                            replaces is not None
+                            or self._planned(closing=False) < self._min_size
+                            or len(self._waiters) > pending
+                        )
+                        if wanted and not self._closed:  # close() cleared the reservations
+                            self._todo.appendleft(replaces)
+                        elif not pending:
+                            # No retry: the next request tries a connect of
+                            # its own, and its error is its own.
+                            self._failing_since = None
+                            self._last_error = None
+                        retry_due = bool(self._todo)
+                    if not retry_due:
+                        continue
+                    # Also before others' connects queued meanwhile: under
+                    # load they would follow each other without a pause.
+                    assert self._executor is not None
+                    self._executor.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, BACKOFF_MAX)
+                    continue
+                elapsed = monotonic() - t0
+                self.connections_ms += int(elapsed * 1000)
+                self._connect_ewma += (elapsed - self._connect_ewma) * 0.2
+                delay = BACKOFF_FIRST
+                recovered = self._failing_since is not None
+                if recovered:
+                    logger.warning("pool %r reconnected", self.name)
+                    self._failing_since = None
+                    self._last_error = None  # not the cause of a later timeout
+                    self._reconnect_reported = False
+                reserved = False  # _add_connection settles the reservation
+                self._add_connection(conn, replaces, drains, epoch)
+                if recovered:
+                    self._start_connectors()
+                if self._epoch == epoch:  # a job copied by a fork leaves the child's pool alone
+                    self._replace_expiring(monotonic())
+        except BaseException:
+            with self._lock:
+                if self._epoch != epoch:
+                    raise
+                if reserved:
+                    self._inflight -= 1
+                    if not self._closed:
+                        self._todo.appendleft(replaces)
+                self._connecting -= 1
+            raise
+
+    def _connect_failed(self, ex: Exception, t0: float) -> None:
+        logger.warning("error connecting in %r: %s", self.name, ex)
+        self._last_error = ex
+        if self._failing_since is None:
+            self._failing_since = t0
+        with self._lock:
+            if not self._slots and not self._inflight:
+                # Nothing alive can come back to the waiters, and no other
+                # connect is under way that might succeed: fail them now.
+                failed = list(self._waiters)
+                self._waiters.clear()
+            elif self.driver.connect_error_fails_a_request and self._waiters:
+                failed = [self._waiters.popleft()]
+            else:
+                return
+            failure = Failed(ex)
+            for req in failed:
+                req.slot = failure
+        for req in failed:
+            req.fire()
+
+    def _add_connection(self, conn: C, replaces: Slot[C] | None, drains: int, epoch: int) -> None:
+        """Put a new connection to use; `drains` is `_drains` when its connect began."""
+        now = monotonic()
+        slot = Slot(conn, now, self._draw_lifetime())
+        slot.state = OUT
+        with self._lock:
+            if self._epoch != epoch:
+                # Begun before a fork: the parent has it too. Not ours to
+                # use, nor to close (closing would end the parent's session).
+                return
+            self._inflight -= 1
+            closed = self._closed
+            # Made with the settings a drain() since was called to get rid of:
+            # make it again.
+            stale = not closed and drains != self._drains
+            if stale:
+                self._todo.appendleft(replaces)
+            elif not closed:
+                self._slots.add(slot)
+        if closed or stale:
+            self._close_quietly(conn)
+            return
+        if replaces is not None:
+            # The successor was opened within max_size: both may be in use
+            # until the old one, retired, comes back.
+            replaces.retire()
+            self._discard_if_idle(replaces)
+        self._release(slot)
+
+    def _error_suffix(self) -> str:
+        if self._failing_since is None or self._last_error is None:
+            return ""
+        return describe(self._last_error)

@@ -1,0 +1,1 @@
+"""Integrations with the frameworks around a pool: Celery and Prometheus land here next."""

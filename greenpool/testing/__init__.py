@@ -1,0 +1,42 @@
+"""Test helpers for code that uses greenpool, as `gevent.testing` is for gevent's.
+
+- `proxy`: `Proxy`, a loopback TCP proxy in a child process for fault
+  injection: delay new connections, kill every relayed one, refuse new ones.
+- `embedded`: `embedded_dsn()`, a throw-away PostgreSQL server (the
+  `embedded` extra's `pgserver` wheel) for machines without one.
+- `childproc`: the line-protocol child processes both run in.
+
+greenpool's own tests and benchmark use them; so may yours::
+
+    from greenpool.testing import Proxy, embedded_dsn
+
+    with Proxy("127.0.0.1", 5432) as proxy:
+        pool = ConnectionPool(proxy.dsn(dsn), open=True)
+        proxy.kill_connections()  # every pooled connection breaks
+
+Names are imported on first use: the child processes run these modules as
+``__main__`` and must not find them imported already.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__all__ = ["HelperError", "Proxy", "embedded_dsn", "parse_dsn_host_port"]
+
+_WHERE = {
+    "HelperError": "childproc",
+    "Proxy": "proxy",
+    "parse_dsn_host_port": "proxy",
+    "embedded_dsn": "embedded",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'greenpool.testing' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
