@@ -9,6 +9,9 @@ Environment variables (all optional):
 ``GREENPOOL_TEST_MYSQL``
     ``mysql://user:password@host:port/db``; default probes
     ``mysql://root@127.0.0.1:3306/test``.
+``GREENPOOL_TEST_REDIS``, ``GREENPOOL_TEST_AMQP``
+    the Celery tests' brokers; default ``redis://127.0.0.1:6379/0`` and
+    ``amqp://guest:guest@127.0.0.1:5672//``.
 ``CI``
     when true, a missing service fails the test instead of skipping it, and
     any skipped test fails the session: CI must exercise everything.
@@ -46,7 +49,7 @@ def skip_or_fail(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def _tcp_reachable(host: str, port: int, timeout: float = 3.0) -> str | None:
+def tcp_reachable(host: str, port: int, timeout: float = 3.0) -> str | None:
     """None if a TCP connect succeeds, else the error text."""
     try:
         with socket.create_connection((host, port), timeout=timeout):

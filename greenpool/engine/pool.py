@@ -202,6 +202,19 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         Close the pool and raise `PoolTimeout`, with the last connection
         error, if it isn't ready within `timeout` seconds.
         """
+        timeout = options.positive("timeout", timeout)
+        if not self.wait_ready(timeout):
+            self.close()
+            raise self.PoolTimeout(
+                f"pool initialization incomplete after {timeout} sec" + self._error_suffix()
+            ) from self._last_error
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Block until `min_size` connections are ready, or `timeout` seconds pass.
+
+        Return whether they are ready. Unlike `wait()`, the pool stays open
+        either way (its connects go on in the background).
+        """
         self._check_open()
         timeout = options.positive("timeout", timeout)
         deadline = monotonic() + timeout
@@ -210,12 +223,10 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             if self._closed:
                 raise self.PoolClosed(f"the pool {self.name!r} is closed")
             if monotonic() >= deadline:
-                self.close()
-                raise self.PoolTimeout(
-                    f"pool initialization incomplete after {timeout} sec" + self._error_suffix()
-                ) from self._last_error
+                return False
             sleep(step)
             step = min(step * 2, 0.05)
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: fail waiting and future requests with `PoolClosed`.

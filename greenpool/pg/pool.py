@@ -9,6 +9,7 @@ of a checkout, kept beside the pool it serves.
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
@@ -16,7 +17,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import psycopg
 from psycopg import errors as e
 
-from ..engine import GONE, OK, Pool, Slot, options
+from .._runtime.hub import getcurrent
+from ..engine import GONE, OK, OUT, Pool, Slot, options
 from .connection import GeventConnection
 from .driver import (
     ACTIVE,
@@ -34,6 +36,8 @@ CT = TypeVar("CT", bound="psycopg.Connection[Any]")
 
 #: `max_size` of a NullConnectionPool without a limit.
 _UNLIMITED = 2**31 - 1
+
+logger = logging.getLogger("greenpool.pg")
 
 _new_object = object.__new__
 
@@ -191,7 +195,34 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         conn = lease.lend()
         lent: Any = conn
         lent._pool_lease = None  # no block to end it: putconn() gives it back
+        lent._pool_owner = getcurrent()  # for `reclaim()`
         return conn
+
+    def reclaim(self, owner: Any = None) -> int:
+        """Give back the connections `getconn()` lent to `owner` and not `putconn()`-ed yet.
+
+        `owner` is a greenlet (or a thread's main greenlet), by default the
+        caller's. Each is given back as `putconn()` would: rolled back, or
+        its query cancelled on the server if one still runs. Return how
+        many were. The Celery integration calls it after each task.
+        """
+        owner = getcurrent() if owner is None else owner
+        with self._lock:
+            held = [
+                s.conn
+                for s in self._slots
+                if s.state is OUT
+                and getattr(s.conn, "_pool", None) is self
+                and getattr(s.conn, "_pool_lease", self) is None
+                and getattr(s.conn, "_pool_owner", None) is owner
+            ]
+        for conn in held:
+            logger.warning("%r still held a connection of %r: giving it back", owner, self.name)
+            try:
+                self.putconn(conn)
+            except ValueError:
+                pass  # given back meanwhile
+        return len(held)
 
     def _warn_open_implicit(self) -> None:
         """psycopg_pool's warning, before the first checkout of a pool opened implicitly."""
@@ -219,6 +250,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         slot = lent._pool_slot
         lent._pool = None
         lent._pool_lease = None
+        lent._pool_owner = None
         if slot is not None:  # else closed by the pool (`close_lent()`) since `_pool` was read
             self.release(slot)
 
