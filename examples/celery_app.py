@@ -47,7 +47,7 @@ class Note(peewee.Model):
 
     class Meta:
         database = db
-        table_name = "greenpool_example_note"
+        table_name = "greenpool_celery_note"
 
 
 @app.task
@@ -62,6 +62,6 @@ def add_note(text: str) -> int:
 def count_notes() -> int:
     """Count the notes with a plain psycopg query on the pool."""
     with pool.connection() as conn:
-        conn.execute("create table if not exists greenpool_example_note (id serial primary key, text text)")
-        row = conn.execute("select count(*) from greenpool_example_note").fetchone()
+        conn.execute("create table if not exists greenpool_celery_note (id serial primary key, text text)")
+        row = conn.execute("select count(*) from greenpool_celery_note").fetchone()
         return int(row[0]) if row else 0

@@ -1,20 +1,29 @@
 """Peewee models on greenpool's pooled database, under gevent.
 
-python examples/peewee_models.py      # uses PostgreSQL on 127.0.0.1, database test
+GREENPOOL_DSN="host=127.0.0.1 user=postgres dbname=test" python examples/peewee_models.py
+
+Your own database class gets the pool the same way: `class MyDB(PooledDatabase, PostgresqlDatabase)`.
 """
 
 from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
+
 import gevent  # noqa: E402
 import peewee  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
-from greenpool.peewee import PooledPostgresqlDatabase  # noqa: E402
+from greenpool.peewee import PooledDatabase  # noqa: E402
 
-db = PooledPostgresqlDatabase(
-    "test", host="127.0.0.1", user="postgres", max_connections=10, stale_timeout=300, timeout=10
-)
+
+class AppDatabase(PooledDatabase, peewee.PostgresqlDatabase):
+    """A project's own database class, pooled (the ready PooledPostgresqlDatabase is the same)."""
+
+
+params = conninfo_to_dict(os.environ.get("GREENPOOL_DSN", "host=127.0.0.1 user=postgres dbname=test"))
+db = AppDatabase(params.pop("dbname"), max_connections=10, stale_timeout=300, timeout=10, **params)
 
 
 class Note(peewee.Model):
@@ -33,6 +42,7 @@ def add(i: int) -> None:
 
 def main() -> None:
     with db.connection_context():
+        db.drop_tables([Note])  # a fresh table, whatever an earlier run left
         db.create_tables([Note])
     gevent.joinall([gevent.spawn(add, i) for i in range(100)], raise_error=True)
     with db.connection_context():

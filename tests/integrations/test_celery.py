@@ -342,3 +342,7 @@ def test_the_example_app_runs(start_worker: Callable[..., Worker], pg_dsn: str, 
         assert "greenpool: 2 pool(s) in a gevent worker" in worker.output()
     finally:
         worker.stop()
+        import psycopg
+
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("drop table if exists greenpool_celery_note")
