@@ -27,6 +27,12 @@ C = TypeVar("C")
 # Reconnection backoff while connects fail: from first to max delay, doubling.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 1.0
+#: While every connect fails and nothing is alive, a request never fails on
+#: an attempt that ended before it began: it joins the attempt under way, or
+#: starts one (a probe), at most one at a time and one per this many
+#: seconds, so that a busy client's outage costs the server a few attempts a
+#: second, not one per request.
+PROBE_INTERVAL = 0.2
 
 
 def describe(error: BaseException) -> str:
@@ -104,6 +110,39 @@ class Connector(PoolState[C]):
             self._todo.extend([None] * want)
         self._start_connectors()
 
+    def _probe_due_locked(self) -> bool:
+        """Whether a request must start a probe (see `PROBE_INTERVAL`); claim it if so (under the lock).
+
+        Only while every connect fails, nothing is alive, no connect is under
+        way but a retry is reserved (the connector sleeps out its backoff),
+        and no probe was started already.
+        """
+        if (
+            self._failing_since is None
+            or self._slots
+            or self._inflight
+            or not self._todo
+            or self._probing
+            or self._closed
+        ):
+            return False
+        self._probing = True
+        return True
+
+    def _start_probe(self) -> None:
+        """Start a connect now for the requests waiting (see `PROBE_INTERVAL`).
+
+        The connector sleeping out its backoff stops when it wakes: the probe
+        takes its place, and its backoff, if it fails too.
+        """
+        with self._lock:
+            self._connecting += 1
+            self._backoff_generation += 1
+            epoch = self._epoch
+            wait = max(0.0, self._last_failure + PROBE_INTERVAL - monotonic())
+        assert self._executor is not None
+        self._executor.submit(self._connector, epoch, wait)
+
     def _start_connectors(self) -> None:
         with self._lock:
             if self._closed or not self._todo:
@@ -116,23 +155,31 @@ class Connector(PoolState[C]):
         for _ in range(n):
             self._executor.submit(self._connector, epoch)
 
-    def _connector(self, epoch: int) -> None:
+    def _connector(self, epoch: int, probe_after: float | None = None) -> None:
         """Background job: make the reserved connections, retrying on failure.
 
         A connector of another epoch (the parent's, copied by a fork) stops.
+        A probe (see `_start_probe()`) waits `probe_after` seconds, connects
+        once whatever the limit on connectors, then goes on as any other.
         """
-        delay = BACKOFF_FIRST
         replaces: Slot[C] | None = None
         reserved = False  # holding a reservation popped from _todo
+        probing = probe_after is not None
         try:
+            if probe_after:
+                assert self._executor is not None
+                self._executor.sleep(probe_after)
             while True:
                 with self._lock:
                     if self._epoch != epoch:
                         return
+                    if probing:
+                        self._probing = False
                     limit = 1 if self._failing_since is not None else self.num_workers
-                    if self._closed or not self._todo or self._connecting > limit:
+                    if self._closed or not self._todo or (self._connecting > limit and not probing):
                         self._connecting -= 1
                         return
+                    probing = False
                     replaces = self._todo.popleft()
                     reserved = True
                     self._inflight += 1
@@ -174,18 +221,24 @@ class Connector(PoolState[C]):
                             self._failing_since = None
                             self._last_error = None
                         retry_due = bool(self._todo)
+                        delay = self._retry_delay
+                        self._retry_delay = min(delay * 2, BACKOFF_MAX)
+                        generation = self._backoff_generation
                     if not retry_due:
                         continue
                     # Also before others' connects queued meanwhile: under
                     # load they would follow each other without a pause.
                     assert self._executor is not None
                     self._executor.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, BACKOFF_MAX)
+                    with self._lock:
+                        if self._epoch == epoch and self._backoff_generation != generation:
+                            self._connecting -= 1  # a request's probe took this retry over
+                            return
                     continue
                 elapsed = monotonic() - t0
                 self.connections_ms += int(elapsed * 1000)
                 self._connect_ewma += (elapsed - self._connect_ewma) * 0.2
-                delay = BACKOFF_FIRST
+                self._retry_delay = BACKOFF_FIRST
                 recovered = self._failing_since is not None
                 if recovered:
                     logger.warning("pool %r reconnected", self.name)
@@ -202,6 +255,8 @@ class Connector(PoolState[C]):
             with self._lock:
                 if self._epoch != epoch:
                     raise
+                if probing:
+                    self._probing = False
                 if reserved:
                     self._inflight -= 1
                     if not self._closed:
@@ -212,6 +267,7 @@ class Connector(PoolState[C]):
     def _connect_failed(self, ex: Exception, t0: float) -> None:
         logger.warning("error connecting in %r: %s", self.name, ex)
         self._last_error = ex
+        self._last_failure = monotonic()
         if self._failing_since is None:
             self._failing_since = t0
         with self._lock:

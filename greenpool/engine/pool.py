@@ -35,7 +35,7 @@ from .._runtime.hub import INFINITY, allocate_lock, get_thread_ident, getcurrent
 from .._runtime.timer import DeadlineTimer
 from .._runtime.waiters import CANCELLED, Failed, GreenRequest, ThreadRequest
 from . import options
-from .connector import Connector, describe
+from .connector import BACKOFF_FIRST, Connector, describe
 from .driver import BROKEN, DIRTY, OK, Driver
 from .housekeeper import Housekeeper
 from .idle import GONE, IDLE, OUT, IdleBag, Slot
@@ -139,6 +139,11 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         self._epoch = 0
         self._failing_since = None
         self._last_error = None
+        self._last_failure = 0.0  # when the last failed connect ended
+        self._retry_delay = BACKOFF_FIRST  # the next failure's backoff
+        self._probing = False  # a request's probe was started, and has not begun its connect
+        # Bumped by a probe: the connector sleeping out its backoff then stops.
+        self._backoff_generation = 0
         self._reconnect_reported = False
         self._connect_ewma = 0.05  # seconds, seeds replacement lead times
         self._drains = 0  # drain() calls: a connect begun before one is stale
@@ -313,6 +318,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             req.slot = None
             lock = self._lock
             first = None  # set once the request is past `_refuse()`
+            probe = False
             # Queued inside the `try`: an exception raised into this greenlet
             # (a KeyboardInterrupt) as soon as the request is queued must not
             # leave it there, to be handed a connection no one takes.
@@ -320,20 +326,18 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                 lock.acquire()
                 try:
                     if self._closed or self.max_waiting or fail_if_full or self._failing_since is not None:
-                        self._refuse(fail_if_full)
+                        probe = self._refuse(fail_if_full)
                     waiters = self._waiters
                     first = not waiters
                     waiters.append(req)
                 finally:
                     lock.release()
+                if probe:
+                    self._start_probe()
                 if not queued:
                     self.requests_queued += 1
                 # A full pool's slots alone reach max_size: one len() says so.
-                nslots = len(self._slots)
-                if (
-                    nslots < self._max_size
-                    and nslots + len(self._todo) + self._inflight + self._closing < self._max_size
-                ):
+                if len(self._slots) < self._max_size and self._planned() < self._max_size:
                     self._fill()
                 if first:
                     # A connection parked idle while the queue was empty: its
@@ -441,8 +445,14 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             req.fire()  # each settles its own timeout
         return earliest
 
-    def _refuse(self, fail_if_full: bool) -> None:
-        """Raise if a request may not queue (called under the lock)."""
+    def _refuse(self, fail_if_full: bool) -> bool:
+        """Raise if a request may not queue; return whether it must start a probe (under the lock).
+
+        While every connect fails and nothing is alive, a request waits for a
+        connect attempt made (or under way) since it came: it never fails on
+        older evidence, which may be stale (the server back, a replica
+        promoted). See `greenpool.engine.connector.PROBE_INTERVAL`.
+        """
         self._check_open()
         waiting = len(self._waiters)
         if self.max_waiting and waiting >= self.max_waiting:
@@ -451,15 +461,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         if fail_if_full and self.full():
             self.requests_errors += 1
             raise self.TooManyRequests(f"the pool {self.name!r} has {self._max_size} connections in use")
-        if self._failing_since is not None and not self._slots and not self._inflight and self._todo:
-            # The database is unreachable, nothing can come back and a retry
-            # is due: fail fast with the driver's error instead of a long
-            # wait. (With a connect under way, wait for it: one failure may
-            # be a fluke; with none due, this request's own connect is tried.)
-            self.requests_errors += 1
-            raise self.PoolTimeout(
-                f"the pool {self.name!r} has no connection" + self._error_suffix()
-            ) from self._last_error
+        return self._probe_due_locked()
 
     def full(self) -> bool:
         """Whether a request queued now waits for a connection in use (none can be made for it).
@@ -763,6 +765,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                 self._epoch += 1
                 self._todo.clear()
                 self._inflight = self._connecting = self._cleaning = self._closing = 0
+                self._probing = False
                 # Only this thread was copied: the others' requests wait no more.
                 me = get_thread_ident()
                 self._waiters = deque(r for r in self._waiters if r.hub is not None and r.hub.thread_ident == me)

@@ -69,6 +69,10 @@ class PoolState(Generic[C]):
     _epoch: int
     _failing_since: float | None
     _last_error: BaseException | None
+    _last_failure: float
+    _retry_delay: float
+    _probing: bool
+    _backoff_generation: int
     _reconnect_reported: bool
     _connect_ewma: float
     _drains: int

@@ -398,10 +398,12 @@ class PooledDatabase(_DatabaseBase):
         wait = self._wait_timeout
         connecting = False
         if pool.failing:
-            # The database is down: no connect to wait for. playhouse would
-            # raise the driver's error at once; an idle connection, or one
-            # given back within `timeout`, still serves.
-            timeout = 0.0 if wait is None or wait == math.inf else wait
+            # The database is down: wait for a connect attempt made since this
+            # request came (the engine's probe) and fail with its error, as
+            # playhouse's own connect would; an idle connection, or one given
+            # back meanwhile, still serves.
+            timeout = CONNECT_WAIT
+            connecting = True
         elif wait is None or (wait < CONNECT_WAIT and not pool.full()):
             # `timeout` bounds waiting for a connection in use, as in
             # playhouse: none for one being made.

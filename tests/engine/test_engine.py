@@ -1294,3 +1294,44 @@ def test_reconnect_failed_method_may_be_overridden() -> None:
         assert called.wait(5)
     finally:
         p.close()
+
+
+def test_a_request_never_fails_on_an_attempt_older_than_itself():
+    """The server back while the connector sleeps out its backoff: a request
+    that comes then starts a connect (a probe) and is served, where it failed
+    at once with the old error."""
+    p = make_pool(min_size=1, max_size=1)
+    slot = p.acquire()
+    p.driver.fail_connect = OSError("connection refused (fake)")
+    slot.conn.closed = True
+    p.release(slot)  # broken: replaced... but connects fail
+    wait_until(lambda: p.get_stats()["connections_errors"] >= 3, what="the backoff to grow")
+    p.driver.fail_connect = None  # the server is back, the connector asleep for up to a second
+    t0 = time.monotonic()
+    served = p.acquire(timeout=5)
+    assert time.monotonic() - t0 < 0.5  # a probe: not the next backoff step
+    assert served.conn.closed is False
+    p.release(served)
+    p.close()
+
+
+def test_requests_during_an_outage_share_one_probe_at_a_time():
+    """Fail fast with fresh errors only: each request fails on an attempt
+    that began after it, and concurrent requests join one attempt."""
+    p = make_pool(min_size=2, max_size=2, timeout=5)
+    slots = [p.acquire(), p.acquire()]
+    p.driver.fail_connect = OSError("connection refused (fake)")
+    for slot in slots:
+        slot.conn.closed = True
+        p.release(slot)
+    wait_until(lambda: p.failing, what="connects failing")
+    p.driver.connect_delay = 0.05  # an attempt takes a while: the others join it
+    before = p.get_stats()["connections_errors"]
+    t0 = time.monotonic()
+    requests = [gevent.spawn(p.acquire, 5) for _ in range(20)]
+    gevent.joinall(requests, timeout=10)
+    assert all(isinstance(g.exception, errors.PoolTimeout) for g in requests)
+    assert all("connection refused" in str(g.exception) for g in requests)
+    assert time.monotonic() - t0 < 1.0  # failed in a fraction of their timeout
+    assert p.get_stats()["connections_errors"] - before <= 3  # not one attempt each
+    p.close()
