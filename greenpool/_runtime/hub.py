@@ -24,6 +24,15 @@ allocate_lock: Callable[[], Any] = original("_thread", "allocate_lock")
 get_thread_ident: Callable[[], int] = original("_thread", "get_ident")
 TIMEOUT_MAX: float = original("_thread", "TIMEOUT_MAX")
 real_sleep: Callable[[float], None] = original("time", "sleep")
+#: The real `select.select()`: a zero-timeout poll of a socket, patched or not.
+real_select: Callable[..., tuple[list[Any], list[Any], list[Any]]] = original("select", "select")
+
+
+def readable_now(fd: int) -> bool:
+    """Whether data (or EOF) waits on file descriptor `fd`; never blocks."""
+    return bool(real_select((fd,), (), (), 0)[0])
+
+
 #: Starts a real OS thread. Not `threading.Thread`: its `start()` looks up
 #: `threading._start_new_thread` when called, which after `patch_all()` is
 #: gevent's, and makes a greenlet of the calling thread's hub.

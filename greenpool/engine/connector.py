@@ -72,7 +72,7 @@ class Connector(PoolState[C]):
 
     def _close_forgotten(self, slot: Slot[C], epoch: int, close_now: bool = False) -> None:
         """Close a forgotten slot's connection (in the background), then refill if needed."""
-        if close_now or self._executor is None:
+        if close_now or self._executor is None or self.driver.closes_inline:
             self._close_then_fill(slot.conn, epoch)
         else:
             self._executor.submit(self._close_then_fill, slot.conn, epoch)

@@ -50,6 +50,11 @@ class Driver(Generic[C]):
     #: come back (psycopg_pool's).
     connect_error_fails_a_request: bool = False
 
+    #: Closing a connection does no network I/O and must not leave the
+    #: caller (SQLite: a close racing a use in another thread can crash the
+    #: process): the pool closes in the caller, not in the background.
+    closes_inline: bool = False
+
     def connect(self) -> C:
         """Make a new connection; raise on failure (the pool retries with backoff)."""
         raise NotImplementedError
@@ -61,6 +66,17 @@ class Driver(Generic[C]):
     def status(self, conn: C) -> int:
         """`OK`, `DIRTY` or `BROKEN`, from local state only (no I/O)."""
         raise NotImplementedError
+
+    def checkout_status(self, conn: C) -> int:
+        """`status()` of a connection taken from the idle bag, to be lent.
+
+        A driver that can tell without a round trip whether the server closed
+        the connection, or sent it an error, while it sat idle (a zero-timeout
+        poll of its socket: readable means it did) says `BROKEN` then, and the
+        pool lends another. Not asked of a connection handed straight from a
+        return to a waiting request. Default: `status()`.
+        """
+        return self.status(conn)
 
     def clean(self, conn: C) -> None:
         """Bring a `DIRTY` connection back to `OK` (roll back, cancel), or raise."""

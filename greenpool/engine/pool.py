@@ -85,6 +85,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         self.driver = driver
         # Read on every checkout and return: one attribute, not two.
         self._status = driver.status
+        overridden = type(driver).checkout_status is not Driver.checkout_status
+        self._checkout_status = driver.checkout_status if overridden else driver.status
         self._min_size, self._max_size = options.sizes(min_size, max_size)
         self.timeout = options.positive("timeout", timeout)
         self.max_waiting = options.count("max_waiting", max_waiting, 0)
@@ -498,7 +500,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         slot.state = OUT
         if slot.handed_fresh:
             slot.handed_fresh = False
-        elif self._status(slot.conn) == BROKEN:
+        elif self._checkout_status(slot.conn) == BROKEN:
             self.connections_lost += 1
             self._discard(slot)
             return False

@@ -53,6 +53,7 @@ class PoolState(Generic[C]):
     _check: Callable[[C], None] | None
     _reconnect_failed: Callable[[Any], None] | None
     _status: Callable[[C], int]
+    _checkout_status: Callable[[C], int]
 
     _lock: Any
     _idle: IdleBag[C]

@@ -128,6 +128,18 @@ def _reraise_as_peewee() -> NoReturn:
 _state_generations = itertools.count()
 
 
+class _Savepoint(peewee._savepoint):
+    """`db.savepoint()` (and a nested `atomic()`): peewee's, but no rollback on a busy connection.
+
+    See `PooledDatabase.rollback`.
+    """
+
+    def rollback(self, begin: bool = True) -> None:
+        """Roll back to the savepoint, unless an interrupted query still runs."""
+        if not self.db._busy():
+            super().rollback(begin)
+
+
 class _ConnectionContext(peewee.ConnectionContext):
     """`db.connection_context()`: peewee's, looking the greenlet's state up once each way."""
 
@@ -388,6 +400,28 @@ class PooledDatabase(_DatabaseBase):
     def connection_context(self) -> _ConnectionContext:
         """Context manager (and decorator) holding a connection, as peewee's."""
         return _ConnectionContext(self)
+
+    def rollback(self) -> None:
+        """Roll back the calling greenlet's transaction, as peewee's; not while a query runs.
+
+        An `atomic()` block cut by a `gevent.Timeout` or a kill (a Celery time
+        limit, a revoke) rolls back on its way out while the cut query still
+        runs: the server would refuse the ROLLBACK ("another command is
+        already in progress") and that error would replace the Timeout or
+        the GreenletExit, which a task's `except DatabaseError` could then
+        swallow. So nothing is sent: the connection is busy, and its return
+        to the pool cancels the query and rolls back (playhouse raises).
+        """
+        if not self._busy():
+            super().rollback()
+
+    def savepoint(self) -> Any:
+        """A savepoint, as peewee's (see `rollback()`)."""
+        return _Savepoint(self)
+
+    def _busy(self) -> bool:
+        conn = self._state.conn
+        return conn is not None and self._driver.busy(conn)
 
     # -- peewee's connection hooks --------------------------------------
 

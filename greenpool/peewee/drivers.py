@@ -20,6 +20,7 @@ from typing import Any
 import peewee
 
 from .. import errors
+from .._runtime.hub import readable_now
 from ..engine.driver import BROKEN, DIRTY, OK, Driver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -77,6 +78,14 @@ class DatabaseDriver(Driver[Any]):
         """Probe the connection; True if it is unusable."""
         return False
 
+    def busy(self, conn: Any) -> bool:
+        """Whether a query interrupted mid-flight still runs on `conn` (no I/O).
+
+        Then a rollback can't be sent: the pool repairs the connection when
+        it comes back (see `PooledDatabase.rollback`).
+        """
+        return False
+
     def can_reuse(self, conn: Any) -> bool:
         """Settle a returned connection; False if it can't be reused."""
         return True
@@ -111,6 +120,22 @@ class MySQLDriver(DatabaseDriver):
             return BROKEN
         server_status = getattr(conn, "server_status", 0) or 0
         return DIRTY if server_status & 1 else OK  # SERVER_STATUS_IN_TRANS
+
+    def checkout_status(self, conn: Any) -> int:
+        """`status()`, and `BROKEN` if the server closed `conn` or sent it an error while idle.
+
+        No round trip: idle, the server sends nothing but its goodbye (an
+        error packet, `KILL`, `wait_timeout`) then EOF: a readable socket.
+        """
+        status = self.status(conn)
+        sock = getattr(conn, "_sock", None)
+        if status == OK and sock is not None and readable_now(sock.fileno()):
+            return BROKEN
+        return status
+
+    def busy(self, conn: Any) -> bool:
+        """Marked busy by `while_busy()`: a query was interrupted mid-result."""
+        return bool(getattr(conn, "_greenpool_busy", False))
 
     def is_closed(self, conn: Any) -> bool:
         """`ping(False)`: never pymysql's silent reconnect."""
@@ -148,7 +173,9 @@ class MySQLDriver(DatabaseDriver):
 
 
 class SqliteDriver(DatabaseDriver):
-    """sqlite3: connections made and closed in the pool's background jobs."""
+    """sqlite3: connections made in the pool's background jobs, closed in the caller."""
+
+    closes_inline = True
 
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         """Let connections be used by other threads than their maker's."""

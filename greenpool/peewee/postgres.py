@@ -8,7 +8,7 @@ from typing import Any
 import peewee
 
 from ..pg.connection import GeventConnection
-from ..pg.driver import pool_status, settle
+from ..pg.driver import ACTIVE, checkout_status, pool_status, settle
 from .drivers import DatabaseDriver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -17,8 +17,9 @@ logger = logging.getLogger("greenpool.peewee")
 class PostgresDriver(DatabaseDriver):
     """psycopg 3, connected through `GeventConnection`."""
 
-    # A function, not a method: one call per return.
+    # Functions, not methods: one call per return or checkout.
     status = staticmethod(pool_status)
+    checkout_status = staticmethod(checkout_status)
 
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         """Make peewee choose its psycopg 3 adapter."""
@@ -27,6 +28,10 @@ class PostgresDriver(DatabaseDriver):
     def adopt(self, db: Any) -> None:
         """Make peewee's adapter connect with `GeventConnection`."""
         db._adapter.__class__ = gevent_adapter(type(db._adapter))
+
+    def busy(self, conn: Any) -> bool:
+        """A query still runs: the connection is ACTIVE."""
+        return bool(conn.pgconn.transaction_status == ACTIVE)
 
     def is_closed(self, conn: Any) -> bool:
         """Closed by psycopg, or found closed by peewee's adapter (a round trip)."""

@@ -12,6 +12,7 @@ from psycopg import errors as e
 from psycopg.generators import fetch_many, send
 from psycopg.pq import TransactionStatus
 
+from .._runtime.hub import real_select
 from ..engine.driver import BROKEN, DIRTY, OK, Driver
 
 logger = logging.getLogger("greenpool.pg")
@@ -38,6 +39,23 @@ def pool_status(conn: psycopg.Connection[Any]) -> int:
     if status == IDLE:
         return OK
     return BROKEN if status == _UNKNOWN else DIRTY
+
+
+def checkout_status(conn: psycopg.Connection[Any]) -> int:
+    """`pool_status()`, and `BROKEN` if the server closed `conn` (or sent it an error) while idle.
+
+    No round trip: a zero-timeout poll of the socket. Idle in the pool, a
+    connection hears from the server only its goodbye: a FATAL error
+    (`pg_terminate_backend()`, a shutdown, `idle_session_timeout`), then EOF.
+    (Or a notification, for a connection returned with a LISTEN on: pooled,
+    that connection is dropped too, as go-sql-driver/mysql's connCheck drops
+    any connection with unread data.)
+    """
+    pgconn = conn.pgconn
+    status = pgconn.transaction_status
+    if status != IDLE:
+        return BROKEN if status == _UNKNOWN else DIRTY
+    return BROKEN if real_select((pgconn.socket,), (), (), 0)[0] else OK
 
 
 def settle(conn: psycopg.Connection[Any]) -> None:
@@ -115,6 +133,7 @@ class PsycopgDriver(Driver[CT], Generic[CT]):
     """
 
     status = staticmethod(pool_status)
+    checkout_status = staticmethod(checkout_status)
 
     def __init__(
         self,

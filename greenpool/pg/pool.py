@@ -341,11 +341,59 @@ class NullConnectionPool(ConnectionPool[CT]):
 
     retain_idle = False
 
+    # psycopg_pool's parameters spelled out, as ConnectionPool's, for
+    # inspect.signature(), IDEs and type checkers; only min_size differs.
     def __init__(
-        self, conninfo: ConninfoParam = "", *, min_size: int = 0, max_size: int | None = None, **kwargs: Any
+        self,
+        conninfo: ConninfoParam = "",
+        *,
+        connection_class: type[CT] = GeventConnection,  # type: ignore[assignment]  # CT's default
+        kwargs: KwargsParam | None = None,
+        min_size: int = 0,
+        max_size: int | None = None,
+        open: bool | None = None,
+        configure: Callable[[CT], None] | None = None,
+        check: Callable[[CT], None] | None = None,
+        reset: Callable[[CT], None] | None = None,
+        name: str | None = None,
+        close_returns: bool = False,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 60 * 60.0,
+        max_idle: float = 10 * 60.0,
+        reconnect_timeout: float = 5 * 60.0,
+        reconnect_failed: Callable[[Any], None] | None = None,
+        num_workers: int = 3,
+        lifetime_jitter: float = 0.1,
+        segments: int = 4,
+        check_idle: float = 0.0,
+        leak_threshold: float | None = None,
     ) -> None:
         min_size, max_size = _null_sizes(min_size, max_size)
-        super().__init__(conninfo, min_size=min_size, max_size=max_size, **kwargs)
+        super().__init__(
+            conninfo,
+            connection_class=connection_class,
+            kwargs=kwargs,
+            min_size=min_size,
+            max_size=max_size,
+            open=open,
+            configure=configure,
+            check=check,
+            reset=reset,
+            name=name,
+            close_returns=close_returns,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            max_lifetime=max_lifetime,
+            max_idle=max_idle,
+            reconnect_timeout=reconnect_timeout,
+            reconnect_failed=reconnect_failed,
+            num_workers=num_workers,
+            lifetime_jitter=lifetime_jitter,
+            segments=segments,
+            check_idle=check_idle,
+            leak_threshold=leak_threshold,
+        )
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change `max_size` (`min_size` must stay 0; `max_size` None or 0: unlimited)."""

@@ -1547,10 +1547,8 @@ def test_killed_greenlet_mid_query_leaves_no_orphan(backend: Backend, how: str) 
 
     g = gevent.spawn(long_query, 0)
     wait_until(lambda: idents and backend.server.running_query(idents[0]), what="the query to run")
-    # (Inside atomic() the greenlet dies of peewee's failed ROLLBACK on the
-    # busy connection rather than GreenletExit: peewee's behaviour.)
     g.kill(block=True, timeout=5)
-    assert g.dead
+    assert g.dead and g.exception is None  # GreenletExit, also inside atomic() (see the next test)
     t0 = time.monotonic()
     wait_until(lambda: not backend.server.running_query(idents[0]), timeout=3, what="the orphaned query to stop")
     assert time.monotonic() - t0 < 3
@@ -1588,6 +1586,165 @@ def test_timeout_mid_query_leaves_no_orphan(backend: Backend, query_again: bool)
     assert time.monotonic() - t0 < 3
     with db.connection_context():
         assert db.execute_sql("select 42").fetchone() == (42,)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["atomic", "savepoint"])
+@pytest.mark.parametrize("cut", ["timeout", "kill"])
+@backends("pg")
+def test_a_cut_inside_atomic_lets_the_interruption_through(backend: Backend, cut: str, nested: bool) -> None:
+    """A time limit or a kill cutting a query inside `atomic()` (a Celery hard
+    time limit, a revoke): the block's rollback must not run on the busy
+    connection and replace the Timeout/GreenletExit with "another command is
+    already in progress", which a task catching database errors would take
+    for an ordinary one and live on."""
+    db = backend.make(max_connections=2)
+    Item = backend.model(db)
+    idents: list[int] = []
+    seen: dict[str, BaseException] = {}
+
+    def query() -> None:
+        idents.append(backend.ident(db))
+        if cut == "timeout":
+            with gevent.Timeout(0.3):
+                db.execute_sql(backend.sleep_sql(10))
+        else:
+            db.execute_sql(backend.sleep_sql(10))
+
+    def work(i: int) -> None:
+        try:
+            with db.connection_context():
+                with db.atomic():
+                    Item.create(value=1)
+                    if nested:
+                        with db.atomic():
+                            query()
+                    else:
+                        query()
+        except peewee.DatabaseError as ex:  # as a task that handles database errors
+            seen["database_error"] = ex
+        except gevent.Timeout as ex:
+            seen["timeout"] = ex
+
+    g = gevent.spawn(work, 0)
+    if cut == "kill":
+        wait_until(lambda: idents and backend.server.running_query(idents[0]), what="the query to run")
+        g.kill(block=True, timeout=5)
+    g.join(5)
+    assert g.dead and "database_error" not in seen, seen
+    if cut == "timeout":
+        assert "timeout" in seen
+    else:
+        assert isinstance(g.value, gevent.GreenletExit)
+    wait_until(lambda: not backend.server.running_query(idents[0]), timeout=3, what="the cut query to stop")
+    wait_until(_returned_or_replaced(db, 2), timeout=3, what="the connection returned or replaced")
+    assert backend.server.count(Item._meta.table_name) == 0  # rolled back
+    with db.connection_context():
+        assert db.execute_sql("select 42").fetchone() == (42,)
+
+
+def test_mysql_cut_inside_atomic_lets_the_interruption_through(child: Callable[..., dict[str, Any]]) -> None:
+    """MariaDB, patched: as test_a_cut_inside_atomic_lets_the_interruption_through."""
+    out = child(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import gevent, peewee, pymysql
+        import greenpool.peewee as gpw
+        """,
+        CHILD_GREEN_WAIT_UNTIL,
+        """
+        db = make_db(gpw, "mysql", max_connections=2)
+        mon = pymysql.connect(autocommit=True, **MY)
+        def q(sql, *args):
+            cur = mon.cursor(); cur.execute(sql, args); return cur.fetchall()
+        table = "gp_pw_cut_%d" % os.getpid()
+        q(f"create table {table} (id integer auto_increment primary key, value integer) engine=innodb")
+        out = {}
+        for cut in ("timeout", "kill"):
+            for nested in (False, True):
+                ids, seen = [], {}
+                def query():
+                    ids.append(db.execute_sql("select connection_id()").fetchone()[0])
+                    if cut == "timeout":
+                        with gevent.Timeout(0.3):
+                            db.execute_sql("select sleep(10)")
+                    else:
+                        db.execute_sql("select sleep(10)")
+                def work():
+                    try:
+                        with db.connection_context():
+                            with db.atomic():
+                                db.execute_sql(f"insert into {table} (value) values (1)")
+                                if nested:
+                                    with db.atomic():
+                                        query()
+                                else:
+                                    query()
+                    except peewee.DatabaseError as ex:
+                        seen["database_error"] = repr(ex)
+                    except gevent.Timeout:
+                        seen["timeout"] = True
+                def running():
+                    sql = "select 1 from information_schema.processlist where id = %s and command = 'Query'"
+                    return bool(ids) and bool(q(sql, ids[0]))
+                g = gevent.spawn(work)
+                if cut == "kill":
+                    wait_until(running, 5)
+                    g.kill(block=True, timeout=5)
+                g.join(5)
+                key = f"{cut}_{'savepoint' if nested else 'atomic'}"
+                out[key] = {
+                    "database_error": seen.get("database_error"),
+                    "interrupted": (
+                        seen.get("timeout", False) if cut == "timeout" else isinstance(g.value, gevent.GreenletExit)
+                    ),
+                    "orphan_gone": wait_until(lambda: not running(), 3),
+                    "rows": q(f"select count(*) from {table}")[0][0],
+                }
+        with db.connection_context():
+            out["works"] = db.execute_sql("select 42").fetchone()[0] == 42
+        q(f"drop table {table}")
+        result(**out)
+        """,
+    )
+    assert out.pop("works"), out
+    for key, seen in out.items():
+        if key.startswith("_"):
+            continue  # the child's own (exit status)
+        assert seen == {"database_error": None, "interrupted": True, "orphan_gone": True, "rows": 0}, (key, seen)
+
+
+@backends("pg", "mysql")
+def test_a_connection_the_server_closed_while_idle_is_not_handed_out(backend: Backend) -> None:
+    """Terminated (pg_terminate_backend, KILL) while idle and used less than
+    `check_idle` ago: the next connect() sees the socket readable, without a
+    round trip, and gets a fresh connection (it got the dead one)."""
+    db = backend.make(max_connections=1, check_idle=60)
+    with db.connection_context():
+        victim = backend.ident(db)
+    backend.server.kill(victim)
+    with db.connection_context():
+        assert backend.ident(db) != victim
+        assert db.execute_sql("select 42").fetchone() == (42,)
+    assert db.pool_stats()["connections_lost"] == 1
+
+
+def test_a_sqlite_connection_is_closed_in_the_caller(tmp_path: Path) -> None:
+    """close_idle() closes SQLite connections in the caller: a misuse of the
+    returned connection after it gets sqlite3's ProgrammingError, never a
+    close in another thread racing the use (a segmentation fault)."""
+    import sqlite3
+
+    db = gpw.PooledSqliteDatabase(str(tmp_path / "inline.db"), max_connections=2)
+    try:
+        db.connect()
+        conn = db.connection()
+        db.close()
+        assert db.close_idle() is None
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("select 1")
+    finally:
+        db.close_all()
+        db.pool.close()
 
 
 def test_mysql_timeout_mid_query_patched(child: Callable[..., dict[str, Any]]) -> None:
@@ -1750,24 +1907,6 @@ def test_dead_idle_connection_discarded_at_checkout(backend: Backend, how: str) 
         assert db.execute_sql("select 1").fetchone() == (1,)
         assert backend.ident(db) != dead
     assert db.pool_stats()["connections_lost"] >= 1
-
-
-@backends("pg", "mysql")
-def test_dead_connection_reused_within_check_idle_fails_once(backend: Backend) -> None:
-    """The trade-off of `check_idle`: a connection reused within it isn't
-    probed. The first query fails, the broken connection is dropped when
-    given back, and the next checkout gets a working one."""
-    db = backend.make(max_connections=3, check_idle=30)
-    with db.connection_context():
-        dead = backend.ident(db)
-    backend.server.kill(dead)
-    db.connect()
-    with pytest.raises((peewee.OperationalError, peewee.InterfaceError)):
-        db.execute_sql("select 1")
-    db.close()
-    with db.connection_context():
-        assert db.execute_sql("select 1").fetchone() == (1,)
-        assert backend.ident(db) != dead
 
 
 def _traceback_depth(error: BaseException) -> int:
