@@ -291,6 +291,7 @@ class Connector(PoolState[C]):
         now = monotonic()
         slot = Slot(conn, now, self._draw_lifetime())
         slot.state = OUT
+        slot.generation = drains
         with self._lock:
             if self._epoch != epoch:
                 # Begun before a fork: the parent has it too. Not ours to

@@ -83,3 +83,9 @@ class Driver(Generic[C]):
 
     def ping(self, conn: C) -> None:
         """Check with a round trip that `conn` works; raise if it doesn't."""
+
+    def is_failover(self, error: BaseException) -> bool:
+        """Whether `error`, raised by a query on a pooled connection, says its server is no
+        longer the primary (shutting down, crashed, read-only): then the pool replaces
+        every connection of that server (`Pool.failover()`). Default: False."""
+        return False

@@ -39,6 +39,7 @@ class Slot(Generic[C]):
         "stack",
         "leak_reported",
         "handed_fresh",
+        "generation",
     )
 
     def __init__(self, conn: C, now: float, lifetime: float) -> None:
@@ -56,6 +57,9 @@ class Slot(Generic[C]):
         # Handed straight from a check-in that found it OK: no need to
         # look at its status again.
         self.handed_fresh = False
+        # The pool's `drain()` count when its connect began: connections of
+        # an older generation are being replaced (see `Pool.failover()`).
+        self.generation = 0
 
     def retire(self) -> None:
         """Close this connection as soon as it is not in use."""

@@ -808,11 +808,44 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         """
         self._check_not_closed()
         with self._lock:
-            self._drains += 1
-            for slot in self._slots:
-                slot.retire()
+            self._retire_all_locked()
+        self._discard_idle()
+
+    def _discard_idle(self) -> None:
+        """Close the idle connections (in the background); a new one may replace each."""
         for slot in self._idle.take_all():
             self._discard(slot)
+
+    def _retire_all_locked(self) -> None:
+        """A new generation: retire every connection, and those being made (under the lock)."""
+        self._drains += 1
+        for slot in self._slots:
+            slot.retire()
+
+    def failover(self, slot: Slot[C] | None = None, error: BaseException | None = None) -> bool:
+        """The server is no longer the primary: replace every connection made before now.
+
+        As `drain()` (idle connections now, lent ones when they come back,
+        those being made made again), counted in the stats' `failovers`.
+        `slot` is the connection whose `error` said so (see
+        `Driver.is_failover()`); one made after an earlier failover was
+        declared (a replacement already) does nothing, so a burst of errors
+        from one server counts once. Return whether it was declared.
+        """
+        with self._lock:
+            if self._closed or (slot is not None and slot.generation != self._drains):
+                return False
+            self.failovers += 1
+            count = len(self._slots)
+            self._retire_all_locked()
+        logger.warning(
+            "pool %r: its server is no longer the primary%s: replacing its %d connection(s)",
+            self.name,
+            describe(error) if error is not None else "",
+            count,
+        )
+        self._discard_idle()
+        return True
 
     def check(self) -> None:
         """Ping every idle connection now; discard and replace broken ones."""

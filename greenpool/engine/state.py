@@ -92,6 +92,7 @@ class PoolState(Generic[C]):
     connections_ms: int
     connections_errors: int
     connections_lost: int
+    failovers: int
     _wait_total: float
     _usage: float
 

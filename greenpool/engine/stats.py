@@ -61,6 +61,7 @@ COUNTERS = (
     "connections_ms",
     "connections_errors",
     "connections_lost",
+    "failovers",
 )
 
 

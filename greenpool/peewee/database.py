@@ -506,14 +506,20 @@ class PooledDatabase(_DatabaseBase):
 
     def _execute_cursor(self, sql: str, params: Any, **options: Any) -> Any:
         execute = super()._execute_cursor  # type: ignore[misc]  # peewee's stubs lack its private methods
-        if not self._driver.marks_busy:
-            return execute(sql, params, **options)
-        if self.is_closed() and self.autoconnect:
-            self.connect()
-        conn = self._state.conn
-        if conn is None:
-            return execute(sql, params, **options)
-        return while_busy(conn, execute, sql, params, **options)
+        try:
+            if not self._driver.marks_busy:
+                return execute(sql, params, **options)
+            if self.is_closed() and self.autoconnect:
+                self.connect()
+            conn = self._state.conn
+            if conn is None:
+                return execute(sql, params, **options)
+            return while_busy(conn, execute, sql, params, **options)
+        except Exception as ex:
+            if self._driver.is_failover(ex):
+                entry = self._lent.get(id(self._state.conn))
+                self._pool.failover(None if entry is None else entry[0], ex)
+            raise
 
     # -- playhouse.pool's API --------------------------------------------
 

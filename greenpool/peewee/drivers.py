@@ -133,6 +133,11 @@ class MySQLDriver(DatabaseDriver):
             return BROKEN
         return status
 
+    def is_failover(self, error: BaseException) -> bool:
+        """Server shutdown (1053) or read-only (1290, 1836: a replica, a demoted primary)."""
+        args: tuple[Any, ...] = getattr(error, "args", ())
+        return bool(args) and args[0] in (1053, 1290, 1836)
+
     def busy(self, conn: Any) -> bool:
         """Marked busy by `while_busy()`: a query was interrupted mid-result."""
         return bool(getattr(conn, "_greenpool_busy", False))

@@ -8,7 +8,7 @@ from typing import Any
 import peewee
 
 from ..pg.connection import GeventConnection
-from ..pg.driver import ACTIVE, checkout_status, pool_status, settle
+from ..pg.driver import ACTIVE, checkout_status, is_failover_error, pool_status, settle
 from .drivers import DatabaseDriver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -20,6 +20,7 @@ class PostgresDriver(DatabaseDriver):
     # Functions, not methods: one call per return or checkout.
     status = staticmethod(pool_status)
     checkout_status = staticmethod(checkout_status)
+    is_failover = staticmethod(is_failover_error)
 
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         """Make peewee choose its psycopg 3 adapter."""

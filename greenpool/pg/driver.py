@@ -41,6 +41,19 @@ def pool_status(conn: psycopg.Connection[Any]) -> int:
     return BROKEN if status == _UNKNOWN else DIRTY
 
 
+#: SQLSTATEs saying the server is no longer the primary: shutting down (57P01
+#: admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now) or
+#: read-only (25006: a standby, or a demoted primary).
+FAILOVER_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "25006"})
+
+
+def is_failover_error(error: BaseException) -> bool:
+    """Whether `error` (or the driver error it wraps) has one of the `FAILOVER_SQLSTATES`."""
+    while error is not None and not isinstance(error, psycopg.Error):
+        error = error.__cause__  # type: ignore[assignment]  # a wrapper's cause (Peewee's)
+    return error is not None and error.sqlstate in FAILOVER_SQLSTATES
+
+
 def checkout_status(conn: psycopg.Connection[Any]) -> int:
     """`pool_status()`, and `BROKEN` if the server closed `conn` (or sent it an error) while idle.
 
@@ -134,6 +147,7 @@ class PsycopgDriver(Driver[CT], Generic[CT]):
 
     status = staticmethod(pool_status)
     checkout_status = staticmethod(checkout_status)
+    is_failover = staticmethod(is_failover_error)
 
     def __init__(
         self,

@@ -303,6 +303,8 @@ class Lease(Generic[CT]):
             if exc_type is None and pgstatus == IDLE and not conn._pipeline:
                 status = pool._idle_status
             elif pgstatus != ACTIVE:
+                if exc_type is not None and pool.driver.is_failover(exc):
+                    pool.failover(self._slot, exc)
                 conn.__exit__(exc_type, exc, tb)
             else:
                 # A block ending normally must commit: say it can't.

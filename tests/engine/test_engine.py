@@ -1335,3 +1335,22 @@ def test_requests_during_an_outage_share_one_probe_at_a_time():
     assert time.monotonic() - t0 < 1.0  # failed in a fraction of their timeout
     assert p.get_stats()["connections_errors"] - before <= 3  # not one attempt each
     p.close()
+
+
+def test_failover_replaces_every_connection_once_per_server():
+    """`failover()` replaces the connections made before it (idle now, lent on
+    return) and counts once, however many of them report it."""
+    p = make_pool(min_size=3, max_size=3)
+    slots = [p.acquire() for _ in range(3)]
+    old = {s.conn for s in slots}
+    assert p.failover(slots[0], RuntimeError("read-only")) is True
+    assert p.failover(slots[1], RuntimeError("read-only")) is False  # the same server's connection
+    for slot in slots:
+        p.release(slot)
+    wait_until(lambda: not (old & {s.conn for s in p._slots}) and len(p._slots) == 3, what="the connections replaced")
+    fresh = p.acquire()
+    assert p.failover(fresh) is True  # a new server's connection: a new failover
+    p.release(fresh)
+    assert p.get_stats()["failovers"] == 2
+    assert all(c.closed for c in old)
+    p.close()

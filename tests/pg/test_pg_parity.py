@@ -48,7 +48,7 @@ import helpers
 import psycopg
 import psycopg_pool
 import pytest
-from helpers import backends, deadline, destroy_main_hub, unique
+from helpers import backends, deadline, destroy_main_hub, run_threads, unique
 
 import greenpool
 from greenpool import pg as gp
@@ -1251,3 +1251,41 @@ def test_a_connection_the_server_closed_while_idle_is_not_lent(
         assert pid_of(conn) != victim
         assert conn.execute("select 1").fetchone() == (1,)
     assert pool.get_stats()["connections_lost"] == 1
+
+
+@pytest.fixture
+def read_only_role(monitor: psycopg.Connection[Any]) -> Iterator[str]:
+    """A role whose sessions are read-only, as on a standby or a demoted primary."""
+    role = unique("gp_ro")
+    monitor.execute(f"create role {role} login")
+    monitor.execute(f"alter role {role} set default_transaction_read_only = on")
+    monitor.execute(f"grant create, usage on schema public to {role}")
+    yield role
+    monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
+    monitor.execute(f"drop owned by {role}")
+    monitor.execute(f"drop role {role}")
+
+
+def test_a_read_only_error_replaces_every_connection(
+    make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], pg_dsn: str, read_only_role: str
+) -> None:
+    """A write refused with 25006 (the server is a standby, or was demoted): the
+    pool retires every connection to it, counted once as a failover."""
+    dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=read_only_role)
+    pool = opened(make_pool(greenpool.ConnectionPool, conninfo=dsn, min_size=3, max_size=3))
+    held = hold_all(pool, 3)
+    before = {pid_of(c) for c in held}
+    for conn in held:
+        pool.putconn(conn)
+    both_lent = threading.Barrier(2, timeout=10)
+
+    def write(i: int) -> None:
+        with pool.connection() as conn:
+            both_lent.wait()  # both lent before either fails
+            conn.execute("create temporary table gp_ro_probe (x int)")
+
+    _, raised = run_threads(write, 2, timeout=20)
+    assert [type(ex) for ex in raised] == [psycopg.errors.ReadOnlySqlTransaction] * 2
+    assert pool.get_stats()["failovers"] == 1  # two connections to the same server: one failover
+    wait_until(lambda: not (backends(monitor, pool.test_app_name) & before), what="the old connections closed")
+    settle(pool, 3)
