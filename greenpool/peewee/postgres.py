@@ -8,7 +8,7 @@ from typing import Any
 import peewee
 
 from ..pg.connection import GeventConnection
-from ..pg.driver import ACTIVE, checkout_status, is_failover_error, pool_status, settle
+from ..pg.driver import ACTIVE, checkout_status, is_failover_error, network_defaults, pool_status, settle
 from .drivers import DatabaseDriver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -59,7 +59,8 @@ class GeventPsycopg3Adapter(peewee.Psycopg3Adapter):
             params.setdefault("conninfo", db.database)
         else:
             params.setdefault("dbname", db.database)
-        return GeventConnection.connect(params.pop("conninfo", ""), **params)
+        conninfo = params.pop("conninfo", "")
+        return GeventConnection.connect(conninfo, **network_defaults(conninfo, params), **params)
 
 
 _GEVENT_GEVENT_ADAPTERS: dict[type, type] = {peewee.Psycopg3Adapter: GeventPsycopg3Adapter}

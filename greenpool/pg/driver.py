@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as e
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.generators import fetch_many, send
 from psycopg.pq import TransactionStatus
 
@@ -39,6 +40,26 @@ def pool_status(conn: psycopg.Connection[Any]) -> int:
     if status == IDLE:
         return OK
     return BROKEN if status == _UNKNOWN else DIRTY
+
+
+#: Set on every pooled connection unless its conninfo or kwargs say
+#: otherwise: a connect that gets no answer ends after `connect_timeout`
+#: seconds per host (psycopg waits 130 s when it's unset), and TCP
+#: keepalives find a peer gone from the network in about a minute of
+#: silence (idle 30 s, then 3 probes 10 s apart).
+NETWORK_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
+def network_defaults(conninfo: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The `NETWORK_DEFAULTS` that neither `conninfo` nor `kwargs` set."""
+    given = conninfo_to_dict(conninfo) if conninfo else {}
+    return {key: value for key, value in NETWORK_DEFAULTS.items() if key not in given and key not in kwargs}
 
 
 #: SQLSTATEs saying the server is no longer the primary: shutting down (57P01
@@ -169,7 +190,7 @@ class PsycopgDriver(Driver[CT], Generic[CT]):
         """Connect, then run `configure`; close the connection if it fails."""
         conninfo = self.conninfo() if callable(self.conninfo) else self.conninfo
         kwargs = self.kwargs() if callable(self.kwargs) else (self.kwargs or {})
-        conn = self.connection_class.connect(conninfo, **kwargs)
+        conn = self.connection_class.connect(conninfo, **network_defaults(conninfo, kwargs), **kwargs)
         conn._pool = None
         if self.configure is not None:
             try:

@@ -16,6 +16,9 @@ command             effect / reply
 ``kill``            reset every proxied connection; ``ok <count>``
 ``pause``           stop listening (clients get ECONNREFUSED); ``ok paused``
 ``resume``          listen again on the same port; ``ok port=<port>``
+``blackhole <0|1>`` 1: relay nothing more, either way, and close nothing (a
+                    server that accepts and never answers, a dead network
+                    that keeps sockets open); 0: relay again; ``ok blackhole=<0|1>``
 ``stats``           ``ok active=<n> accepted=<n> killed=<n>``
 ``quit``            ``ok bye``, close everything, exit
 ==================  ===========================================================
@@ -324,6 +327,16 @@ class Proxy:
         """Accept connections again, on the same port."""
         self._request("resume")
 
+    def blackhole(self, on: bool = True) -> None:
+        """Relay nothing more, in either direction, and close nothing (`on=False`: relay again).
+
+        What a client sees of a server that accepts and never answers, or of
+        a network that dropped everything: connects wait for the server's
+        reply, queries for their results. (The proxy's own TCP stack still
+        acknowledges, so TCP keepalives don't see it.)
+        """
+        self._request(f"blackhole {int(on)}")
+
     def stats(self) -> dict[str, int]:
         """Counters: ``active`` connections, total ``accepted``, total ``killed``."""
         reply = self._request("stats")
@@ -391,7 +404,7 @@ class _Upstream:
         self.relay.upstream = transport
 
     def data_received(self, data: bytes) -> None:
-        if self.relay.client is not None:
+        if self.relay.client is not None and not self.relay.server.blackhole:
             self.relay.client.write(data)
 
     def eof_received(self) -> bool:
@@ -452,7 +465,7 @@ class _Relay:
             self.client.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.upstream is not None:
+        if self.upstream is not None and not self.server.blackhole:
             self.upstream.write(data)
 
     def eof_received(self) -> bool:
@@ -508,6 +521,7 @@ class _ProxyServer:
         self.relays: set[_Relay] = set()
         self.accepted = 0
         self.killed = 0
+        self.blackhole = False  # relay nothing (see Proxy.blackhole)
         self._server: asyncio.AbstractServer | None = None
         # While paused: bound but not listening, so the kernel answers SYNs
         # with RST (ECONNREFUSED) and nobody else can take the port meanwhile.
@@ -594,6 +608,9 @@ async def _handle(server: _ProxyServer, line: str) -> tuple[str, bool]:
     if cmd == "resume":
         await server.resume()
         return f"ok port={server.port}", False
+    if cmd == "blackhole":
+        server.blackhole = arg.strip() == "1"
+        return f"ok blackhole={int(server.blackhole)}", False
     if cmd == "stats":
         return f"ok active={len(server.relays)} accepted={server.accepted} killed={server.killed}", False
     if cmd == "quit":

@@ -1144,3 +1144,74 @@ def test_large_payloads_concurrently(make_pool: Callable[..., Any]) -> None:
         assert ticks > 0
 
     run_green(body)
+
+
+# --------------------------------------------------------------------------
+# Dead networks
+# --------------------------------------------------------------------------
+
+
+def test_network_defaults_are_set_unless_given(make_pool: Callable[..., Any], pg_dsn: str) -> None:
+    """connect_timeout and TCP keepalives: greenpool's defaults where the
+    conninfo or kwargs say nothing, theirs where they do."""
+
+    def options(pool: Any) -> dict[str, str]:
+        with pool.connection() as conn:
+            return {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info}
+
+    plain = run_green(lambda: options(make_pool(min_size=1)))
+    assert {k: plain[k] for k in greenpool.pg.driver.NETWORK_DEFAULTS} == greenpool.pg.driver.NETWORK_DEFAULTS
+    given = psycopg.conninfo.make_conninfo(pg_dsn, connect_timeout=3)
+    chosen = run_green(lambda: options(make_pool(given, min_size=1, kwargs={"keepalives_idle": 5})))
+    assert (chosen["connect_timeout"], chosen["keepalives_idle"], chosen["keepalives_count"]) == ("3", "5", "3")
+
+
+def test_a_server_that_never_answers_fails_requests_at_connect_timeout(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
+) -> None:
+    """A server that accepts and never answers (a blackhole): connects end at
+    connect_timeout, and requests fail with that error instead of hanging."""
+    proxy = make_proxy()
+    proxy.blackhole()
+    pool = make_pool(proxy.dsn(pg_dsn), wait=False, min_size=0, max_size=2, kwargs={"connect_timeout": 1})
+
+    def request() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(greenpool.PoolTimeout, match="timeout"):
+            with pool.connection(timeout=30):
+                pass
+        return time.monotonic() - t0
+
+    assert run_green(request) < 10  # connect_timeout (1 s), not the request's 30 s
+    proxy.blackhole(False)
+    run_green(lambda: wait_until(lambda: _serves(pool), timeout=20, what="the pool to serve again"))
+
+
+def test_a_query_cut_by_a_dead_network_leaves_the_pool_healthy(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
+) -> None:
+    """A query in flight when the network dies, bounded by the caller (a
+    gevent.Timeout, a Celery time limit): the connection can't be repaired
+    through the dead network; it is replaced, and the pool serves again once
+    the network is back."""
+    proxy = make_proxy()
+    pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1)
+
+    def cut() -> None:
+        with pytest.raises(gevent.Timeout):
+            with gevent.Timeout(0.5):
+                with pool.connection() as conn:
+                    proxy.blackhole()
+                    conn.execute("select 1")
+
+    run_green(cut)
+    proxy.blackhole(False)
+    run_green(lambda: wait_until(lambda: _serves(pool), timeout=30, what="the pool to serve again"))
+
+
+def _serves(pool: Any) -> bool:
+    try:
+        with pool.connection(timeout=2) as conn:
+            return conn.execute("select 1").fetchone() == (1,)
+    except psycopg.Error:
+        return False
