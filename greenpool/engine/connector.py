@@ -17,6 +17,7 @@ from time import monotonic
 from typing import TypeVar
 
 from .._runtime.waiters import Failed
+from .events import describe, fire
 from .idle import GONE, OUT, Slot
 from .state import PoolState
 
@@ -33,11 +34,6 @@ BACKOFF_MAX = 1.0
 #: seconds, so that a busy client's outage costs the server a few attempts a
 #: second, not one per request.
 PROBE_INTERVAL = 0.2
-
-
-def describe(error: BaseException) -> str:
-    """`error` as the end of a message: ": Type: text"."""
-    return f": {type(error).__name__}: {error}"
 
 
 class Connector(PoolState[C]):
@@ -239,9 +235,16 @@ class Connector(PoolState[C]):
                 self.connections_ms += int(elapsed * 1000)
                 self._connect_ewma += (elapsed - self._connect_ewma) * 0.2
                 self._retry_delay = BACKOFF_FIRST
-                recovered = self._failing_since is not None
-                if recovered:
-                    logger.warning("pool %r reconnected", self.name)
+                failing_since = self._failing_since
+                recovered = failing_since is not None
+                if failing_since is not None:
+                    fire(
+                        self,
+                        "outage_ended",
+                        monotonic() - failing_since,
+                        self._outage_attempts,
+                        self.connections_lost + self.returns_bad - self._outage_lost,
+                    )
                     self._failing_since = None
                     self._last_error = None  # not the cause of a later timeout
                     self._reconnect_reported = False
@@ -265,11 +268,17 @@ class Connector(PoolState[C]):
             raise
 
     def _connect_failed(self, ex: Exception, t0: float) -> None:
-        logger.warning("error connecting in %r: %s", self.name, ex)
         self._last_error = ex
         self._last_failure = monotonic()
+        if self.driver.is_permanent(ex):
+            self._retry_delay = BACKOFF_MAX  # retried in case it is fixed, no faster
+        fire(self, "connect_failed", ex)
         if self._failing_since is None:
             self._failing_since = t0
+            self._outage_attempts = 0
+            self._outage_lost = self.connections_lost + self.returns_bad
+            fire(self, "outage_started", ex)
+        self._outage_attempts += 1
         with self._lock:
             if not self._slots and not self._inflight:
                 # Nothing alive can come back to the waiters, and no other

@@ -84,6 +84,12 @@ class Driver(Generic[C]):
     def ping(self, conn: C) -> None:
         """Check with a round trip that `conn` works; raise if it doesn't."""
 
+    def is_permanent(self, error: BaseException) -> bool:
+        """Whether a connect's `error` is a configuration error that retrying won't fix soon
+        (authentication failed, unknown database or role): `wait()` and `open(wait=True)`
+        then fail at once with it, and retries slow to the longest backoff step. Default: False."""
+        return False
+
     def is_failover(self, error: BaseException) -> bool:
         """Whether `error`, raised by a query on a pooled connection, says its server is no
         longer the primary (shutting down, crashed, read-only): then the pool replaces

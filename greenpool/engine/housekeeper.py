@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import random
-import traceback
 import weakref
 from time import monotonic
 from typing import Any, TypeVar
 
+from .events import fire
 from .idle import IDLE, OUT
 from .state import PoolState
 
@@ -63,7 +63,7 @@ class Housekeeper(PoolState[C]):
             and now - self._failing_since >= self.reconnect_timeout
         ):
             self._reconnect_reported = True
-            logger.warning("reconnection attempts in pool %r failing for %s sec", self.name, self.reconnect_timeout)
+            fire(self, "reconnect_failed")
             self.reconnect_failed()
         self._fill()
         # Reservations a connector left behind when it was killed (or a
@@ -163,15 +163,7 @@ class Housekeeper(PoolState[C]):
         for slot in list(self._slots):
             if slot.state == OUT and not slot.leak_reported and now - slot.taken_at >= threshold:
                 slot.leak_reported = True
-                where = "".join(traceback.format_list(slot.stack or []))
-                logger.warning(
-                    "connection %r lent by %r for %.1f sec (leak_threshold=%s), taken at:\n%s",
-                    slot.conn,
-                    self.name,
-                    now - slot.taken_at,
-                    threshold,
-                    where,
-                )
+                fire(self, "leak", slot, now - slot.taken_at)
 
     def _draw_lifetime(self) -> float:
         return self.max_lifetime * (1.0 - self.lifetime_jitter * random.random())

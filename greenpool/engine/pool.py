@@ -21,7 +21,6 @@ as few calls as it can be:
 
 from __future__ import annotations
 
-import logging
 import os
 import traceback
 import weakref
@@ -35,13 +34,12 @@ from .._runtime.hub import INFINITY, allocate_lock, get_thread_ident, getcurrent
 from .._runtime.timer import DeadlineTimer
 from .._runtime.waiters import CANCELLED, Failed, GreenRequest, ThreadRequest
 from . import options
-from .connector import BACKOFF_FIRST, Connector, describe
+from .connector import BACKOFF_FIRST, Connector
 from .driver import BROKEN, DIRTY, OK, Driver
+from .events import describe, fire
 from .housekeeper import Housekeeper
 from .idle import GONE, IDLE, OUT, IdleBag, Slot
 from .stats import PoolStats, WaitTimes
-
-logger = logging.getLogger("greenpool.engine")
 
 C = TypeVar("C")
 
@@ -142,6 +140,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         self._failing_since = None
         self._last_error = None
         self._last_failure = 0.0  # when the last failed connect ended
+        self._outage_attempts = 0
+        self._outage_lost = 0
         self._retry_delay = BACKOFF_FIRST  # the next failure's backoff
         self._probing = False  # a request's probe was started, and has not begun its connect
         # Bumped by a probe: the connector sleeping out its backoff then stops.
@@ -210,7 +210,12 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         error, if it isn't ready within `timeout` seconds.
         """
         timeout = options.positive("timeout", timeout)
-        if not self.wait_ready(timeout):
+        try:
+            ready = self.wait_ready(timeout)
+        except self.PoolTimeout:  # a permanent error: say so now
+            self.close()
+            raise
+        if not ready:
             self.close()
             raise self.PoolTimeout(
                 f"pool initialization incomplete after {timeout} sec" + self._error_suffix()
@@ -229,6 +234,10 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         while len(self._slots) < self._min_size:
             if self._closed:
                 raise self.PoolClosed(f"the pool {self.name!r} is closed")
+            error = self._last_error
+            if error is not None and self.driver.is_permanent(error):
+                # No point waiting out the timeout: say what to fix now.
+                raise self.PoolTimeout(f"the pool {self.name!r} can't connect" + describe(error)) from error
             if monotonic() >= deadline:
                 return False
             sleep(step)
@@ -399,6 +408,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                 else:
                     error = self._last_error
                     what = f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
+                    fire(self, "request_timed_out", now - start)
                 raise self.PoolTimeout(what) from error
             queued = True
             if slot.state is not OUT:
@@ -502,14 +512,15 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             slot.handed_fresh = False
         elif self._checkout_status(slot.conn) == BROKEN:
             self.connections_lost += 1
+            fire(self, "connection_lost", "closed while idle", None)
             self._discard(slot)
             return False
         if self._check is not None and now - slot.last_used >= self.check_idle:
             try:
                 self._check(slot.conn)
             except Exception as ex:
-                logger.info("connection failed check in %r: %s", self.name, ex)
                 self.connections_lost += 1
+                fire(self, "connection_lost", "failed check", ex)
                 self._discard(slot)
                 return False
             except BaseException:
@@ -550,7 +561,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             self._discard(slot, close_now=True)
         elif status == BROKEN:
             self.returns_bad += 1
-            logger.warning("discarding closed connection returned to %r: %s", self.name, slot.conn)
+            fire(self, "connection_lost", "broken at return", None)
             self._discard(slot)
         elif status == DIRTY:
             self.returns_reset += 1
@@ -566,8 +577,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         try:
             self.driver.clean(slot.conn)
         except Exception as ex:
-            logger.warning("discarding connection that failed reset in %r: %s", self.name, ex)
             self.returns_bad += 1
+            fire(self, "connection_lost", "failed reset", ex)
             self._discard(slot)
             return
         except BaseException:
@@ -836,14 +847,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             if self._closed or (slot is not None and slot.generation != self._drains):
                 return False
             self.failovers += 1
-            count = len(self._slots)
             self._retire_all_locked()
-        logger.warning(
-            "pool %r: its server is no longer the primary%s: replacing its %d connection(s)",
-            self.name,
-            describe(error) if error is not None else "",
-            count,
-        )
+        fire(self, "failover", error)
         self._discard_idle()
         return True
 
@@ -859,8 +864,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                     self.driver.ping(slot.conn)
                 except Exception as ex:
                     idle.popleft()
-                    logger.warning("discarding broken connection in %r: %s", self.name, ex)
                     self.connections_lost += 1
+                    fire(self, "connection_lost", "failed ping", ex)
                     self._discard(slot)
                     continue
                 idle.popleft()

@@ -71,6 +71,8 @@ class PoolState(Generic[C]):
     _failing_since: float | None
     _last_error: BaseException | None
     _last_failure: float
+    _outage_attempts: int  # failed connects since the outage started
+    _outage_lost: int  # connections_lost + returns_bad when it started
     _retry_delay: float
     _probing: bool
     _backoff_generation: int

@@ -133,6 +133,11 @@ class MySQLDriver(DatabaseDriver):
             return BROKEN
         return status
 
+    def is_permanent(self, error: BaseException) -> bool:
+        """Access denied (1044, 1045) or an unknown database (1049)."""
+        args: tuple[Any, ...] = getattr(error, "args", ())
+        return bool(args) and args[0] in (1044, 1045, 1049)
+
     def is_failover(self, error: BaseException) -> bool:
         """Server shutdown (1053) or read-only (1290, 1836: a replica, a demoted primary)."""
         args: tuple[Any, ...] = getattr(error, "args", ())

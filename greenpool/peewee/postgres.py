@@ -8,7 +8,15 @@ from typing import Any
 import peewee
 
 from ..pg.connection import GeventConnection
-from ..pg.driver import ACTIVE, checkout_status, is_failover_error, network_defaults, pool_status, settle
+from ..pg.driver import (
+    ACTIVE,
+    checkout_status,
+    is_failover_error,
+    is_permanent_error,
+    network_defaults,
+    pool_status,
+    settle,
+)
 from .drivers import DatabaseDriver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -21,6 +29,7 @@ class PostgresDriver(DatabaseDriver):
     status = staticmethod(pool_status)
     checkout_status = staticmethod(checkout_status)
     is_failover = staticmethod(is_failover_error)
+    is_permanent = staticmethod(is_permanent_error)
 
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         """Make peewee choose its psycopg 3 adapter."""

@@ -75,6 +75,30 @@ def is_failover_error(error: BaseException) -> bool:
     return error is not None and error.sqlstate in FAILOVER_SQLSTATES
 
 
+#: SQLSTATEs of connect errors that retrying won't fix soon: authentication
+#: (28P01, 28000: also an unknown role) and an unknown database (3D000).
+PERMANENT_SQLSTATES = frozenset({"28P01", "28000", "3D000"})
+
+
+#: libpq reports a failed connect without its SQLSTATE: the server's FATAL
+#: messages (English, the server's default `lc_messages`) for the same errors.
+PERMANENT_MESSAGES = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # database "x", role "x"
+)
+
+
+def is_permanent_error(error: BaseException) -> bool:
+    """Whether a connect's `error` is a configuration error (see `PERMANENT_SQLSTATES`)."""
+    if not isinstance(error, psycopg.Error):
+        return False
+    if error.sqlstate is not None:
+        return error.sqlstate in PERMANENT_SQLSTATES
+    message = str(error)
+    return "FATAL:" in message and any(text in message for text in PERMANENT_MESSAGES)
+
+
 def checkout_status(conn: psycopg.Connection[Any]) -> int:
     """`pool_status()`, and `BROKEN` if the server closed `conn` (or sent it an error) while idle.
 
@@ -169,6 +193,7 @@ class PsycopgDriver(Driver[CT], Generic[CT]):
     status = staticmethod(pool_status)
     checkout_status = staticmethod(checkout_status)
     is_failover = staticmethod(is_failover_error)
+    is_permanent = staticmethod(is_permanent_error)
 
     def __init__(
         self,

@@ -1354,3 +1354,73 @@ def test_failover_replaces_every_connection_once_per_server():
     assert p.get_stats()["failovers"] == 2
     assert all(c.closed for c in old)
     p.close()
+
+
+# -- events and logging -------------------------------------------------------
+
+
+def test_events_reach_the_pools_and_the_global_listeners():
+    from greenpool.engine import events
+
+    p = make_pool(min_size=1, max_size=1)
+    seen: list[tuple[str, object]] = []
+    mine = lambda pool, error: seen.append(("mine", error))  # noqa: E731
+    everyone = lambda pool, error: seen.append(("everyone", pool))  # noqa: E731
+    failing = lambda pool, error: 1 / 0  # noqa: E731 - a listener's error is logged, not raised
+    events.listen(p, "failover", mine)
+    events.listen(None, "failover", everyone)
+    events.listen(None, "failover", failing)
+    try:
+        error = RuntimeError("read-only")
+        assert p.failover(None, error)
+        assert seen == [("mine", error), ("everyone", p)]
+    finally:
+        events.remove(p, "failover", mine)
+        events.remove(None, "failover", everyone)
+        events.remove(None, "failover", failing)
+    with pytest.raises(ValueError, match="name must be one of"):
+        events.listen(p, "no such event", mine)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        events.listen(p, "failover", 42)
+    p.close()
+
+
+def test_an_outage_logs_one_line_when_it_starts_and_one_when_it_ends(caplog):
+    """Not a WARNING per failed attempt: one when connects start failing, one
+    when they work again (with its duration and attempts); attempts at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="greenpool")
+    p = make_pool(min_size=1, max_size=1, timeout=5)
+    slot = p.acquire()
+    p.driver.fail_connect = OSError("connection refused (fake)")
+    slot.conn.closed = True
+    p.release(slot)
+    wait_until(lambda: p.get_stats()["connections_errors"] >= 4, what="several failed attempts")
+    p.driver.fail_connect = None
+    p.release(p.acquire(timeout=5))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    started = [m for m in warnings if "connects failing" in m]
+    ended = [m for m in warnings if "connects work again" in m]
+    assert len(started) == 1 and "connection refused" in started[0]
+    assert len(ended) == 1 and "failed attempt" in ended[0], warnings
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "connect failed" in r.getMessage()]
+    assert len(debug) >= 4
+    p.close()
+
+
+def test_a_permanent_connect_error_fails_wait_at_once():
+    """Authentication failed, an unknown database: open(wait=True) raises that
+    error now, not after its timeout; retries go on at the longest step."""
+
+    class Misconfigured(FakeDriver):
+        def is_permanent(self, error: BaseException) -> bool:
+            return isinstance(error, PermissionError)
+
+    driver = Misconfigured()
+    driver.fail_connect = PermissionError("password authentication failed (fake)")
+    p = FakePool(driver, min_size=1, max_size=1)
+    t0 = time.monotonic()
+    with pytest.raises(errors.PoolTimeout, match="password authentication failed") as info:
+        p.open(wait=True, timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert isinstance(info.value.__cause__, PermissionError)
+    p.close()

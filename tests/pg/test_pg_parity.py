@@ -37,6 +37,7 @@ Intended differences, asserted as such:
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -1171,8 +1172,11 @@ def test_open_wait_bad_database_raises_pool_timeout(
         pool.open(wait=True, timeout=2)
     elapsed = time.monotonic() - t0
     assert elapsed < 3.5, elapsed
-    if not is_null(cls):
+    if not is_null(cls) and not (is_green(cls) and which == "wrong_dbname"):
         assert elapsed >= 1.9, elapsed  # retried until the timeout
+    if is_green(cls) and which == "wrong_dbname":
+        # Intended difference: a configuration error fails at once.
+        assert elapsed < 1.9, elapsed
     assert pool.closed
     if is_green(cls):
         # Intended difference: greenpool tells why.
@@ -1289,3 +1293,50 @@ def test_a_read_only_error_replaces_every_connection(
     assert pool.get_stats()["failovers"] == 1  # two connections to the same server: one failover
     wait_until(lambda: not (backends(monitor, pool.test_app_name) & before), what="the old connections closed")
     settle(pool, 3)
+
+
+def test_an_unknown_database_fails_open_at_once(make_pool: Callable[..., Any], pg_dsn: str) -> None:
+    """A configuration error (3D000) fails open(wait=True) now, with the
+    server's message, not after the whole timeout (psycopg_pool waits it out)."""
+    dsn = psycopg.conninfo.make_conninfo(pg_dsn, dbname=unique("gp_no_such_db"))
+    pool = make_pool(greenpool.ConnectionPool, conninfo=dsn, min_size=1, max_size=1)
+    t0 = time.monotonic()
+    with pytest.raises(greenpool.PoolTimeout, match="does not exist") as info:
+        pool.open(wait=True, timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert isinstance(info.value.__cause__, psycopg.OperationalError)
+
+
+@pytest.fixture
+def limited_role(monitor: psycopg.Connection[Any]) -> Iterator[str]:
+    """A role allowed 2 connections: its third gets "too many connections" (53300)."""
+    role = unique("gp_lim")
+    monitor.execute(f"create role {role} login connection limit 2")
+    yield role
+    monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
+    monitor.execute(f"drop role {role}")
+
+
+def test_a_server_at_its_connection_limit_is_not_hammered(
+    make_pool: Callable[..., Any], pg_dsn: str, limited_role: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses more connections (53300): the pool serves every
+    request from the connections it has, backs off, and says so once."""
+    caplog.set_level(logging.DEBUG, logger="greenpool")
+    dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=limited_role)
+    pool = opened(make_pool(greenpool.ConnectionPool, conninfo=dsn, min_size=1, max_size=4, timeout=20))
+
+    def work(i: int) -> int:
+        with pool.connection() as conn:
+            time.sleep(0.05)
+            return int(conn.execute("select 1").fetchone()[0])
+
+    t0 = time.monotonic()
+    results, raised = run_threads(lambda i: [work(i) for _ in range(10)], 8, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert raised == [] and all(r == [1] * 10 for r in results)  # every request served
+    stats = pool.get_stats()
+    assert stats["pool_size"] <= 4
+    assert stats["connections_errors"] <= 3 + 2 * elapsed  # backed off: a few a second at most
+    outage_lines = [r for r in caplog.records if r.levelno >= logging.WARNING and "connects failing" in r.getMessage()]
+    assert len(outage_lines) == 1 and "too many connections" in outage_lines[0].getMessage()
