@@ -185,6 +185,8 @@ class ConnectionPool(Pool[CT], Generic[CT]):
 
         A lease without a block: the lending is the same as `connection()`'s.
         """
+        if self._open_implicit:
+            self._warn_open_implicit()  # here: its stacklevel names the caller, not `lend()`
         lease: Lease[CT] = _new_object(Lease)
         lease._pool = self
         lease._timeout = timeout

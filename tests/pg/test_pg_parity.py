@@ -434,6 +434,24 @@ def test_implicit_open_warning_raised_as_error_leaks_no_connection(make_pool: Ca
     assert pool.get_stats()["pool_available"] == 1
 
 
+@pytest.mark.parametrize("entry", ["getconn", "connection", "wait"])
+def test_implicit_open_warning_names_the_callers_line(entry: str, make_pool: Callable[..., Any]) -> None:
+    """greenpool's DeprecationWarning points at the caller's line, whichever the
+    entry point (psycopg_pool's points into psycopg_pool): Python shows it by
+    default in `__main__`, and `-W error::DeprecationWarning:module` filters work."""
+    pool = make_pool(gp.ConnectionPool, min_size=1, max_size=1, timeout=5, open=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if entry == "getconn":
+            pool.putconn(pool.getconn())
+        elif entry == "connection":
+            with pool.connection():
+                pass
+        else:
+            pool.wait(timeout=10)
+    assert [(w.category, w.filename) for w in caught] == [(DeprecationWarning, __file__)]
+
+
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_putconn_twice(cls: type, make_pool: Callable[..., Any]) -> None:
     pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
