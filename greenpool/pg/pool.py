@@ -148,6 +148,10 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         """The `psycopg.Connection` subclass connections are made with."""
         return self._psycopg.connection_class
 
+    @connection_class.setter
+    def connection_class(self, value: type[CT]) -> None:
+        self._psycopg.connection_class = value
+
     check_connection = staticmethod(check_connection)
 
     # -- psycopg_pool API ------------------------------------------------

@@ -809,6 +809,21 @@ def test_connection_class(cls: type, make_pool: Callable[..., Any]) -> None:
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_connection_attributes_set_after_construction(cls: type, make_pool: Callable[..., Any], pg_dsn: str) -> None:
+    """`conninfo`, `kwargs` and `connection_class` are psycopg_pool's plain
+    attributes: set on a pool, they make its next connections."""
+    pool = make_pool(cls, "host=203.0.113.1 connect_timeout=1", **sizes(cls, 1, 1))
+    pool.conninfo = pg_dsn
+    pool.kwargs = kwargs = {"application_name": "gp_attrs"}
+    pool.connection_class = _MyConnection
+    assert (pool.conninfo, pool.kwargs, pool.connection_class) == (pg_dsn, kwargs, _MyConnection)
+    opened(pool)
+    with pool.connection(timeout=10) as conn:
+        assert type(conn) is _MyConnection
+        assert conn.execute("select current_setting('application_name')").fetchone() == ("gp_attrs",)
+
+
 def test_greenpool_default_connection_class_is_a_psycopg_connection(make_pool: Callable[..., Any]) -> None:
     """greenpool's default class is GeventConnection, a psycopg.Connection
     (psycopg_pool's default is psycopg.Connection itself)."""
