@@ -729,6 +729,33 @@ def test_terminated_backend_discarded_by_check(
     assert backends(monitor, pool.test_app_name) == lent
 
 
+@pytest.mark.parametrize("cls", POOLS)
+def test_check_uses_an_overridden_check_connection(cls: type, make_pool: Callable[..., Any]) -> None:
+    """`check()` checks each idle connection with the pool's `check_connection()`:
+    a subclass overriding it (a different probe, say) is obeyed."""
+    checked: list[int] = []
+
+    class Checking(cls):  # type: ignore[valid-type, misc]
+        @staticmethod
+        def check_connection(conn: Any) -> None:
+            checked.append(pid_of(conn))
+            if len(checked) == 1:
+                raise psycopg.OperationalError("failed the subclass's probe")
+
+    pool = opened(make_pool(Checking, min_size=2, max_size=2))
+    pids = {pid_of(c) for c in _hold_and_return(pool, 2)}
+    pool.check()
+    assert set(checked) == pids and len(checked) == 2
+    settle(pool, 2)
+    assert pool.get_stats()["connections_lost"] == 1
+    conns = hold_all(pool, 2)
+    try:
+        assert checked[0] not in {pid_of(c) for c in conns}  # the one it failed was replaced
+    finally:
+        for c in conns:
+            pool.putconn(c)
+
+
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_terminated_backend_discarded_on_return(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
