@@ -323,6 +323,7 @@ class NullConnectionPool(ConnectionPool[CT]):
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change `max_size` (`min_size` must stay 0; `max_size` None or 0: unlimited)."""
+        self._check_not_closed()  # first, as the engine's resize(): a closed pool says so
         super().resize(*_null_sizes(min_size, max_size))
 
     @property

@@ -928,6 +928,16 @@ def test_resize_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
             pool.putconn(c)
 
 
+@pytest.mark.parametrize("new", [(1, 3), (0, 3)])
+def test_resize_closed_null_pool_raises_pool_closed_first(new: tuple[int, int], make_pool: Callable[..., Any]) -> None:
+    """greenpool only (psycopg_pool's resize() doesn't look): after close(), a
+    null pool's resize() says it is closed, whatever the sizes, as a pool's does."""
+    pool = opened(make_pool(GREEN_NULL, max_size=1))
+    pool.close()
+    with pytest.raises(psycopg_pool.PoolClosed, match="is closed"):
+        pool.resize(*new)
+
+
 @pytest.mark.parametrize("cls", POOLS)
 def test_drain_replaces_connections(cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]) -> None:
     pool = opened(make_pool(cls, min_size=3, max_size=3))
