@@ -676,6 +676,43 @@ def test_instance_hooks_are_asked_at_use(backend: Backend) -> None:
     assert db.pool_stats()["pool_size"] == 0
 
 
+@backends("pg", "sqlite")
+def test_class_connect_is_looked_up_at_each_connect(backend: Backend) -> None:
+    """The database class's own `_connect()` (past the mixin) is looked up when
+    a connection is made, as peewee's `connect()` and playhouse's mixin do:
+    patched on the class after the database was made, the patch makes it."""
+    db = backend.make(max_connections=2)
+    made: list[Any] = []
+    real_connect = backend.plain._connect
+
+    def spy(self: Any) -> Any:
+        conn = real_connect(self)
+        made.append(conn)
+        return conn
+
+    with mock.patch.object(backend.plain, "_connect", spy):
+        with db.connection_context():
+            assert made == [db.connection()]
+
+
+@backends("pg", "mysql", "sqlite")
+def test_class_close_is_looked_up_at_each_close(backend: Backend) -> None:
+    """Likewise the class's own `_close(conn)`, when the pool closes a connection."""
+    db = backend.make(max_connections=2)
+    closed: list[Any] = []
+    real_close = peewee.Database._close
+
+    def spy(self: Any, conn: Any) -> None:
+        closed.append(conn)
+        real_close(self, conn)
+
+    db.connect()
+    conn = db.connection()
+    with mock.patch.object(peewee.Database, "_close", spy):
+        db.manual_close()  # closes it at once
+    assert closed == [conn]
+
+
 @backends("pg")
 def test_shared_state_connection_outlives_the_greenlet_that_opened_it(backend: Backend) -> None:
     """`thread_safe=False`: one state, so one connection, for every greenlet.
