@@ -31,6 +31,7 @@ import gevent
 import gevent.event
 import pytest
 from gevent._hub_local import get_hub_if_exists
+from gevent.hub import Hub, set_hub
 from helpers import deadline, destroy_main_hub, hub_exists
 
 from greenpool._runtime import hub as rt_hub
@@ -53,6 +54,18 @@ def _fresh_hub() -> Iterator[None]:
     with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 3):
         yield
     destroy_main_hub()
+
+
+@pytest.fixture
+def own_loop_hub() -> Iterator[Any]:
+    """This thread's hub, on a loop of its own, for tests that wait for the
+    loop to end (`hub.join()`): libev's default loop outlives its hubs, and a
+    watcher another test left running on it keeps any hub on it alive."""
+    destroy_main_hub()
+    hub = Hub(default=False)
+    set_hub(hub)
+    yield hub
+    hub.destroy(destroy_loop=True)
 
 
 def in_greenlet(fn: Callable[[], Any]) -> Any:
@@ -412,12 +425,12 @@ def test_executor_jobs_of_a_patched_program_s_other_threads(run_python: RunPytho
     }
 
 
-def test_executor_sleep_in_a_greenlet_yields_and_does_not_keep_the_hub_alive() -> None:
+def test_executor_sleep_in_a_greenlet_yields_and_does_not_keep_the_hub_alive(own_loop_hub: Any) -> None:
     """An open pool's housekeeper sleeps this way: `gevent.wait()` in the
     application must still return."""
     sleeper = gevent.spawn(Executor.sleep, 60)
     other = gevent.spawn(lambda: "ran")
-    assert gevent.get_hub().join(timeout=WAIT) is True  # the loop ended: nothing held it
+    assert own_loop_hub.join(timeout=WAIT) is True  # the loop ended: nothing held it
     assert other.value == "ran"
     assert not sleeper.dead  # still asleep: its timer didn't keep the loop running
 
@@ -589,10 +602,10 @@ class FakeRequests:
         return self.pending[0] if self.pending else INFINITY
 
 
-def test_timer_fires_at_the_deadline_and_rearms_for_the_earliest_left() -> None:
+def test_timer_fires_at_the_deadline_and_rearms_for_the_earliest_left(own_loop_hub: Any) -> None:
     first = time.monotonic() + 0.02
     requests = FakeRequests([first], follow_ups=[0.02, 0.02])
-    timer = DeadlineTimer(gevent.get_hub(), requests.expire)
+    timer = DeadlineTimer(own_loop_hub, requests.expire)
     timer.arm(first)
     assert (timer.at, timer.held) == (first, True)
     assert requests.done.wait(WAIT)
@@ -601,31 +614,31 @@ def test_timer_fires_at_the_deadline_and_rearms_for_the_earliest_left() -> None:
     assert len(requests.fired) == 3 and requests.fired[0] == first
     assert requests.fired == sorted(requests.fired)
     assert (timer.at, timer.held) == (INFINITY, False)  # nothing left, nobody waiting: let go
-    assert gevent.get_hub().join(timeout=WAIT) is True
+    assert own_loop_hub.join(timeout=WAIT) is True
 
 
-def test_timer_armed_earlier_replaces_the_later_deadline() -> None:
+def test_timer_armed_earlier_replaces_the_later_deadline(own_loop_hub: Any) -> None:
     now = time.monotonic()
     requests = FakeRequests([now + 0.02])
-    timer = DeadlineTimer(gevent.get_hub(), requests.expire)
+    timer = DeadlineTimer(own_loop_hub, requests.expire)
     timer.arm(now + 60)
     timer.arm(now + 0.02)
     assert timer.at == now + 0.02
     assert requests.done.wait(WAIT)
     assert requests.fired == [now + 0.02] and timer.at == INFINITY
     # The 60 s timer was closed, not left behind: nothing holds the loop now.
-    assert gevent.get_hub().join(timeout=WAIT) is True
+    assert own_loop_hub.join(timeout=WAIT) is True
 
 
-def test_timer_holds_the_loop_while_requests_wait_without_a_deadline() -> None:
+def test_timer_holds_the_loop_while_requests_wait_without_a_deadline(own_loop_hub: Any) -> None:
     """A request waiting for good: the timer only holds the loop. Fired with
     requests still waiting and no deadline left, it goes on holding it."""
     requests = FakeRequests([])
-    timer = DeadlineTimer(gevent.get_hub(), requests.expire)
+    timer = DeadlineTimer(own_loop_hub, requests.expire)
     timer.waiting = 1
     timer.hold()  # no timer yet: armed for INFINITY
     assert (timer.at, timer.held) == (INFINITY, True)
-    assert gevent.get_hub().join(timeout=0.05) is False  # held
+    assert own_loop_hub.join(timeout=0.05) is False  # held
     assert requests.calls == 0
 
     deadline_ = time.monotonic() + 0.01
@@ -634,26 +647,26 @@ def test_timer_holds_the_loop_while_requests_wait_without_a_deadline() -> None:
     assert requests.done.wait(WAIT)  # ... and is woken
     assert requests.fired == [deadline_]
     assert (timer.at, timer.held) == (INFINITY, True)  # re-armed: one still waits
-    assert gevent.get_hub().join(timeout=0.05) is False
+    assert own_loop_hub.join(timeout=0.05) is False
 
     timer.waiting = 0  # the last one leaves
     timer.let_go()
     assert timer.held is False
-    assert gevent.get_hub().join(timeout=WAIT) is True
+    assert own_loop_hub.join(timeout=WAIT) is True
 
 
-def test_timer_let_go_then_hold_again() -> None:
+def test_timer_let_go_then_hold_again(own_loop_hub: Any) -> None:
     """`let_go()` leaves the timer armed but no longer keeping the loop alive;
     `hold()` makes it keep it alive again, for the same deadline."""
     requests = FakeRequests([])
-    timer = DeadlineTimer(gevent.get_hub(), requests.expire)
+    timer = DeadlineTimer(own_loop_hub, requests.expire)
     at = time.monotonic() + 60
     timer.arm(at)
     timer.let_go()
     assert (timer.at, timer.held) == (at, False)
     timer.hold()
     assert (timer.at, timer.held) == (at, True)
-    assert gevent.get_hub().join(timeout=0.05) is False  # held
+    assert own_loop_hub.join(timeout=0.05) is False  # held
     timer.let_go()
-    assert gevent.get_hub().join(timeout=WAIT) is True  # the loop ended with the timer still armed
+    assert own_loop_hub.join(timeout=WAIT) is True  # the loop ended with the timer still armed
     assert requests.calls == 0  # and it never fired: its deadline is a minute away
