@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any
 
 import gevent
@@ -23,22 +24,32 @@ class FakeConn:
 
 
 class FakeDriver(Driver[FakeConn]):
-    """FakeConns, with a configurable connect delay or failure; keeps what it opened and closed."""
+    """FakeConns, with a configurable connect delay or failure; keeps what it
+    opened, closed and pinged, and counts the connects under way."""
 
     def __init__(self, connect_delay: float = 0.0) -> None:
         self.connect_delay = connect_delay
         self.fail_connect: Exception | None = None
         self.opened: list[FakeConn] = []
         self.closed_conns: list[FakeConn] = []
+        self.pinged: list[FakeConn] = []
+        self.connecting = 0  # connect() calls under way (from several threads: counted under a lock)
+        self.counting = threading.Lock()
 
     def connect(self) -> FakeConn:
-        if self.connect_delay:
-            gevent.sleep(self.connect_delay)
-        if self.fail_connect is not None:
-            raise self.fail_connect
-        conn = FakeConn()
-        self.opened.append(conn)
-        return conn
+        with self.counting:
+            self.connecting += 1
+        try:
+            if self.connect_delay:
+                gevent.sleep(self.connect_delay)
+            if self.fail_connect is not None:
+                raise self.fail_connect
+            conn = FakeConn()
+            self.opened.append(conn)
+            return conn
+        finally:
+            with self.counting:
+                self.connecting -= 1
 
     def close(self, conn: FakeConn) -> None:
         conn.closed = True
@@ -51,6 +62,9 @@ class FakeDriver(Driver[FakeConn]):
         gevent.sleep(0.01)
         conn.cleaned += 1
         conn.status = OK
+
+    def ping(self, conn: FakeConn) -> None:
+        self.pinged.append(conn)
 
 
 class FakePool(Pool[FakeConn]):

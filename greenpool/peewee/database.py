@@ -194,8 +194,8 @@ class PooledDatabase(_DatabaseBase):
     ) -> None:
         options.count("min_connections", min_connections, 0)
         max_size = self._max_size(max_connections, min_connections)
-        # The database class's own connect and close (peewee's stubs lack these private methods).
-        self._driver = driver_for(self, super()._connect, super()._close)  # type: ignore[misc]
+        # The database class's own connect and close, looked up at each call.
+        self._driver = driver_for(self, super())
         self._pool: Pool[Any] = Pool(
             self._driver,
             check=self._driver.ping,

@@ -29,8 +29,9 @@ logger = logging.getLogger("greenpool.peewee")
 class DatabaseDriver(Driver[Any]):
     """Connections of one Peewee database; the base trusts them as they are.
 
-    `connect` and `close` are the database class's own `_connect()` and
-    `_close(conn)` (past the pooling mixin).
+    `base` is `db` as the pooling mixin's `super()` sees it: its
+    `_connect()` and `_close(conn)` are the database class's own, looked up
+    at each call (as peewee's `connect()` looks up `_connect()`).
     """
 
     #: playhouse connects in the caller: a connect's error is a request's.
@@ -38,10 +39,9 @@ class DatabaseDriver(Driver[Any]):
     #: Mark connections busy during queries (when the driver can't tell).
     marks_busy = False
 
-    def __init__(self, db: Any, connect: Callable[[], Any], close: Callable[[Any], None]) -> None:
+    def __init__(self, db: Any, base: Any) -> None:
         self.db = db
-        self._connect = connect
-        self._close = close
+        self._base = base
 
     def configure(self, connect_kwargs: dict[str, Any]) -> None:
         """Adjust the database's connect parameters before peewee's `init()`."""
@@ -51,12 +51,12 @@ class DatabaseDriver(Driver[Any]):
 
     def connect(self) -> Any:
         """A new connection, made as the database class makes them."""
-        return self._connect()
+        return self._base._connect()
 
     def close(self, conn: Any) -> None:
         """Close `conn` as the database class does; errors are only logged."""
         try:
-            self._close(conn)
+            self._base._close(conn)
         except Exception:
             logger.debug("error closing connection %s", id(conn), exc_info=True)
 
@@ -104,7 +104,7 @@ class MySQLDriver(DatabaseDriver):
         # `_connect()` of its own: it connects its way.
         if (
             getattr(getattr(peewee, "mysql", None), "__name__", None) != "pymysql"
-            or getattr(self._connect, "__func__", None) is not vars(peewee.MySQLDatabase)["_connect"]
+            or getattr(self._base._connect, "__func__", None) is not vars(peewee.MySQLDatabase)["_connect"]
         ):
             return super().connect()
         connection_class = _shared_context_connection_class()
@@ -216,18 +216,18 @@ class SqliteDriver(DatabaseDriver):
         return True
 
 
-def driver_for(db: Any, connect: Callable[[], Any], close: Callable[[Any], None]) -> DatabaseDriver:
-    """The driver for `db`'s server kind (see the module docstring)."""
+def driver_for(db: Any, base: Any) -> DatabaseDriver:
+    """The driver for `db`'s server kind (see the module docstring); `base`: see `DatabaseDriver`."""
     if isinstance(db, peewee.PostgresqlDatabase):
         # psycopg is an optional extra: imported only for a PostgreSQL database.
         from .postgres import PostgresDriver
 
-        return PostgresDriver(db, connect, close)
+        return PostgresDriver(db, base)
     if isinstance(db, peewee.MySQLDatabase):
-        return MySQLDriver(db, connect, close)
+        return MySQLDriver(db, base)
     if isinstance(db, peewee.SqliteDatabase):
-        return SqliteDriver(db, connect, close)
-    return DatabaseDriver(db, connect, close)
+        return SqliteDriver(db, base)
+    return DatabaseDriver(db, base)
 
 
 def while_busy(conn: Any, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -242,8 +242,9 @@ class PsycopgDriver(Driver[CT], Generic[CT]):
             self._run_callback("reset", self.reset, conn)
 
     def ping(self, conn: CT) -> None:
-        """A round trip (`check_connection()`)."""
-        check_connection(conn)
+        """A round trip: the pool's `check_connection()` (a subclass may override it)."""
+        pool = self._pool()
+        (check_connection if pool is None else pool.check_connection)(conn)
 
     def _run_callback(self, role: str, callback: Callable[[Any], None], conn: Any) -> None:
         """Run a user callback on a connection, which it must leave idle."""

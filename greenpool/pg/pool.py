@@ -152,6 +152,10 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         """The `psycopg.Connection` subclass connections are made with."""
         return self._psycopg.connection_class
 
+    @connection_class.setter
+    def connection_class(self, value: type[CT]) -> None:
+        self._psycopg.connection_class = value
+
     check_connection = staticmethod(check_connection)
 
     # -- psycopg_pool API ------------------------------------------------
@@ -189,6 +193,8 @@ class ConnectionPool(Pool[CT], Generic[CT]):
 
         A lease without a block: the lending is the same as `connection()`'s.
         """
+        if self._open_implicit:
+            self._warn_open_implicit()  # here: its stacklevel names the caller, not `lend()`
         lease: Lease[CT] = _new_object(Lease)
         lease._pool = self
         lease._timeout = timeout
@@ -399,6 +405,7 @@ class NullConnectionPool(ConnectionPool[CT]):
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change `max_size` (`min_size` must stay 0; `max_size` None or 0: unlimited)."""
+        self._check_not_closed()  # first, as the engine's resize(): a closed pool says so
         super().resize(*_null_sizes(min_size, max_size))
 
     @property

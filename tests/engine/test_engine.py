@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import gevent
 import pytest
@@ -29,6 +30,28 @@ def pool():
     p = make_pool(min_size=2, max_size=2, timeout=2)
     yield p
     p.close()
+
+
+def idle_conns(p: FakePool) -> set[FakeConn]:
+    """The pool's idle connections, seen through its public `check()`: it
+    pings each (the fake driver records them) and parks it again."""
+    p.driver.pinged.clear()
+    p.check()
+    return set(p.driver.pinged)
+
+
+class StatusThen(FakeDriver):
+    """A fake driver that, once, runs `then()` right after a status read: what
+    another thread could do just then."""
+
+    then: Callable[[], None] | None = None
+
+    def status(self, conn: FakeConn) -> int:
+        status = super().status(conn)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return status
 
 
 # -- validation -------------------------------------------------------------
@@ -178,29 +201,29 @@ def test_giving_back_a_connection_closed_while_lent_does_nothing(pool, give_back
 
 
 @pytest.mark.parametrize("status", [OK, DIRTY])
-def test_a_return_racing_close_lent_parks_nothing(pool, monkeypatch, status):
+def test_a_return_racing_close_lent_parks_nothing(status):
     """`close_lent()` in another thread may close a connection after its
     borrower's `release()` found it lent: the return must not mark it idle
     again and park it (it would be lent on, closed under its next borrower),
     nor clean it."""
+    pool = FakePool(StatusThen(), min_size=2, max_size=2, timeout=2)
+    pool.open(wait=True, timeout=5)
     slot = pool.acquire()
     slot.conn.status = status
-    read_status = pool._status
 
-    def status_then_closed_by_another_thread(conn):
-        monkeypatch.setattr(pool, "_status", read_status)
+    def closed_by_another_thread() -> None:
         assert pool.close_lent(0) == [slot]
-        return status  # read before the close began
 
-    monkeypatch.setattr(pool, "_status", status_then_closed_by_another_thread)
+    pool.driver.then = closed_by_another_thread  # after the return read the status
     pool.release(slot)
     assert slot.state == "gone"
-    assert all(slot not in seg.idle for seg in pool._idle.segments)
+    assert slot.conn not in idle_conns(pool)
     assert pool.get_stats().get("returns_reset", 0) == 0
     taken = [pool.acquire(), pool.acquire()]
     assert slot not in taken and not any(s.conn.closed for s in taken)
     for s in taken:
         pool.release(s)
+    pool.close()
 
 
 def _release_all(pool, slots):
@@ -224,10 +247,10 @@ def test_returns_racing_close_lent_in_threads_park_no_closed_slot():
                 slot.taken_at -= 10
             returner = threading.Thread(target=functools.partial(_release_all, p, slots))
             returner.start()
-            p.close_lent(1)
+            closed = p.close_lent(1)
             returner.join()
-            parked = [s for seg in p._idle.segments for s in seg.idle]
-            assert all(s.state == "idle" and s in p._slots for s in parked)
+            assert all(s.state == "gone" for s in closed)  # none marked idle again...
+            assert not idle_conns(p) & {s.conn for s in closed}  # ... nor parked
             p.close()
     finally:
         sys.setswitchinterval(switch_interval)
@@ -448,7 +471,7 @@ def test_affinity_returns_a_greenlets_own_connection():
 
 def test_lifetimes_are_jittered_within_range():
     p = make_pool(min_size=50, max_size=50, max_lifetime=100, lifetime_jitter=0.3)
-    lifetimes = [s.expire_at - s.created_at for s in p._slots]
+    lifetimes = [s.expire_at - s.created_at for s in [p.acquire() for _ in range(50)]]  # all of them
     assert all(70 <= life <= 100 for life in lifetimes)
     assert max(lifetimes) - min(lifetimes) > 10  # spread, not a cohort
     p.close()
@@ -468,9 +491,9 @@ def borrow_until(p: FakePool, deadline: float, hold: float) -> int:
 
 def test_connections_are_replaced_before_they_expire():
     p = make_pool(min_size=5, max_size=5, max_lifetime=0.6, lifetime_jitter=0.2)
-    first = {s.conn.id for s in p._slots}
+    first = set(p.driver.opened)
     assert borrow_until(p, time.monotonic() + 2.0, 0.005) == 0
-    assert not first & {s.conn.id for s in p._slots}  # all replaced
+    assert not first & idle_conns(p)  # all replaced (none is lent now)
     assert p.get_stats()["requests_queued"] == 0  # nobody ever waited for it
     p.close()
 
@@ -522,7 +545,7 @@ def test_broken_connections_are_replaced(pool):
     stats = pool.get_stats()
     assert stats["returns_bad"] == 1
     assert stats["pool_size"] == 2
-    assert slot.conn not in [s.conn for s in pool._slots]
+    assert slot.state == "gone"  # not the pool's any more
 
 
 def test_no_lock_across_a_slow_connect():
@@ -530,7 +553,7 @@ def test_no_lock_across_a_slow_connect():
     p.driver.connect_delay = 0.3
     p.resize(4, 4)  # two connects start in the background
     gevent.sleep(0.01)
-    assert p._connecting == 2
+    assert p.driver.connecting == 2
     slowest = 0.0
     t_start = time.monotonic()
     for _ in range(50):
@@ -541,7 +564,7 @@ def test_no_lock_across_a_slow_connect():
         slowest = max(slowest, time.monotonic() - t0)
     assert time.monotonic() - t_start < 0.2  # all done while connects run
     assert slowest < 0.05
-    assert p._connecting == 2
+    assert p.driver.connecting == 2
     p.wait(timeout=2)
     p.close()
 
@@ -670,12 +693,15 @@ def test_leaks_are_logged_with_the_taking_stack(caplog):
 
 
 def test_drain_replaces_everything(pool):
-    before = {s.conn.id for s in pool._slots}
+    before = set(pool.driver.opened)
     held = pool.acquire()
     pool.drain()
     pool.release(held)
     pool.wait(timeout=2)
-    assert not before & {s.conn.id for s in pool._slots}
+    now = [pool.acquire() for _ in range(pool.max_size)]  # all of them
+    assert not before & {s.conn for s in now}
+    for slot in now:
+        pool.release(slot)
 
 
 def test_drain_also_replaces_connections_being_made():
@@ -712,7 +738,7 @@ def test_resize_below_the_connections_calls_off_connects_and_retires_the_surplus
     gevent.joinall(waiters[:1], timeout=2)
     p.release(held)  # retired: over the cap with the connects in flight
     slots = [w.get(timeout=2) for w in waiters[:2]]
-    assert len(p._slots) <= 2
+    assert p.get_stats()["pool_size"] <= 2  # made, lent and being made
     wait_until(lambda: held.conn.closed, what="the retired connection closed")
     for slot in slots:
         p.release(slot)
@@ -762,7 +788,7 @@ def test_a_failed_connect_nothing_waits_for_is_not_retried_and_the_next_request_
     p.driver.fail_connect = OSError("db down")
     with pytest.raises(errors.PoolTimeout, match="db down"):
         p.acquire()
-    wait_until(lambda: p._inflight == 0 and not p._todo, what="no connect left")
+    wait_until(lambda: p.get_stats()["pool_size"] == 0, what="no connect left")  # and none made
     time.sleep(0.5)  # longer than the first backoff
     tried = p.get_stats()["connections_num"]
     assert tried == 1  # the request's own attempt: no retry for no one
@@ -798,8 +824,10 @@ if os.fork() == 0:
     gevent.sleep(0.5)  # the copied connect ends
     takers = [gevent.spawn(pool.acquire, 2) for _ in range(3)]
     gevent.sleep(1)
+    # Private: the background jobs' counters, which no stats report (they
+    # leave out connector jobs, cleanings and closings): what the bug broke.
     counters = [pool._inflight, pool._connecting, pool._cleaning, pool._closing]
-    os.write(write, json.dumps({"counters": counters, "slots": len(pool._slots)}).encode())
+    os.write(write, json.dumps({"counters": counters, "slots": pool.get_stats()["pool_size"]}).encode())
     os._exit(0)
 os.close(write)
 print(os.read(read, 1000).decode())
@@ -890,6 +918,8 @@ try:
     outcome = "ok"
 except Exception as ex:
     outcome = repr(ex)
+# Private: closes under way, which count against max_size and which no stats
+# report; a count left wrong shows publicly only later, or not at all.
 print(json.dumps({"outcome": outcome, "closing": pool._closing}))
 """
 
@@ -1039,19 +1069,22 @@ def test_cohort_at_max_size_is_replaced_back_to_back():
     at most num_workers are missing at a time and none is lent expired. (Once
     per tick, 2 of the 12 every 0.1 s, the last ones expired first.)"""
     p = make_pool(min_size=12, max_size=12, num_workers=2, connect_delay=0.01, max_lifetime=2.0, lifetime_jitter=0.0)
-    first = {s.conn.id for s in p._slots}
+    first = set(p.driver.opened)
     fewest = 12
     deadline = time.monotonic() + 2.6
 
     def watch() -> None:
         nonlocal fewest
         while time.monotonic() < deadline:
+            # Private: how many connections the pool has at each instant.
+            # Its stats count connects under way too, and idle + lent misses
+            # one being handed over: none sees the dip this bounds.
             fewest = min(fewest, len(p._slots))
             gevent.sleep(0.001)
 
     users = [gevent.spawn(borrow_until, p, deadline, 0.003) for _ in range(6)]
     gevent.joinall([*users, gevent.spawn(watch)], timeout=5, raise_error=True)
-    assert not first & {s.conn.id for s in p._slots}  # the cohort was replaced
+    assert not first & idle_conns(p)  # the cohort was replaced (none is lent now)
     assert sum(user.value for user in users) == 0  # none lent expired
     assert fewest >= 12 - 2
     p.close()
@@ -1064,10 +1097,10 @@ def test_a_connection_held_for_good_does_not_stop_replacement_at_max_size():
     p = make_pool(min_size=4, max_size=4, num_workers=1, max_lifetime=1.0, lifetime_jitter=0.0)
     held = p.acquire()
     held.expire_at = time.monotonic() + 0.3  # expires first: retired while lent
-    others = {s.conn.id for s in p._slots if s is not held}
+    others = set(p.driver.opened) - {held.conn}
     gevent.sleep(1.6)  # an idle pool: only the housekeeper replaces
     assert held.expire_at == 0  # retired, still lent
-    assert not others & {s.conn.id for s in p._slots}
+    assert not others & idle_conns(p)  # and no other is lent
     p.release(held)
     p.close()
 
@@ -1079,20 +1112,22 @@ def test_a_retired_connection_parked_by_a_racing_return_is_closed():
     p = make_pool(min_size=3, max_size=3, num_workers=1, max_lifetime=1.0, lifetime_jitter=0.0)
     x = p.acquire()
     x.expire_at = time.monotonic() + 0.06  # due for replacement now
+    others = set(p.driver.opened) - {x.conn}
+    # Private: the window is between the return's read of the lifetime and
+    # its park, where no driver call runs (the status is read before).
     unlent = p._unlent
 
     def retired_meanwhile(slot):
-        p._replace_expiring(time.monotonic())  # as another thread would, just then
+        p._replace_expiring(time.monotonic())  # as another thread (a connector's, the housekeeper's) would, just then
         return unlent(slot)
 
     p._unlent = retired_meanwhile  # type: ignore[method-assign]
     p.release(x)
     del p._unlent
     assert x.expire_at == 0 and x.state == "idle"  # retired, yet parked
-    others = {s.conn.id for s in p._slots if s is not x}
     wait_until(lambda: x.conn.closed, 2, "the parked retired connection closed")
     gevent.sleep(1.2)
-    assert not others & {s.conn.id for s in p._slots}
+    assert not others & idle_conns(p)  # none is lent
     p.close()
 
 
@@ -1237,6 +1272,8 @@ class _InterruptingLock:
 
 def test_interrupted_right_after_queuing_leaves_no_request_behind(pool) -> None:
     held = [pool.acquire(), pool.acquire()]
+    # Private: the pool's lock is where an exception can be raised into the
+    # greenlet right after its request is queued (no public call runs there).
     lock = pool._lock = _InterruptingLock(pool._lock)
     try:
         lock.armed = True  # the next release is the one right after queuing

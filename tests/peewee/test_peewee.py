@@ -34,6 +34,7 @@ Notes on greenpool's knobs used here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -98,6 +99,20 @@ def run_threads(fn: Callable[[int], Any], n: int, timeout: float = 15.0) -> list
     if errors:
         raise errors[0]
     return results
+
+
+@contextlib.contextmanager
+def counting_calls(owner: type, name: str) -> Iterator[list[None]]:
+    """Count the calls to the method `owner.name` made in the block."""
+    calls: list[None] = []
+    real = getattr(owner, name)
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return real(self, *args, **kwargs)
+
+    with mock.patch.object(owner, name, spy):
+        yield calls
 
 
 def timed_sleepers(
@@ -676,6 +691,43 @@ def test_instance_hooks_are_asked_at_use(backend: Backend) -> None:
     assert db.pool_stats()["pool_size"] == 0
 
 
+@backends("pg", "sqlite")
+def test_class_connect_is_looked_up_at_each_connect(backend: Backend) -> None:
+    """The database class's own `_connect()` (past the mixin) is looked up when
+    a connection is made, as peewee's `connect()` and playhouse's mixin do:
+    patched on the class after the database was made, the patch makes it."""
+    db = backend.make(max_connections=2)
+    made: list[Any] = []
+    real_connect = backend.plain._connect
+
+    def spy(self: Any) -> Any:
+        conn = real_connect(self)
+        made.append(conn)
+        return conn
+
+    with mock.patch.object(backend.plain, "_connect", spy):
+        with db.connection_context():
+            assert made == [db.connection()]
+
+
+@backends("pg", "mysql", "sqlite")
+def test_class_close_is_looked_up_at_each_close(backend: Backend) -> None:
+    """Likewise the class's own `_close(conn)`, when the pool closes a connection."""
+    db = backend.make(max_connections=2)
+    closed: list[Any] = []
+    real_close = peewee.Database._close
+
+    def spy(self: Any, conn: Any) -> None:
+        closed.append(conn)
+        real_close(self, conn)
+
+    db.connect()
+    conn = db.connection()
+    with mock.patch.object(peewee.Database, "_close", spy):
+        db.manual_close()  # closes it at once
+    assert closed == [conn]
+
+
 @backends("pg")
 def test_shared_state_connection_outlives_the_greenlet_that_opened_it(backend: Backend) -> None:
     """`thread_safe=False`: one state, so one connection, for every greenlet.
@@ -694,30 +746,37 @@ def test_shared_state_connection_outlives_the_greenlet_that_opened_it(backend: B
 
 @backends("pgext", "psycopg3")
 def test_ext_database_named_cursor_is_peewee_s(backend: Backend) -> None:
-    """PostgresqlExtDatabase's own cursor() (server-side, named) is not bypassed."""
+    """PostgresqlExtDatabase's own cursor() (server-side, named) is not bypassed;
+    connecting still takes the mixin's short path, not peewee's `connect()`."""
     db = backend.make(max_connections=2)
-    assert not db._lean_cursor and db._lean
-    with db.connection_context():
-        cursor = db.cursor(named_cursor=True)
-        assert cursor.name  # a server-side cursor
-        cursor.execute("select generate_series(1, 3)")
-        assert [row[0] for row in cursor.fetchall()] == [1, 2, 3]
-        cursor.close()
-        assert db.execute_sql("select 1").fetchone() == (1,)
+    with (
+        counting_calls(PostgresqlExtDatabase, "cursor") as cursors,
+        counting_calls(peewee.Database, "connect") as connects,
+    ):
+        with db.connection_context():
+            cursor = db.cursor(named_cursor=True)
+            assert cursor.name  # a server-side cursor
+            cursor.execute("select generate_series(1, 3)")
+            assert [row[0] for row in cursor.fetchall()] == [1, 2, 3]
+            cursor.close()
+            assert db.execute_sql("select 1").fetchone() == (1,)
+    assert (len(cursors), len(connects)) == (2, 0)
 
 
 @backends("pg", "mysql", "sqlite")
 def test_cursor_autoconnects_or_refuses_like_peewee(backend: Backend) -> None:
+    """...through the mixin's short path: peewee's `cursor()` is never called."""
     db = backend.make(max_connections=2)
-    assert db._lean_cursor
-    assert db.execute_sql("select 1").fetchone() == (1,)  # autoconnect
-    assert not db.is_closed()
-    db.close()
     strict = backend.make(max_connections=2, autoconnect=False)
-    with pytest.raises(peewee.InterfaceError, match="not opened"):
-        strict.cursor()
-    with strict.connection_context():
-        assert strict.execute_sql("select 1").fetchone() == (1,)
+    with counting_calls(peewee.Database, "cursor") as peewee_cursors:
+        assert db.execute_sql("select 1").fetchone() == (1,)  # autoconnect
+        assert not db.is_closed()
+        db.close()
+        with pytest.raises(peewee.InterfaceError, match="not opened"):
+            strict.cursor()
+        with strict.connection_context():
+            assert strict.execute_sql("select 1").fetchone() == (1,)
+    assert peewee_cursors == []
 
 
 @backends("pg")
@@ -2118,6 +2177,10 @@ def test_stale_timeout_randomized_and_replaced_without_waiting(backend: Backend)
             barrier.wait(10)
 
     run_threads(hold, 8)
+    # Private, here and below: every connection's drawn lifetime, replacements
+    # made and retired between checkouts included, is only on the pool's
+    # slots; lending them (`db.pool.acquire()`) would probe them and change
+    # the checkouts this test times.
     initial = [s.conn for s in db.pool._slots]
     assert len(initial) == 8
     # Keep every slot seen alive, so that id() keys stay unique.

@@ -690,7 +690,7 @@ def test_query_interrupted_while_sending_is_recovered(
     fully received).
     """
     proxy = make_proxy()
-    proxy_pid = proxy._child.pid  # type: ignore[union-attr]
+    proxy_pid = proxy._child.pid  # type: ignore[union-attr]  # private: Proxy has no public pid to SIGSTOP
     blob = "x" * (8 * 1024 * 1024)
 
     def body() -> None:
@@ -733,7 +733,7 @@ def test_check_interrupted_never_lends_an_autocommit_connection(
     where the next borrower's transactions would commit statement by
     statement."""
     proxy = make_proxy()
-    proxy_pid = proxy._child.pid  # type: ignore[union-attr]
+    proxy_pid = proxy._child.pid  # type: ignore[union-attr]  # private: Proxy has no public pid to SIGSTOP
 
     def body() -> None:
         pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1, check=GREEN.check_connection)
@@ -764,7 +764,7 @@ def test_rollback_of_a_returned_connection_gives_up_on_a_silent_server(
     instead of pinning its slot (and a cleaner) for good."""
     monkeypatch.setattr(greenpool.pg.driver, "SETTLE_TIMEOUT", 0.3)
     proxy = make_proxy()
-    proxy_pid = proxy._child.pid  # type: ignore[union-attr]
+    proxy_pid = proxy._child.pid  # type: ignore[union-attr]  # private: Proxy has no public pid to SIGSTOP
 
     def body() -> None:
         pool = make_pool(proxy.dsn(pg_dsn), min_size=1, max_size=1)

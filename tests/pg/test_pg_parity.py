@@ -435,6 +435,24 @@ def test_implicit_open_warning_raised_as_error_leaks_no_connection(make_pool: Ca
     assert pool.get_stats()["pool_available"] == 1
 
 
+@pytest.mark.parametrize("entry", ["getconn", "connection", "wait"])
+def test_implicit_open_warning_names_the_callers_line(entry: str, make_pool: Callable[..., Any]) -> None:
+    """greenpool's DeprecationWarning points at the caller's line, whichever the
+    entry point (psycopg_pool's points into psycopg_pool): Python shows it by
+    default in `__main__`, and `-W error::DeprecationWarning:module` filters work."""
+    pool = make_pool(gp.ConnectionPool, min_size=1, max_size=1, timeout=5, open=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if entry == "getconn":
+            pool.putconn(pool.getconn())
+        elif entry == "connection":
+            with pool.connection():
+                pass
+        else:
+            pool.wait(timeout=10)
+    assert [(w.category, w.filename) for w in caught] == [(DeprecationWarning, __file__)]
+
+
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_putconn_twice(cls: type, make_pool: Callable[..., Any]) -> None:
     pool = opened(make_pool(cls, **sizes(cls, 2, 2)))
@@ -716,6 +734,33 @@ def test_terminated_backend_discarded_by_check(
     assert backends(monitor, pool.test_app_name) == lent
 
 
+@pytest.mark.parametrize("cls", POOLS)
+def test_check_uses_an_overridden_check_connection(cls: type, make_pool: Callable[..., Any]) -> None:
+    """`check()` checks each idle connection with the pool's `check_connection()`:
+    a subclass overriding it (a different probe, say) is obeyed."""
+    checked: list[int] = []
+
+    class Checking(cls):  # type: ignore[valid-type, misc]
+        @staticmethod
+        def check_connection(conn: Any) -> None:
+            checked.append(pid_of(conn))
+            if len(checked) == 1:
+                raise psycopg.OperationalError("failed the subclass's probe")
+
+    pool = opened(make_pool(Checking, min_size=2, max_size=2))
+    pids = {pid_of(c) for c in _hold_and_return(pool, 2)}
+    pool.check()
+    assert set(checked) == pids and len(checked) == 2
+    settle(pool, 2)
+    assert pool.get_stats()["connections_lost"] == 1
+    conns = hold_all(pool, 2)
+    try:
+        assert checked[0] not in {pid_of(c) for c in conns}  # the one it failed was replaced
+    finally:
+        for c in conns:
+            pool.putconn(c)
+
+
 @pytest.mark.parametrize("cls", ALL_POOLS)
 def test_terminated_backend_discarded_on_return(
     cls: type, make_pool: Callable[..., Any], monitor: psycopg.Connection[Any]
@@ -796,6 +841,21 @@ def test_connection_class(cls: type, make_pool: Callable[..., Any]) -> None:
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("cls", ALL_POOLS)
+def test_connection_attributes_set_after_construction(cls: type, make_pool: Callable[..., Any], pg_dsn: str) -> None:
+    """`conninfo`, `kwargs` and `connection_class` are psycopg_pool's plain
+    attributes: set on a pool, they make its next connections."""
+    pool = make_pool(cls, "host=203.0.113.1 connect_timeout=1", **sizes(cls, 1, 1))
+    pool.conninfo = pg_dsn
+    pool.kwargs = kwargs = {"application_name": "gp_attrs"}
+    pool.connection_class = _MyConnection
+    assert (pool.conninfo, pool.kwargs, pool.connection_class) == (pg_dsn, kwargs, _MyConnection)
+    opened(pool)
+    with pool.connection(timeout=10) as conn:
+        assert type(conn) is _MyConnection
+        assert conn.execute("select current_setting('application_name')").fetchone() == ("gp_attrs",)
+
+
 def test_greenpool_default_connection_class_is_a_psycopg_connection(make_pool: Callable[..., Any]) -> None:
     """greenpool's default class is GeventConnection, a psycopg.Connection
     (psycopg_pool's default is psycopg.Connection itself)."""
@@ -871,6 +931,16 @@ def test_resize_null_pool(cls: type, make_pool: Callable[..., Any]) -> None:
     finally:
         for c in conns:
             pool.putconn(c)
+
+
+@pytest.mark.parametrize("new", [(1, 3), (0, 3)])
+def test_resize_closed_null_pool_raises_pool_closed_first(new: tuple[int, int], make_pool: Callable[..., Any]) -> None:
+    """greenpool only (psycopg_pool's resize() doesn't look): after close(), a
+    null pool's resize() says it is closed, whatever the sizes, as a pool's does."""
+    pool = opened(make_pool(GREEN_NULL, max_size=1))
+    pool.close()
+    with pytest.raises(psycopg_pool.PoolClosed, match="is closed"):
+        pool.resize(*new)
 
 
 @pytest.mark.parametrize("cls", POOLS)

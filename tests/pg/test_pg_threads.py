@@ -372,6 +372,8 @@ def test_forget_all_in_a_forked_child_starts_afresh(run_python: Callable[..., An
         held, done = threading.Event(), threading.Event()
 
         def hold_the_lock():
+            # Private: the pool's lock held by another thread at the fork; no
+            # public call holds it (the driver is never called under it).
             with pool._lock:
                 held.set()
                 done.wait(30)
@@ -423,10 +425,17 @@ def test_pool_opened_in_a_greenlet_serves_threads_while_its_hub_is_blocked(make_
     must still get new connections and have returned ones cleaned."""
     import gevent
 
+    made_in: list[tuple[int, bool]] = []  # each connect's OS thread, and whether a hub's greenlet made it
+
+    def configure(conn: Any) -> None:
+        made_in.append((threading.get_ident(), gevent.getcurrent().parent is not None))
+
     pools: list[Any] = []
-    gevent.spawn(lambda: pools.append(make_pool(min_size=0, max_size=3))).join()
+    gevent.spawn(lambda: pools.append(make_pool(min_size=0, max_size=3, configure=configure))).join()
     pool = pools[0]
-    assert pool._executor.hub is not None
+    # Its background work is this hub's: a connect a greenlet asks for is made by a greenlet here.
+    gevent.spawn(lambda: pool.putconn(pool.getconn(timeout=10))).join(15)
+    assert made_in == [(threading.get_ident(), True)]
     outcomes: list[str] = []
     worker = _borrower(pool, outcomes, "select pg_sleep(0.1)")
     try:
