@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import PoolError
+from .retry import retry
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "PoolTimeout",
     "TooManyRequests",
     "__version__",
+    "retry",
 ]
 
 _PSYCOPG_NAMES = {
