@@ -917,9 +917,9 @@ def _check_mysql(target: Target, conn: Any, first: float, facts: ServerFacts) ->
 
 def _capacity_findings(facts: ServerFacts, app: AppInfo) -> list[Finding]:
     """The planned connections of the pools on `facts`' server against its limits."""
-    pools = [p for p in facts.pools if p.max_size < UNLIMITED]
-    if not facts.pools or facts.available is None:
-        return []
+    pools = facts.pools
+    if not pools or facts.available is None or any(p.max_size >= UNLIMITED for p in pools):
+        return []  # an unbounded pool has a finding of its own
     check = "server" if facts.kind == "postgresql" else "mysql"
     processes = processes_per_worker(app.task_pool, app.concurrency)
     planned = processes * sum(p.max_size for p in pools)
@@ -969,8 +969,8 @@ def _capacity_findings(facts: ServerFacts, app: AppInfo) -> list[Finding]:
                 check,
                 f"one worker's pools may open {planned} connections ({how}), but {facts.address} accepts"
                 f" {facts.available} (max_connections {facts.max_connections} - {facts.reserved} reserved)",
-                f"lower max_size (to {fit} at most for this worker alone; `{_FLEET}` sizes a fleet) or put PgBouncer"
-                " in between",
+                f"lower max_size (at most {fit} in all per process, for this worker alone; `{_FLEET}` sizes a fleet)"
+                " or put PgBouncer in between",
                 data=data,
             )
         ]

@@ -244,7 +244,7 @@ def test_gevent_app_with_a_pool_larger_than_the_server_allows_fails(pg_dsn: str,
     (line,) = lines(result, "FAIL")
     assert line.startswith(f"FAIL server: one worker's pools may open {huge + 2} connections")
     assert f"accepts {usable} (max_connections " in line
-    assert f"lower max_size (to {usable} at most for this worker alone" in line
+    assert f"lower max_size (at most {usable} in all per process, for this worker alone" in line
     # It checked the worker as it would run: re-executed with --pool gevent, patched before the app.
     assert "ok   gevent: the process is monkey-patched (worker_pool = 'gevent' in the configuration" in result.stdout
     assert "ok   psycopg: imported after gevent patched the process" in result.stdout
