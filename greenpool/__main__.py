@@ -7,6 +7,15 @@ Commands:
     baselines under gevent, on PostgreSQL and (if one answers) MySQL/MariaDB
     (see `greenpool.bench`).
 
+``doctor``
+    Check the process, the Celery app and the servers: gevent patching and
+    import order, pool sizes against ``max_connections``, PgBouncer (see
+    `greenpool.tools.doctor`).
+
+``plan``
+    Size the pools of a fleet of workers against a server, direct or behind
+    PgBouncer (see `greenpool.tools.plan`).
+
 A command is a `Command` entry in `COMMANDS`: a name, a help line, a function
 adding its options to an argparse sub-parser, and a handler. The handler
 imports what the command needs itself, so that each command controls what is
@@ -20,6 +29,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from .tools import doctor, plan
 
 # Modules that bind threading/socket/select objects when imported: they must be
 # imported after `gevent.monkey.patch_all()` to be gevent-aware. greenpool's own
@@ -156,6 +167,18 @@ COMMANDS: tuple[Command, ...] = (
         help="benchmark greenpool against psycopg_pool, playhouse.pool and no-pool baselines under gevent",
         add_arguments=_bench_arguments,
         run=_run_bench,
+    ),
+    Command(
+        name="doctor",
+        help="check gevent patching and import order, a Celery app's pools, and the servers they use",
+        add_arguments=doctor.add_arguments,
+        run=doctor.run,
+    ),
+    Command(
+        name="plan",
+        help="size the pools of a fleet of workers against a server's max_connections (or PgBouncer)",
+        add_arguments=plan.add_arguments,
+        run=plan.run,
     ),
 )
 

@@ -38,11 +38,13 @@ import logging
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from celery import signals
 
+from .._runtime.import_order import gevent_patched, import_traps
 from ..engine import Pool
 
 logger = logging.getLogger("greenpool.celery")
@@ -50,7 +52,10 @@ logger = logging.getLogger("greenpool.celery")
 #: Set in the environment of a worker re-executed with `--pool=gevent`.
 REEXEC_MARKER = "GREENPOOL_CELERY_REEXECUTED"
 
-__all__ = ["Integration", "setup"]
+__all__ = ["Integration", "integration_for", "setup"]
+
+#: The `Integration` of each app's latest `setup()` (for `python -m greenpool doctor`).
+_integrations: weakref.WeakKeyDictionary[Any, Integration] = weakref.WeakKeyDictionary()
 
 
 def setup(app: Any, *pools: Any, open_timeout: float = 10.0) -> Integration:
@@ -66,7 +71,13 @@ def setup(app: Any, *pools: Any, open_timeout: float = 10.0) -> Integration:
         raise ValueError(f"open_timeout must be a number of seconds >= 0, got {open_timeout!r}")
     integration = Integration(app, [Member(p) for p in pools], float(open_timeout))
     integration.connect()
+    _integrations[app] = integration
     return integration
+
+
+def integration_for(app: Any) -> Integration | None:
+    """The `Integration` the latest `setup()` for `app` returned, or None if it was never set up."""
+    return _integrations.get(app)
 
 
 class Member:
@@ -300,26 +311,11 @@ def task_pool_name(pool_cls: Any) -> str:
     return {"thread": "threads", "processes": "prefork"}.get(name, name or "?")
 
 
-def gevent_patched() -> bool:
-    """Whether gevent has monkey-patched the socket module."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
-
-
 def patch_state() -> str:
     """The gevent patch state, and the import-order traps greenpool copes with."""
     if not gevent_patched():
         return "not patched by gevent"
-    notes = []
-    waiting = sys.modules.get("psycopg.waiting")
-    if waiting is not None and getattr(waiting, "wait_c", None) is not None and waiting.wait is waiting.wait_c:
-        notes.append("psycopg imported before patching (greenpool's connections wait cooperatively anyway)")
-    peewee = sys.modules.get("peewee")
-    if peewee is not None:
-        from gevent import monkey
-
-        if monkey.get_original("threading", "local") in peewee._ConnectionLocal.__mro__:
-            notes.append("peewee imported before patching (greenpool's databases keep per-greenlet state anyway)")
+    notes = [f"{trap.library} imported before patching ({trap.handled})" for trap in import_traps() if trap.coped_with]
     return "patched by gevent" + "".join(f"; {note}" for note in notes)
 
 
