@@ -31,7 +31,7 @@ import peewee
 from playhouse.pool import MaxConnectionsExceeded
 
 from .. import errors
-from .._runtime.hub import getcurrent
+from .._runtime.hub import getcurrent, gevent_hub, note_hub
 from ..engine import Pool, Slot, options
 from ..retry import DatabaseRetrying, Retrying
 from .drivers import driver_for, while_busy
@@ -473,6 +473,13 @@ class PooledDatabase(_DatabaseBase):
             if link is not None:
                 link(self._owner_ended)
                 linked[self._link_key] = True
+                if self._driver.hub_bound:
+                    # Where jobs asked for by other threads make its connections
+                    # (a housekeeper started before patch_all() is an OS thread):
+                    # this greenlet's hub, if it is the main one.
+                    hub = gevent_hub()
+                    if hub is not None:
+                        note_hub(hub)
         return slot.conn
 
     def _owner_ended(self, greenlet: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import peewee
 
 from .. import errors
-from .._runtime.hub import readable_now
+from .._runtime.hub import gevent_hub, readable_now
 from ..engine.driver import BROKEN, DIRTY, OK, Driver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -249,9 +249,13 @@ def while_busy(conn: Any, call: Callable[..., Any], *args: Any, **kwargs: Any) -
 
 
 def _blocking_under_gevent(conn: Any) -> bool:
-    """True for a pymysql connection made before `monkey.patch_all()`.
+    """True for a pymysql connection unusable by this caller under gevent.
 
-    Its socket blocks the hub: replace it with one made on patched sockets.
+    Made before `monkey.patch_all()`, its socket blocks the hub; made in
+    another thread's hub (a background job of a pool opened before the
+    patch, before the main hub was seen), its patched socket can't switch
+    to that hub ("cannot switch to a different thread"). Replace it with
+    one made here.
     """
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None or not monkey.is_module_patched("socket"):
@@ -259,7 +263,12 @@ def _blocking_under_gevent(conn: Any) -> bool:
     from gevent.socket import socket as green_socket
 
     sock = getattr(conn, "_sock", None)
-    return sock is not None and not isinstance(sock, green_socket)
+    if sock is None:
+        return False
+    if not isinstance(sock, green_socket):
+        return True
+    hub = gevent_hub()
+    return hub is not None and sock.hub is not hub
 
 
 @functools.cache

@@ -1484,6 +1484,43 @@ def test_import_order_pool_used_before_patch_all_replaces_stale_connections(
     assert out["connections"] > 10, out  # replaced
 
 
+def test_mysql_replacement_made_by_a_pre_patch_housekeeper_is_not_lent_to_greenlets(
+    child: Callable[..., dict[str, Any]],
+) -> None:
+    """A pool used before patch_all() keeps an OS-thread housekeeper; a stale
+    connection it replaces before any greenlet used the pool is made in a
+    throwaway thread's hub, whose patched socket greenlets can't use ("cannot
+    switch to a different thread"). Such a connection is seen at checkout
+    and replaced in the greenlets' hub."""
+    out = child(
+        """
+        import peewee
+        import greenpool.peewee as gpw
+        db = make_db(gpw, "mysql", max_connections=10, timeout=10, stale_timeout=0.5)
+        db.execute_sql("select 1")
+        db.close()
+        """,
+        CHILD_PATCH_ALL,
+        """
+        import gevent
+        gevent.sleep(1.2)  # only the housekeeper acts: the stale connection is replaced
+
+        def query():
+            try:
+                with db.connection_context():
+                    db.execute_sql("select sleep(0.05)")
+                return "ok"
+            except Exception as ex:
+                return repr(ex)
+
+        greenlets = [gevent.spawn(query) for _ in range(3)]
+        gevent.joinall(greenlets, timeout=15)
+        result(outcomes=sorted({str(g.value) for g in greenlets}))
+        """,
+    )
+    assert out["outcomes"] == ["ok"], out
+
+
 def test_contrast_playhouse_pool_created_before_patch_all_postgres(child: Callable[..., dict[str, Any]]) -> None:
     """The bug greenpool fixes: playhouse.pool's database made before
     patch_all() keeps a real `threading.local` (every greenlet shares one
