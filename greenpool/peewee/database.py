@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import peewee
 from playhouse.pool import MaxConnectionsExceeded
@@ -33,7 +33,7 @@ from playhouse.pool import MaxConnectionsExceeded
 from .. import errors
 from .._runtime.hub import getcurrent, gevent_hub, note_hub
 from ..engine import Pool, Slot, options
-from ..retry import DatabaseRetrying, Retrying
+from ..retry import DatabaseRetrying
 from .drivers import driver_for, while_busy
 
 logger = logging.getLogger("greenpool.peewee")
@@ -46,8 +46,6 @@ else:
 
 _UNLIMITED = 2**31 - 1
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 #: Seconds a request waits for a new connection: `timeout` only bounds the
 #: wait for one in use by someone else (None: no wait), as in playhouse.
@@ -579,34 +577,7 @@ class PooledDatabase(_DatabaseBase):
 
     # -- retrying (greenpool.retry) ------------------------------------------
 
-    @overload
-    def retry(self, func: Callable[P, R], /) -> Callable[P, R]: ...
-
-    @overload
-    def retry(
-        self,
-        /,
-        *,
-        attempts: int = 3,
-        deadline: float | None = 30.0,
-        base_delay: float = 0.05,
-        max_delay: float = 2.0,
-        retry_serialization: bool = False,
-        on_retry: Callable[[int, Exception, float], object] | None = None,
-    ) -> Retrying: ...
-
-    def retry(
-        self,
-        func: Callable[..., Any] | None = None,
-        /,
-        *,
-        attempts: int = 3,
-        deadline: float | None = 30.0,
-        base_delay: float = 0.05,
-        max_delay: float = 2.0,
-        retry_serialization: bool = False,
-        on_retry: Callable[[int, Exception, float], object] | None = None,
-    ) -> Retrying | Callable[..., Any]:
+    def retry(self, func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """`greenpool.retry(...)` for blocks using this database: a decorator and an iterable of attempts.
 
         `@db.retry(attempts=3)` around a function doing a whole `with
@@ -618,15 +589,7 @@ class PooledDatabase(_DatabaseBase):
         `attempts` (3), `deadline` (30.0 s), `base_delay` (0.05 s),
         `max_delay` (2.0 s), `retry_serialization` (False), `on_retry` (None).
         """
-        policy = DatabaseRetrying(
-            self,
-            attempts=attempts,
-            deadline=deadline,
-            base_delay=base_delay,
-            max_delay=max_delay,
-            retry_serialization=retry_serialization,
-            on_retry=on_retry,
-        )
+        policy = DatabaseRetrying(self, **options)
         return policy if func is None else policy(func)
 
 

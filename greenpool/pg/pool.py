@@ -12,14 +12,14 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as e
 
 from .._runtime.hub import getcurrent
 from ..engine import GONE, OK, OUT, Pool, Slot, options
-from ..retry import PoolRetrying, Retrying
+from ..retry import PoolRetrying
 from .connection import GeventConnection
 from .driver import (
     ACTIVE,
@@ -34,8 +34,6 @@ from .driver import (
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 CT = TypeVar("CT", bound="psycopg.Connection[Any]")
-P = ParamSpec("P")
-R = TypeVar("R")
 
 #: `max_size` of a NullConnectionPool without a limit.
 _UNLIMITED = 2**31 - 1
@@ -265,34 +263,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
 
     # -- retrying (greenpool.retry) ------------------------------------------
 
-    @overload
-    def retry(self, func: Callable[P, R], /) -> Callable[P, R]: ...
-
-    @overload
-    def retry(
-        self,
-        /,
-        *,
-        attempts: int = 3,
-        deadline: float | None = 30.0,
-        base_delay: float = 0.05,
-        max_delay: float = 2.0,
-        retry_serialization: bool = False,
-        on_retry: Callable[[int, Exception, float], object] | None = None,
-    ) -> Retrying: ...
-
-    def retry(
-        self,
-        func: Callable[..., Any] | None = None,
-        /,
-        *,
-        attempts: int = 3,
-        deadline: float | None = 30.0,
-        base_delay: float = 0.05,
-        max_delay: float = 2.0,
-        retry_serialization: bool = False,
-        on_retry: Callable[[int, Exception, float], object] | None = None,
-    ) -> Retrying | Callable[..., Any]:
+    def retry(self, func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """`greenpool.retry(...)` for blocks using this pool: a decorator and an iterable of attempts.
 
         `@pool.retry(attempts=3)` around a function doing a whole `with
@@ -302,15 +273,7 @@ class ConnectionPool(Pool[CT], Generic[CT]):
         `base_delay` (0.05 s), `max_delay` (2.0 s), `retry_serialization`
         (False), `on_retry` (None).
         """
-        policy = PoolRetrying(
-            self,
-            attempts=attempts,
-            deadline=deadline,
-            base_delay=base_delay,
-            max_delay=max_delay,
-            retry_serialization=retry_serialization,
-            on_retry=on_retry,
-        )
+        policy = PoolRetrying(self, **options)
         return policy if func is None else policy(func)
 
 

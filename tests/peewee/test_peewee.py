@@ -350,6 +350,18 @@ def wait_until(pred, timeout):
     return True
 """
 
+#: Child code (patched, gpw and pymysql imported): a pooled MariaDB database
+#: `db`, a monitor query `q(sql, *args)`, a fresh `table` and the `out` dict.
+CHILD_MYSQL_SCRATCH = """
+db = make_db(gpw, "mysql", max_connections=2)
+mon = pymysql.connect(autocommit=True, **MY)
+def q(sql, *args):
+    cur = mon.cursor(); cur.execute(sql, args); return cur.fetchall()
+table = "gp_pw_scratch_%d" % os.getpid()
+q(f"create table {table} (id integer auto_increment primary key, value integer) engine=innodb")
+out = {}
+"""
+
 #: Greenlet checks run in a child once gevent is imported (patched or not).
 CHILD_GREENLET_CHECKS = """
 import gevent, gevent.event
@@ -1747,14 +1759,8 @@ def test_mysql_cut_inside_atomic_lets_the_interruption_through(child: Callable[.
         import greenpool.peewee as gpw
         """,
         CHILD_GREEN_WAIT_UNTIL,
+        CHILD_MYSQL_SCRATCH,
         """
-        db = make_db(gpw, "mysql", max_connections=2)
-        mon = pymysql.connect(autocommit=True, **MY)
-        def q(sql, *args):
-            cur = mon.cursor(); cur.execute(sql, args); return cur.fetchall()
-        table = "gp_pw_cut_%d" % os.getpid()
-        q(f"create table {table} (id integer auto_increment primary key, value integer) engine=innodb")
-        out = {}
         for cut in ("timeout", "kill"):
             for nested in (False, True):
                 ids, seen = [], {}
@@ -1905,14 +1911,8 @@ def test_mysql_greenlet_death_patched(child: Callable[..., dict[str, Any]]) -> N
         import greenpool.peewee as gpw
         """,
         CHILD_GREEN_WAIT_UNTIL,
+        CHILD_MYSQL_SCRATCH,
         """
-        db = make_db(gpw, "mysql", max_connections=2)
-        mon = pymysql.connect(autocommit=True, **MY)
-        def q(sql, *args):
-            cur = mon.cursor(); cur.execute(sql, args); return cur.fetchall()
-        table = "gp_pw_death_%d" % os.getpid()
-        q(f"create table {table} (id integer auto_increment primary key, value integer) engine=innodb")
-        out = {}
 
         # 1. autoconnect, then the greenlet ends.
         g = gevent.spawn(lambda: db.execute_sql("select connection_id()").fetchone()[0])
