@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from greenpool import bench
+from greenpool.bench import backends, contenders, planning, report, runner, scenarios
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``python <args>`` with this checkout first on the path, no DSN set."""
     env = dict(os.environ)
-    for name in (bench.DSN_ENV, bench.MYSQL_ENV, "GREENPOOL_BENCH_REEXECUTED"):
+    for name in (backends.DSN_ENV, backends.MYSQL_ENV, "GREENPOOL_BENCH_REEXECUTED"):
         env.pop(name, None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     return subprocess.run(
@@ -47,8 +47,8 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[st
 
 
 def _plan(scenario: str, requested: list[str] | None = None, quick: bool = False) -> tuple[list[str], dict[str, str]]:
-    names = bench._selected(requested, list(bench.CONTENDERS), "contender")
-    return bench.plan(bench.SCENARIOS[scenario][1 if quick else 0], names, requested)
+    names = planning.selected(requested, list(contenders.CONTENDERS), "contender")
+    return planning.plan(scenarios.SCENARIOS[scenario][1 if quick else 0], names, requested)
 
 
 def test_postgres_scenarios_run_every_postgres_contender() -> None:
@@ -68,7 +68,7 @@ def test_postgres_scenarios_run_every_postgres_contender() -> None:
 
 def test_mysql_scenarios_run_only_contenders_supporting_mysql() -> None:
     for scenario in ("mysql-steady", "mysql-overhead"):
-        assert bench.SCENARIOS[scenario][0].backend == bench.MYSQL
+        assert scenarios.SCENARIOS[scenario][0].backend == backends.MYSQL
         assert _plan(scenario) == (
             ["peewee-greenpool", "peewee-playhouse", "bare-pool", "dedicated", "peewee-dedicated"],
             {},
@@ -99,15 +99,15 @@ def test_scale_leaves_shared_out_unless_asked_for(quick: bool) -> None:
     assert _plan("scale", ["greenpool"], quick=quick) == (["greenpool"], {})
 
 
-def _config(backend: str, dsn: str) -> bench.ContenderConfig:
-    return bench.ContenderConfig(
+def _config(backend: str, dsn: str) -> contenders.ContenderConfig:
+    return contenders.ContenderConfig(
         dsn=dsn,
         pool_size=2,
-        max_lifetime=bench.CALM_LIFETIME,
+        max_lifetime=scenarios.CALM_LIFETIME,
         connection_class=object,
-        connect_kwargs=bench.CONNECT_KWARGS,
+        connect_kwargs=backends.CONNECT_KWARGS,
         timeout=1.0,
-        backend=bench.BACKENDS[backend],
+        backend=backends.BACKENDS[backend],
     )
 
 
@@ -117,8 +117,8 @@ def test_peewee_dedicated_postgres_database_is_plain_psycopg3_through_gevent_con
 
     from greenpool.peewee.postgres import gevent_adapter
 
-    config = _config(bench.POSTGRES, "host=127.0.0.1 port=5432 user=postgres dbname=test")
-    db: Any = bench.PeeweeDedicated(config).database()
+    config = _config(backends.POSTGRES, "host=127.0.0.1 port=5432 user=postgres dbname=test")
+    db: Any = contenders.PeeweeDedicated(config).database()
     assert type(db._adapter) is gevent_adapter(peewee.Psycopg3Adapter)
     assert type(db) is peewee.PostgresqlDatabase  # no pool, not even greenpool's
     assert (db.database, db.connect_params["host"], db.connect_params["port"]) == ("test", "127.0.0.1", "5432")
@@ -129,16 +129,16 @@ def test_peewee_dedicated_mysql_database_is_plain() -> None:
     pytest.importorskip("pymysql")
     import peewee
 
-    config = _config(bench.MYSQL, "mysql://me:pw@db.example:3307/name")
-    db: Any = bench.PeeweeDedicated(config).database()
+    config = _config(backends.MYSQL, "mysql://me:pw@db.example:3307/name")
+    db: Any = contenders.PeeweeDedicated(config).database()
     assert type(db) is peewee.MySQLDatabase
     assert (db.database, db.connect_params["host"], db.connect_params["port"]) == ("name", "db.example", 3307)
     assert (db.thread_safe, db.autoconnect) == (False, False)
 
 
 def test_peewee_dedicated_shares_dedicated_runner_and_queries_without_connection_context() -> None:
-    assert bench.CONTENDERS["peewee-dedicated"].factory is bench.PeeweeDedicated
-    assert bench.PeeweeDedicated.drive is bench.DedicatedConnections.drive  # one runner for both bounds
+    assert contenders.CONTENDERS["peewee-dedicated"].factory is contenders.PeeweeDedicated
+    assert contenders.PeeweeDedicated.drive is contenders.DedicatedConnections.drive  # one runner for both bounds
 
     class FakeDatabase:
         def __init__(self) -> None:
@@ -156,21 +156,21 @@ def test_peewee_dedicated_shares_dedicated_runner_and_queries_without_connection
             raise AssertionError("peewee-dedicated keeps its connection")
 
     db = FakeDatabase()
-    bench.PeeweeDedicated(_config(bench.MYSQL, bench.MYSQL_DEFAULT_URL)).execute(db, "select 1")
+    contenders.PeeweeDedicated(_config(backends.MYSQL, backends.MYSQL_DEFAULT_URL)).execute(db, "select 1")
     assert db.calls == ["select 1", "fetchall"]
 
 
 def test_contender_backends_are_checked() -> None:
     with pytest.raises(ValueError, match="backends"):
-        bench.contender("nowhere", storm=False, backends=("oracle",))
-    assert "nowhere" not in bench.CONTENDERS
+        contenders.contender("nowhere", storm=False, backends=("oracle",))
+    assert "nowhere" not in contenders.CONTENDERS
 
 
 # ---------------------------------------------------------------- MySQL URLs
 
 
 def test_mysql_url_to_connect_params() -> None:
-    backend = bench.BACKENDS[bench.MYSQL]
+    backend = backends.BACKENDS[backends.MYSQL]
     url = "mysql://u%40x:p%3Aw@db.example:3307/name?ssl_disabled=true&read_timeout=5&init_command=x"
     database, params = backend.peewee_params(url)
     assert database == "name"
@@ -179,7 +179,7 @@ def test_mysql_url_to_connect_params() -> None:
         "port": 3307,
         "user": "u@x",
         "password": "p:w",
-        "connect_timeout": bench.MYSQL_CONNECT_TIMEOUT,
+        "connect_timeout": backends.MYSQL_CONNECT_TIMEOUT,
         "ssl_disabled": True,
         "read_timeout": 5,
         "init_command": "x",
@@ -190,19 +190,24 @@ def test_mysql_url_to_connect_params() -> None:
 
 
 def test_mysql_url_defaults() -> None:
-    database, params = bench.BACKENDS[bench.MYSQL].peewee_params(bench.MYSQL_DEFAULT_URL)
+    database, params = backends.BACKENDS[backends.MYSQL].peewee_params(backends.MYSQL_DEFAULT_URL)
     assert database == "test"
-    assert params == {"host": "127.0.0.1", "port": 3306, "user": "root", "connect_timeout": bench.MYSQL_CONNECT_TIMEOUT}
+    assert params == {
+        "host": "127.0.0.1",
+        "port": 3306,
+        "user": "root",
+        "connect_timeout": backends.MYSQL_CONNECT_TIMEOUT,
+    }
 
 
 @pytest.mark.parametrize("url", ["postgresql://u@h/db", "mysql://root@127.0.0.1:3306"])
 def test_bad_mysql_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
-        bench.BACKENDS[bench.MYSQL].peewee_params(url)
+        backends.BACKENDS[backends.MYSQL].peewee_params(url)
 
 
 def test_mysql_url_through_the_proxy() -> None:
-    backend = bench.BACKENDS[bench.MYSQL]
+    backend = backends.BACKENDS[backends.MYSQL]
     proxied = backend.via_proxy("mysql://me:secret@10.0.0.1:3306/test?ssl_disabled=1", "127.0.0.1", 40000)
     assert proxied == "mysql://me:secret@127.0.0.1:40000/test?ssl_disabled=1"
     assert backend.via_proxy("mysql://10.0.0.1/test", "127.0.0.1", 40000) == "mysql://127.0.0.1:40000/test"
@@ -210,7 +215,7 @@ def test_mysql_url_through_the_proxy() -> None:
 
 def test_postgres_dsn_to_peewee_params() -> None:
     pytest.importorskip("psycopg")
-    backend = bench.BACKENDS[bench.POSTGRES]
+    backend = backends.BACKENDS[backends.POSTGRES]
     dsn = "host=127.0.0.1 port=5432 user=postgres dbname=test password=pw"
     assert backend.peewee_params(dsn) == (
         "test",
@@ -224,8 +229,8 @@ def test_postgres_dsn_to_peewee_params() -> None:
 # ---------------------------------------------------------------- reports
 
 
-def _result(contender: str, **figures: object) -> bench.RunResult:
-    result = bench.RunResult("steady", "run", contender, 1)
+def _result(contender: str, **figures: object) -> runner.RunResult:
+    result = runner.RunResult("steady", "run", contender, 1)
     for key, value in figures.items():
         setattr(result, key, value)
     return result
@@ -250,7 +255,7 @@ def _cells(text: str) -> dict[str, dict[str, str]]:
 
 
 def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
-    scenario = bench.SCENARIOS["steady"][0]  # G/P = 200/20 = 10
+    scenario = scenarios.SCENARIOS["steady"][0]  # G/P = 200/20 = 10
     results = [
         _result("greenpool", ok=True, qps=900.0, p50_ms=15.0, p99_ms=30.0, max_ms=40.0),
         _result("peewee-greenpool", ok=True, qps=600.0, p50_ms=20.0, p99_ms=50.0, max_ms=60.0),
@@ -258,7 +263,7 @@ def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
         _result("peewee-dedicated", ok=True, qps=800.0, p50_ms=2.5, p99_ms=5.0, max_ms=6.0),
     ]
     names = ["greenpool", "peewee-greenpool", "dedicated", "peewee-dedicated"]
-    text = bench.report_fixed(scenario, results, names)
+    text = report.report_fixed(scenario, results, names)
     columns = ["q/s vs dedicated", "q/s vs peewee-dedicated", "p99 vs FIFO ideal", "p99 vs peewee FIFO ideal"]
     cells = _cells(text)
     assert [cells["greenpool"][c] for c in columns] == ["0.90x", "-", "1.50x", "-"]
@@ -275,7 +280,7 @@ def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
 def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
     """The machine drifts between rounds: a round's contender is compared
     with the same round's bound, not with the bound's median."""
-    scenario = bench.SCENARIOS["steady"][0]
+    scenario = scenarios.SCENARIOS["steady"][0]
     figures = [(900.0, 1000.0), (800.0, 1000.0), (450.0, 500.0)]  # per round: pool, bound
     results = []
     for round_no, (pool_qps, bound_qps) in enumerate(figures, 1):
@@ -283,13 +288,13 @@ def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
             result = _result(name, ok=True, qps=qps, p50_ms=2.0, p99_ms=30.0, max_ms=40.0)
             result.round = round_no
             results.append(result)
-    text = bench.report_fixed(scenario, results, ["greenpool", "dedicated"])
+    text = report.report_fixed(scenario, results, ["greenpool", "dedicated"])
     cells = _cells(text)["greenpool"]
     assert cells["q/s"] == "800"  # the median, where 800 / 1000 would say 0.80x
     assert cells["q/s vs dedicated"] == "0.90x"
     assert cells["rounds vs dedicated"] == "0.80-0.90"
     assert _cells(text)["dedicated"]["rounds vs dedicated"] == "-"
-    assert bench.PAIRED_LEGEND in text.splitlines()
+    assert report.PAIRED_LEGEND in text.splitlines()
     # Storm: each round's storm phase over the same round's calm phase.
     storm = []
     for round_no, (storm_qps, calm_qps) in enumerate(figures, 1):
@@ -297,14 +302,14 @@ def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
             result = _result("greenpool", ok=True, qps=qps, p50_ms=2.0, p99_ms=30.0, max_ms=qps / 10)
             result.round, result.phase = round_no, phase
             storm.append(result)
-    row = _cells(bench.report_storm(bench.SCENARIOS["storm"][0], storm, ["greenpool"]))["greenpool"]
+    row = _cells(report.report_storm(scenarios.SCENARIOS["storm"][0], storm, ["greenpool"]))["greenpool"]
     assert row["storm/calm q/s"] == "0.90"
     assert row["rounds"] == "0.80-0.90"
     assert row["storm/calm max"] == "0.90x"
 
 
 def test_fixed_report_without_peewee_dedicated() -> None:
-    scenario = bench.SCENARIOS["steady"][0]
+    scenario = scenarios.SCENARIOS["steady"][0]
     results = [
         _result("greenpool", ok=True, qps=900.0, p50_ms=15.0, p99_ms=30.0, max_ms=40.0),
         _result("peewee-greenpool", ok=True, qps=600.0, p50_ms=20.0, p99_ms=50.0, max_ms=60.0),
@@ -312,27 +317,27 @@ def test_fixed_report_without_peewee_dedicated() -> None:
         _result("peewee-dedicated", error="OperationalError: refused"),
     ]
     # A failed peewee-dedicated: its columns stay empty, its ideal unknown.
-    text = bench.report_fixed(scenario, results, ["peewee-greenpool", "dedicated", "peewee-dedicated"])
+    text = report.report_fixed(scenario, results, ["peewee-greenpool", "dedicated", "peewee-dedicated"])
     assert _cells(text)["peewee-greenpool"]["q/s vs peewee-dedicated"] == "-"
     assert _cells(text)["peewee-greenpool"]["p99 vs peewee FIFO ideal"] == "-"
     assert _cells(text)["peewee-greenpool"]["q/s vs dedicated"] == "0.60x"
     assert "peewee FIFO ideal p99: unknown (needs a successful `peewee-dedicated` run)" in text
     assert "ERROR round 1: OperationalError: refused" in _rows(text)["peewee-dedicated"]
     # No Peewee row: no Peewee ideal.
-    text = bench.report_fixed(scenario, results, ["greenpool", "dedicated"])
+    text = report.report_fixed(scenario, results, ["greenpool", "dedicated"])
     assert "peewee FIFO ideal" not in text.split("\n", 1)[1]
     assert _cells(text)["greenpool"]["q/s vs peewee-dedicated"] == "-"
 
 
 def test_fixed_report_rows() -> None:
-    scenario = bench.SCENARIOS["scale"][0]
+    scenario = scenarios.SCENARIOS["scale"][0]
     results = [
         _result("dedicated", ok=True, qps=1000.0, p50_ms=2.0, p99_ms=4.0, max_ms=5.0),
         _result("peewee-greenpool", ok=True, qps=500.0, p50_ms=50.0, p99_ms=100.0, max_ms=120.0),
         _result("peewee-playhouse", error="MaxConnectionsExceeded: timed out"),
     ]
     names = ["peewee-greenpool", "peewee-playhouse", "dedicated", "shared"]
-    text = bench.report_fixed(scenario, results, names, {"shared": "too slow"})
+    text = report.report_fixed(scenario, results, names, {"shared": "too slow"})
     rows = _rows(text)
     assert "0.50x" in rows["peewee-greenpool"]
     assert "ERROR round 1: MaxConnectionsExceeded: timed out" in rows["peewee-playhouse"]
@@ -345,10 +350,10 @@ def test_fixed_report_rows() -> None:
 
 def test_absent_default_mysql_is_a_note(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("pymysql")
-    monkeypatch.delenv(bench.MYSQL_ENV, raising=False)
-    monkeypatch.setattr(bench, "MYSQL_DEFAULT_URL", "mysql://root@127.0.0.1:1/test")
-    assert bench.connect_mysql(None) is None
-    assert capsys.readouterr().out == f"MySQL scenarios skipped: no server (set {bench.MYSQL_ENV})\n"
+    monkeypatch.delenv(backends.MYSQL_ENV, raising=False)
+    monkeypatch.setattr(backends, "MYSQL_DEFAULT_URL", "mysql://root@127.0.0.1:1/test")
+    assert backends.connect_mysql(None) is None
+    assert capsys.readouterr().out == f"MySQL scenarios skipped: no server (set {backends.MYSQL_ENV})\n"
 
 
 @pytest.mark.parametrize(
@@ -398,35 +403,35 @@ def test_a_failing_contender_does_not_stop_the_run() -> None:
         from gevent import monkey
         monkey.patch_all()
         import gevent
-        from greenpool import bench
+        from greenpool.bench import backends, contenders, report, runner, scenarios
 
-        class Fake(bench.Contender):
+        class Fake(contenders.Contender):
             def open(self): pass
             def close(self): pass
             def drive(self, work):
                 work.latencies.extend([0.001] * (work.greenlets * (work.queries_each or 1)))
 
-        @bench.contender("dedicated", storm=False, backends=("postgres", "mysql"))
+        @contenders.contender("dedicated", storm=False, backends=("postgres", "mysql"))
         class Fine(Fake):
             '''works'''
 
-        @bench.contender("boom", storm=False, backends=("mysql",))
+        @contenders.contender("boom", storm=False, backends=("mysql",))
         class Boom(Fake):
             '''raises'''
             def open(self): raise RuntimeError("boom")
 
-        @bench.contender("hang", storm=False, backends=("mysql",))
+        @contenders.contender("hang", storm=False, backends=("mysql",))
         class Hang(Fake):
             '''hangs'''
             def drive(self, work): gevent.sleep(30)
 
-        scenario = bench.Scenario("t", greenlets=4, pool_size=2, sql="x", queries_each=2, backend="mysql")
-        server = bench.Server(bench.BACKENDS["mysql"], "mysql://root@127.0.0.1:1/t", "test",
+        scenario = scenarios.Scenario("t", greenlets=4, pool_size=2, sql="x", queries_each=2, backend="mysql")
+        server = backends.Server(backends.BACKENDS["mysql"], "mysql://root@127.0.0.1:1/t", "test",
                               {"version": "-", "max_connections": 10, "client_connections": 0})
-        env = bench.Environment({"mysql": server}, object, "-", run_timeout=0.5)
+        env = runner.Environment({"mysql": server}, object, "-", run_timeout=0.5)
         names = ["boom", "hang", "dedicated"]
-        results = bench.run_scenario(scenario, names, 2, env)
-        print(bench.report_fixed(scenario, results, names))
+        results = runner.run_scenario(scenario, names, 2, env)
+        print(report.report_fixed(scenario, results, names))
         """
     )
     done = _run(["-c", code])
@@ -448,14 +453,14 @@ def test_bare_pool_lends_each_connection_to_one_greenlet_at_a_time(pg_dsn: str) 
         from gevent import monkey
         monkey.patch_all()
         import sys, gevent
-        from greenpool import bench
+        from greenpool.bench import backends, contenders, report, runner, scenarios
         from greenpool.pg import GeventConnection
 
-        config = bench.ContenderConfig(
-            dsn=sys.argv[1], pool_size=3, max_lifetime=bench.CALM_LIFETIME,
-            connection_class=GeventConnection, connect_kwargs=bench.CONNECT_KWARGS, timeout=10.0,
+        config = contenders.ContenderConfig(
+            dsn=sys.argv[1], pool_size=3, max_lifetime=scenarios.CALM_LIFETIME,
+            connection_class=GeventConnection, connect_kwargs=backends.CONNECT_KWARGS, timeout=10.0,
         )
-        pool = bench.CONTENDERS["bare-pool"].factory(config)
+        pool = contenders.CONTENDERS["bare-pool"].factory(config)
         pool.open()
         in_use, served, most = set(), [], 0
 
