@@ -162,8 +162,68 @@ class Environment:
     run_timeout: float
 
 
-def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Environment) -> list[RunResult]:
-    """All rounds of one scenario; contenders (and phases) alternate between rounds."""
+#: Longest error text in a progress line (the report below the scenario has it whole).
+PROGRESS_ERROR_CHARS = 100
+
+
+def progress_line(index: int, total: int, scenario: str, contender: str, phase: str, round_no: int, rounds: int) -> str:
+    """What runs next, before it runs: ``[2/14] steady · greenpool · round 1/2 ...``.
+
+    A storm's phase comes after the contender:
+    ``[5/38] storm · greenpool · calm · round 1/1 ...``.
+    """
+    what = [scenario, contender, *([phase] if phase != "run" else []), f"round {round_no}/{rounds}"]
+    return f"[{index}/{total}] {' · '.join(what)} ..."
+
+
+def result_line(result: RunResult) -> str:
+    """A run's figures, or its failure, on one short indented line."""
+    if not result.ok:
+        error = result.error or "(no message)"
+        if len(error) > PROGRESS_ERROR_CHARS:
+            error = error[: PROGRESS_ERROR_CHARS - 3] + "..."
+        return f"    FAILED {error}"
+    return (
+        f"    {result.qps:.0f} q/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms"
+        f" ({result.queries} queries in {result.seconds:.2f} s)"
+    )
+
+
+class Progress:
+    """Numbers the runs of a whole benchmark; prints a line before each run and one after it, flushed."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+
+    def before(self, scenario: str, contender: str, phase: str, round_no: int, rounds: int) -> None:
+        """Announce the next run."""
+        self.done += 1
+        print(progress_line(self.done, self.total, scenario, contender, phase, round_no, rounds), flush=True)
+
+    def after(self, result: RunResult) -> None:
+        """Print `result`'s figures."""
+        print(result_line(result), flush=True)
+
+    def skip(self, runs: int) -> None:
+        """Count `runs` that won't run (their scenario could not start)."""
+        self.done += runs
+
+
+def run_scenario(
+    scenario: Scenario,
+    names: Sequence[str],
+    rounds: int,
+    env: Environment,
+    progress: Progress | None = None,
+) -> list[RunResult]:
+    """All rounds of one scenario; contenders (and phases) alternate between rounds.
+
+    `progress` numbers the runs across scenarios; by default they are
+    numbered within this one.
+    """
+    if progress is None:
+        progress = Progress(len(names) * len(scenario.phases) * rounds)
     proxy = None
     server = env.servers[scenario.backend]
     backend, dsn = server.backend, server.dsn
@@ -181,6 +241,7 @@ def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Env
                 proxy.stop()
             error = f"proxy: {describe_error(exc)}"
             print(f"  {error}", flush=True)
+            progress.skip(len(names) * len(scenario.phases) * rounds)
             return [
                 RunResult(
                     scenario.name,
@@ -212,24 +273,11 @@ def run_scenario(scenario: Scenario, names: Sequence[str], rounds: int, env: Env
                         backend=backend,
                     )
                     limit = env.run_timeout + (scenario.duration or 0.0)
+                    progress.before(scenario.name, name, phase.name, round_no, rounds)
                     result = run_once(CONTENDERS[name], scenario, phase, round_no, config, limit)
                     results.append(result)
-                    _print_progress(result, rounds)
+                    progress.after(result)
     finally:
         if proxy is not None:
             proxy.stop()
     return results
-
-
-def _print_progress(result: RunResult, rounds: int) -> None:
-    phase = "" if result.phase == "run" else f" {result.phase}"
-    head = f"  round {result.round}/{rounds} {result.contender}{phase}:"
-    if result.ok:
-        print(
-            f"{head} {result.qps:.0f} q/s, p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f}"
-            f" max {result.max_ms:.2f} ms ({result.queries} queries in {result.seconds:.2f} s,"
-            f" open {result.open_s:.2f} s)",
-            flush=True,
-        )
-    else:
-        print(f"{head} FAILED {result.error}", flush=True)

@@ -2,9 +2,10 @@
 
 No figures are checked here: CI runs ``python -m greenpool bench --quick``
 itself. These tests cover what decides which contenders run where, the
-MySQL URL handling, the reports, the skip of an absent MySQL server and the
-isolation of a failing contender, none of which needs a database server,
-and that the `bare-pool` reference is a correct FIFO pool (on PostgreSQL).
+MySQL URL handling, the reports, progress lines, the skip of an absent MySQL
+server and the isolation of a failing contender, none of which needs a
+database server, and that the `bare-pool` reference is a correct FIFO pool
+(on PostgreSQL).
 
 The pytest process is never monkey-patched: anything running greenlets
 against the benchmark runner does so in a subprocess.
@@ -24,7 +25,7 @@ import pytest
 
 from greenpool.bench import backends, contenders, planning, report, runner, scenarios
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -440,7 +441,20 @@ def test_a_failing_contender_does_not_stop_the_run() -> None:
     assert "ERROR round 1: RuntimeError: boom" in rows["boom"]
     assert "ERROR round 1: timed out after 0.5 s (--timeout)" in rows["hang"]
     assert "1.00x" in rows["dedicated"]
-    assert done.stdout.count("round 2/2 dedicated: ") == 1
+    # Each run is announced, then its figures (or failure) follow on the next line.
+    lines = done.stdout.splitlines()
+    announced = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert [lines[i] for i in announced] == [
+        f"[{n}/6] t · {name} · round {r}/2 ..."
+        for n, (r, name) in enumerate(
+            [(1, "boom"), (1, "hang"), (1, "dedicated"), (2, "hang"), (2, "dedicated"), (2, "boom")], 1
+        )
+    ]
+    assert lines[announced[0] + 1] == "    FAILED RuntimeError: boom"
+    assert lines[announced[1] + 1] == "    FAILED timed out after 0.5 s (--timeout)"
+    assert re.fullmatch(
+        r"    \d+ q/s, p50 1\.00 ms, p99 1\.00 ms \(8 queries in \d+\.\d\d s\)", lines[announced[2] + 1]
+    )
 
 
 # ---------------------------------------------------------------- the bare-pool reference
@@ -488,3 +502,37 @@ def test_bare_pool_lends_each_connection_to_one_greenlet_at_a_time(pg_dsn: str) 
     done = _run(["-c", code, pg_dsn])
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_lines() -> None:
+    assert (
+        runner.progress_line(2, 14, "steady", "greenpool", "run", 1, 2) == "[2/14] steady · greenpool · round 1/2 ..."
+    )
+    assert (
+        runner.progress_line(5, 38, "storm", "psycopg_pool", "calm", 1, 1)
+        == "[5/38] storm · psycopg_pool · calm · round 1/1 ..."
+    )
+    ok = runner.RunResult(
+        "steady", "run", "greenpool", 1, ok=True, queries=10000, seconds=1.5, qps=6666.6, p50_ms=29.123, p99_ms=57.49
+    )
+    assert runner.result_line(ok) == "    6667 q/s, p50 29.12 ms, p99 57.49 ms (10000 queries in 1.50 s)"
+    failed = runner.RunResult("steady", "run", "greenpool", 1, error="OperationalError: " + "x" * 200)
+    line = runner.result_line(failed)
+    assert line.startswith("    FAILED OperationalError: xxx") and line.endswith("...")
+    assert len(line) == len("    FAILED ") + runner.PROGRESS_ERROR_CHARS
+
+
+def test_progress_numbers_runs_across_scenarios(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = runner.Progress(5)
+    progress.before("steady", "greenpool", "run", 1, 1)
+    progress.skip(3)  # a storm whose proxy did not start
+    progress.before("overhead", "dedicated", "run", 1, 1)
+    progress.after(runner.RunResult("overhead", "run", "dedicated", 1, error="boom"))
+    assert capsys.readouterr().out.splitlines() == [
+        "[1/5] steady · greenpool · round 1/1 ...",
+        "[5/5] overhead · dedicated · round 1/1 ...",
+        "    FAILED boom",
+    ]
