@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -105,8 +105,8 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Plain text table: first column left-aligned, the others right-aligned.
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Container[int] = (0,)) -> str:
+    """Plain text table: the `left` columns (the first by default) left-aligned, the others right-aligned.
 
     A row with a single cell (an error) spans the rest of the line.
     """
@@ -117,8 +117,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
             widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = []
     for row in [list(headers), *rows]:
-        cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=False)]
+        cells = [
+            cell.ljust(width) if column in left else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=False))
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -321,3 +323,96 @@ def _error_lines(summaries: Iterable[Summary]) -> list[str]:
 def summaries_for_json(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> list[dict[str, Any]]:
     """Median figures of every contender and phase, as plain dicts."""
     return [asdict(summarize(results, name, phase.name)) for name in names for phase in scenario.phases]
+
+
+# ---------------------------------------------------------------- overview
+
+
+@dataclass(frozen=True)
+class OverviewRow:
+    """One contender in one scenario (and phase) of the closing table: medians and the ratio to its bound."""
+
+    scenario: str
+    contender: str
+    #: ``"run"``, or a storm's ``"calm"`` / ``"storm"``.
+    phase: str
+    qps: float
+    p50_ms: float
+    p99_ms: float
+    #: Median over rounds of the q/s over the bound's in the same round.
+    ratio: float
+    #: What `ratio` compares with: ``dedicated``, a storm's calm phase, or nothing ("").
+    bound: str
+    rounds_ok: int
+    rounds: int
+
+    @property
+    def label(self) -> str:
+        """The contender, with the phase of a storm: ``greenpool [storm]``."""
+        return self.contender if self.phase == "run" else f"{self.contender} [{self.phase}]"
+
+    def note(self) -> str:
+        """Empty, or how many rounds failed."""
+        if self.rounds_ok == self.rounds:
+            return ""
+        return "failed" if self.rounds_ok == 0 else f"{self.rounds_ok}/{self.rounds} rounds ok"
+
+
+#: The bound of a storm phase in `OverviewRow.bound`.
+CALM_BOUND = "its calm phase"
+
+OVERVIEW_LEGEND = (
+    f"ratio: q/s over the bound's in the same round, median over rounds ({BOUNDS[0].contender}: the same"
+    " connections, no pool)\n"
+    f"storm: a pool's storm phase (connections expiring) over {CALM_BOUND}; q/s, latencies: medians over rounds"
+)
+
+
+def overview_rows(scenario: Scenario, results: Sequence[RunResult], names: Sequence[str]) -> list[OverviewRow]:
+    """The closing table's rows of one scenario: each contender (and storm phase) that ran, with its ratio.
+
+    A fixed-work row's bound is `BOUNDS`' first (``dedicated``) when it ran;
+    a storm phase's is the same contender's calm phase.
+    """
+    rows = []
+    bound = BOUNDS[0].contender
+    for name in names:
+        for phase in scenario.phases:
+            s = summarize(results, name, phase.name)
+            if scenario.is_storm:
+                base_name, base_phase = (name, "calm") if phase.name == "storm" else ("", "")
+            else:
+                base_name, base_phase = (bound, "run") if any(r.contender == bound for r in results) else ("", "")
+            ratio = (
+                median_ratio(paired_ratios(results, name, phase.name, base_name, base_phase, _qps_ratio))
+                if base_name
+                else math.nan
+            )
+            label = "" if not base_name else (CALM_BOUND if scenario.is_storm else base_name)
+            rows.append(
+                OverviewRow(
+                    scenario.name, name, phase.name, s.qps, s.p50_ms, s.p99_ms, ratio, label, s.rounds_ok, s.rounds
+                )
+            )
+    return rows
+
+
+def overview_table(rows: Sequence[OverviewRow]) -> str:
+    """The closing table: scenario, contender, q/s, p50 and p99 latency, ratio to the bound, and the legend."""
+    headers = ["scenario", "contender", "q/s", "p50 ms", "p99 ms", "ratio", "bound", ""]
+    lines = []
+    for row in rows:
+        lines.append(
+            [
+                row.scenario,
+                row.label,
+                _fmt(row.qps, ".0f"),
+                _fmt(row.p50_ms, ".2f"),
+                _fmt(row.p99_ms, ".2f"),
+                _fmt(row.ratio, ".2f", "x"),
+                row.bound or "-",
+                row.note(),
+            ]
+        )
+    table = _table(headers, lines, left=(0, 1, 6, 7))
+    return f"{table}\n{OVERVIEW_LEGEND}"

@@ -536,3 +536,157 @@ def test_progress_numbers_runs_across_scenarios(capsys: pytest.CaptureFixture[st
         "[5/5] overhead · dedicated · round 1/1 ...",
         "    FAILED boom",
     ]
+
+
+# ---------------------------------------------------------------- closing table, JSON, Markdown, plot
+
+
+def _run_result(scenario: str, phase: str, name: str, round_no: int, qps: float, p99: float) -> runner.RunResult:
+    return runner.RunResult(
+        scenario, phase, name, round_no, ok=True, queries=1000, seconds=1000 / qps, qps=qps, p50_ms=p99 / 2, p99_ms=p99
+    )
+
+
+def _document() -> dict[str, Any]:
+    """A document as --json writes it: two rounds of steady, one of storm (a failed run in each)."""
+    from dataclasses import asdict
+
+    steady = scenarios.SCENARIOS["steady"][0]
+    storm = scenarios.SCENARIOS["storm"][0]
+    steady_runs = [
+        _run_result("steady", "run", "greenpool", 1, 900.0, 30.0),
+        _run_result("steady", "run", "dedicated", 1, 1000.0, 4.0),
+        _run_result("steady", "run", "greenpool", 2, 800.0, 40.0),
+        _run_result("steady", "run", "dedicated", 2, 1000.0, 6.0),
+        runner.RunResult("steady", "run", "peewee-playhouse", 1, error="MaxConnectionsExceeded: x"),
+        _run_result("steady", "run", "peewee-playhouse", 2, 300.0, 1500.0),
+    ]
+    storm_runs = [
+        _run_result("storm", "calm", "greenpool", 1, 6000.0, 80.0),
+        _run_result("storm", "storm", "greenpool", 1, 5400.0, 100.0),
+        _run_result("storm", "calm", "peewee-playhouse", 1, 1500.0, 5000.0),
+        runner.RunResult("storm", "storm", "peewee-playhouse", 1, error="timed out"),
+    ]
+
+    def entry(scenario: scenarios.Scenario, runs: list[runner.RunResult], names: list[str]) -> dict[str, Any]:
+        return {
+            "scenario": asdict(scenario),
+            "backend": scenario.backend,
+            "rounds": max(r.round for r in runs),
+            "contenders": names,
+            "skipped": dict(scenario.skip),
+            "runs": [asdict(r) for r in runs],
+        }
+
+    return {
+        "meta": {
+            "started": "2026-05-04T09:08:07+00:00",
+            "mode": "default",
+            "rounds": {"steady": 2, "storm": 1},
+            "dsn_source": "embedded throw-away pgserver",
+            "server": {"version": "16.2", "max_connections": 100, "client_connections": 0},
+            "versions": {"python": "3.11.7", "greenpool": "0.1.0", "gevent": "26.9.0"},
+            "commit": "abc1234",
+            "machine": {"cpus": 2, "cpu_model": "AMD EPYC", "architecture": "x86_64", "system": "Linux 6.1"},
+            "cpus": 2,
+            "load_start": [0.25, 0.5, 0.75],
+            "load_end": [1.5, 1.0, 0.8],
+            "seconds": 121.4,
+        },
+        "scenarios": {
+            "steady": entry(steady, steady_runs, ["greenpool", "peewee-playhouse", "dedicated"]),
+            "storm": entry(storm, storm_runs, ["greenpool", "peewee-playhouse"]),
+            "mysql-steady": {"scenario": asdict(scenarios.SCENARIOS["mysql-steady"][0]), "skipped": "no server"},
+        },
+    }
+
+
+MARKDOWN = """\
+### Benchmark of 2026-05-04 09:08 UTC
+
+- machine: 2 CPUs, AMD EPYC, x86_64, Linux 6.1; load average 0.25 at start, 1.50 at end
+- versions: python 3.11.7, greenpool 0.1.0, gevent 26.9.0
+- server: PostgreSQL 16.2 (embedded throw-away pgserver)
+- run: default mode, rounds: steady x2, storm x1, 121 s, greenpool commit abc1234
+- not run: mysql-steady (no server)
+
+| scenario | contender | q/s | p99 ms | ratio | bound |
+|:--|:--|--:|--:|--:|:--|
+| steady | greenpool | 850 | 35.0 | 0.85x | dedicated |
+| steady | peewee-playhouse (1/2 rounds ok) | 300 | 1500.0 | 0.30x | dedicated |
+| steady | dedicated | 1000 | 5.0 | 1.00x | dedicated |
+| storm | greenpool [calm] | 6000 | 80.0 | - | - |
+| storm | greenpool [storm] | 5400 | 100.0 | 0.90x | its calm phase |
+| storm | peewee-playhouse [calm] | 1500 | 5000.0 | - | - |
+| storm | peewee-playhouse [storm] (failed) | - | - | - | its calm phase |
+"""
+
+
+def test_overview_rows_and_table() -> None:
+    from greenpool.bench import document
+
+    rows = document.overview_of(_document())
+    assert [(r.scenario, r.label, round(r.ratio, 2) if r.ratio == r.ratio else None, r.bound) for r in rows] == [
+        ("steady", "greenpool", 0.85, "dedicated"),
+        ("steady", "peewee-playhouse", 0.3, "dedicated"),
+        ("steady", "dedicated", 1.0, "dedicated"),
+        ("storm", "greenpool [calm]", None, ""),
+        ("storm", "greenpool [storm]", 0.9, report.CALM_BOUND),
+        ("storm", "peewee-playhouse [calm]", None, ""),
+        ("storm", "peewee-playhouse [storm]", None, report.CALM_BOUND),
+    ]
+    assert (
+        report.overview_table(rows)
+        == textwrap.dedent(
+            """\
+        scenario  contender                  q/s   p50 ms   p99 ms  ratio  bound
+        steady    greenpool                  850    17.50    35.00  0.85x  dedicated
+        steady    peewee-playhouse           300   750.00  1500.00  0.30x  dedicated       1/2 rounds ok
+        steady    dedicated                 1000     2.50     5.00  1.00x  dedicated
+        storm     greenpool [calm]          6000    40.00    80.00      -  -
+        storm     greenpool [storm]         5400    50.00   100.00  0.90x  its calm phase
+        storm     peewee-playhouse [calm]   1500  2500.00  5000.00      -  -
+        storm     peewee-playhouse [storm]     -        -        -      -  its calm phase  failed
+        """
+        )
+        + report.OVERVIEW_LEGEND
+    )
+
+
+def test_markdown_of_a_document() -> None:
+    from greenpool.bench import document
+
+    assert document.markdown(_document()) == MARKDOWN + "\n" + report.OVERVIEW_LEGEND
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")  # in CI (the test extra has it) a skip fails the session
+    from greenpool.bench import document, plot
+
+    png = tmp_path / "ratios.png"
+    assert plot.write_plot(str(png), document.overview_of(_document()), "a subtitle") == 4  # storm phases, not calm
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 5000
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from greenpool.bench import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec() then says: not installed
+    with pytest.raises(SystemExit) as raised:
+        plot.require_matplotlib()
+    assert str(raised.value) == (
+        "--plot needs matplotlib, which is not installed: pip install -e '.[plot]' (or pip install matplotlib)"
+    )
+
+
+def test_importing_the_bench_imports_no_driver() -> None:
+    """greenpool.__main__ imports the package after monkey-patching; nothing in it may bind a driver before."""
+    code = (
+        "import sys, greenpool.bench, greenpool.bench.plot; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'psycopg', 'psycopg_pool', 'peewee', 'playhouse', 'pymysql', 'pgserver', 'matplotlib'}))"
+    )
+    done = _run(["-c", code])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
