@@ -1,11 +1,12 @@
 """The benchmark's plumbing (`greenpool.bench`, ``python -m greenpool bench``).
 
-No figures are checked here: CI runs ``python -m greenpool bench --quick``
-itself. These tests cover what decides which contenders run where, the
-MySQL URL handling, the reports, progress lines, the skip of an absent MySQL
-server and the isolation of a failing contender, none of which needs a
-database server, and that the `bare-pool` reference is a correct FIFO pool
-(on PostgreSQL).
+No figures are checked here: CI runs ``python -m greenpool bench`` itself.
+These tests cover what decides which contenders run where (and the default
+run's size), the MySQL URL handling, the reports, progress lines, the JSON
+document, its Markdown and plot, the skip of an absent MySQL server and the
+isolation of a failing contender, none of which needs a database server; and,
+on PostgreSQL, that the `bare-pool` reference is a correct FIFO pool and that a
+small run ends with its closing table.
 
 The pytest process is never monkey-patched: anything running greenlets
 against the benchmark runner does so in a subprocess.
@@ -49,7 +50,7 @@ def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[st
 
 def _plan(scenario: str, requested: list[str] | None = None, quick: bool = False) -> tuple[list[str], dict[str, str]]:
     names = planning.selected(requested, list(contenders.CONTENDERS), "contender")
-    return planning.plan(scenarios.SCENARIOS[scenario][1 if quick else 0], names, requested)
+    return planning.plan(scenarios.SCENARIOS[scenario].of("quick" if quick else "full"), names, requested)
 
 
 def test_postgres_scenarios_run_every_postgres_contender() -> None:
@@ -69,7 +70,7 @@ def test_postgres_scenarios_run_every_postgres_contender() -> None:
 
 def test_mysql_scenarios_run_only_contenders_supporting_mysql() -> None:
     for scenario in ("mysql-steady", "mysql-overhead"):
-        assert scenarios.SCENARIOS[scenario][0].backend == backends.MYSQL
+        assert scenarios.SCENARIOS[scenario].full.backend == backends.MYSQL
         assert _plan(scenario) == (
             ["peewee-greenpool", "peewee-playhouse", "bare-pool", "dedicated", "peewee-dedicated"],
             {},
@@ -256,7 +257,7 @@ def _cells(text: str) -> dict[str, dict[str, str]]:
 
 
 def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
-    scenario = scenarios.SCENARIOS["steady"][0]  # G/P = 200/20 = 10
+    scenario = scenarios.SCENARIOS["steady"].full  # G/P = 200/20 = 10
     results = [
         _result("greenpool", ok=True, qps=900.0, p50_ms=15.0, p99_ms=30.0, max_ms=40.0),
         _result("peewee-greenpool", ok=True, qps=600.0, p50_ms=20.0, p99_ms=50.0, max_ms=60.0),
@@ -281,7 +282,7 @@ def test_fixed_report_compares_peewee_rows_with_peewee_dedicated() -> None:
 def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
     """The machine drifts between rounds: a round's contender is compared
     with the same round's bound, not with the bound's median."""
-    scenario = scenarios.SCENARIOS["steady"][0]
+    scenario = scenarios.SCENARIOS["steady"].full
     figures = [(900.0, 1000.0), (800.0, 1000.0), (450.0, 500.0)]  # per round: pool, bound
     results = []
     for round_no, (pool_qps, bound_qps) in enumerate(figures, 1):
@@ -303,14 +304,14 @@ def test_ratios_are_medians_of_each_rounds_own_ratio() -> None:
             result = _result("greenpool", ok=True, qps=qps, p50_ms=2.0, p99_ms=30.0, max_ms=qps / 10)
             result.round, result.phase = round_no, phase
             storm.append(result)
-    row = _cells(report.report_storm(scenarios.SCENARIOS["storm"][0], storm, ["greenpool"]))["greenpool"]
+    row = _cells(report.report_storm(scenarios.SCENARIOS["storm"].full, storm, ["greenpool"]))["greenpool"]
     assert row["storm/calm q/s"] == "0.90"
     assert row["rounds"] == "0.80-0.90"
     assert row["storm/calm max"] == "0.90x"
 
 
 def test_fixed_report_without_peewee_dedicated() -> None:
-    scenario = scenarios.SCENARIOS["steady"][0]
+    scenario = scenarios.SCENARIOS["steady"].full
     results = [
         _result("greenpool", ok=True, qps=900.0, p50_ms=15.0, p99_ms=30.0, max_ms=40.0),
         _result("peewee-greenpool", ok=True, qps=600.0, p50_ms=20.0, p99_ms=50.0, max_ms=60.0),
@@ -331,7 +332,7 @@ def test_fixed_report_without_peewee_dedicated() -> None:
 
 
 def test_fixed_report_rows() -> None:
-    scenario = scenarios.SCENARIOS["scale"][0]
+    scenario = scenarios.SCENARIOS["scale"].full
     results = [
         _result("dedicated", ok=True, qps=1000.0, p50_ms=2.0, p99_ms=4.0, max_ms=5.0),
         _result("peewee-greenpool", ok=True, qps=500.0, p50_ms=50.0, p99_ms=100.0, max_ms=120.0),
@@ -504,6 +505,68 @@ def test_bare_pool_lends_each_connection_to_one_greenlet_at_a_time(pg_dsn: str) 
     assert done.stdout.strip() == "ok"
 
 
+# ---------------------------------------------------------------- what the default run runs
+
+
+def test_default_plan_is_steady_overhead_and_a_short_storm() -> None:
+    """Pins the default run's size: it must fit in ~2 minutes (CI runs it)."""
+    plan = planning.make_plan(planning.DEFAULT)
+    sizes = [
+        (e.scenario.name, e.scenario.greenlets, e.scenario.pool_size, e.scenario.queries_each, e.scenario.duration)
+        for e in plan
+    ]
+    assert sizes == [("steady", 200, 20, 50, None), ("overhead", 200, 20, 50, None), ("storm", 300, 100, None, 5.0)]
+    storm = plan[2].scenario
+    assert (storm.storm_lifetime, storm.connect_delay) == (3.0, 0.03)
+    assert [e.rounds for e in plan] == [2, 2, 1]
+    pools = ["greenpool", "psycopg_pool", "peewee-greenpool", "peewee-playhouse"]
+    bounds = ["bare-pool", "dedicated", "peewee-dedicated"]
+    assert [list(e.contenders) for e in plan] == [pools + bounds, [*pools, *bounds, "shared"], pools]
+    assert list(plan[0].skipped) == ["shared"]  # ~25 s a round in steady; overhead shows it
+    assert [e.runs for e in plan] == [14, 16, 8]
+    assert sum(e.runs for e in plan) == 38
+
+
+def test_full_and_quick_plans_run_everything() -> None:
+    full = planning.make_plan(planning.FULL)
+    assert [e.scenario for e in full] == [sizes.full for sizes in scenarios.SCENARIOS.values()]
+    assert {e.rounds for e in full} == {3}
+    assert "shared" in full[0].contenders  # full steady keeps it
+    quick = planning.make_plan(planning.QUICK)
+    assert [e.scenario for e in quick] == [sizes.quick for sizes in scenarios.SCENARIOS.values()]
+    assert {e.rounds for e in quick} == {1}
+    # Contenders: every one taking part, as before the default run existed.
+    assert [list(e.contenders) for e in full] == [_plan(e.scenario.name)[0] for e in full]
+
+
+def test_options_override_the_default_plan() -> None:
+    plan = planning.make_plan(planning.DEFAULT, rounds=1)
+    assert [e.rounds for e in plan] == [1, 1, 1]
+    plan = planning.make_plan(planning.DEFAULT, scenarios=["scale", "steady"], contenders=["greenpool", "shared"])
+    # Catalogue order, default sizes, rounds of the mode; naming shared brings it back.
+    assert [(e.scenario.name, e.rounds, list(e.contenders)) for e in plan] == [
+        ("steady", 2, ["greenpool", "shared"]),
+        ("scale", 2, ["greenpool", "shared"]),
+    ]
+    assert plan[0].scenario == scenarios.SCENARIOS["steady"].default
+    plan = planning.make_plan(planning.FULL, scenarios=["storm"])
+    assert [(e.scenario.duration, e.rounds) for e in plan] == [(10.0, 3)]
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda: planning.make_plan(planning.DEFAULT, rounds=0), "--rounds must be at least 1, got 0"),
+        (lambda: planning.make_plan(planning.DEFAULT, scenarios=["nope"]), "unknown scenario: nope (known: steady,"),
+        (lambda: planning.make_plan(planning.FULL, contenders=["nope"]), "unknown contender: nope (known: greenpool,"),
+    ],
+)
+def test_bad_plans_are_refused(call: Any, error: str) -> None:
+    with pytest.raises(SystemExit) as raised:
+        call()
+    assert str(raised.value).startswith(error)
+
+
 # ---------------------------------------------------------------- progress
 
 
@@ -551,8 +614,8 @@ def _document() -> dict[str, Any]:
     """A document as --json writes it: two rounds of steady, one of storm (a failed run in each)."""
     from dataclasses import asdict
 
-    steady = scenarios.SCENARIOS["steady"][0]
-    storm = scenarios.SCENARIOS["storm"][0]
+    steady = scenarios.SCENARIOS["steady"].default
+    storm = scenarios.SCENARIOS["storm"].default
     steady_runs = [
         _run_result("steady", "run", "greenpool", 1, 900.0, 30.0),
         _run_result("steady", "run", "dedicated", 1, 1000.0, 4.0),
@@ -596,7 +659,7 @@ def _document() -> dict[str, Any]:
         "scenarios": {
             "steady": entry(steady, steady_runs, ["greenpool", "peewee-playhouse", "dedicated"]),
             "storm": entry(storm, storm_runs, ["greenpool", "peewee-playhouse"]),
-            "mysql-steady": {"scenario": asdict(scenarios.SCENARIOS["mysql-steady"][0]), "skipped": "no server"},
+            "mysql-steady": {"scenario": asdict(scenarios.SCENARIOS["mysql-steady"].default), "skipped": "no server"},
         },
     }
 
@@ -653,18 +716,25 @@ def test_overview_rows_and_table() -> None:
     )
 
 
-def test_markdown_of_a_document() -> None:
+def test_markdown_renders_a_saved_json_file(tmp_path: Path) -> None:
     from greenpool.bench import document
 
-    assert document.markdown(_document()) == MARKDOWN + "\n" + report.OVERVIEW_LEGEND
+    path = tmp_path / "figures.json"
+    document.write_json(str(path), _document())
+    done = _run(["-m", "greenpool", "bench", "--markdown", str(path)])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == MARKDOWN + "\n" + report.OVERVIEW_LEGEND + "\n"
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")  # in CI (the test extra has it) a skip fails the session
-    from greenpool.bench import document, plot
+    from greenpool.bench import document
 
-    png = tmp_path / "ratios.png"
-    assert plot.write_plot(str(png), document.overview_of(_document()), "a subtitle") == 4  # storm phases, not calm
+    saved, png = tmp_path / "figures.json", tmp_path / "ratios.png"
+    document.write_json(str(saved), _document())
+    done = _run(["-m", "greenpool", "bench", "--markdown", str(saved), "--plot", str(png)])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(f"plot of 4 ratios written to {png}\n")  # storm phases, not calm ones
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 5000
 
@@ -680,6 +750,30 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch
     )
 
 
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        (["--quick", "--full"], "--quick and --full: choose one"),
+        (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+        (["--scenario", "nope"], "unknown scenario: nope (known: steady, overhead, scale, storm,"),
+        (["--contender", "nope"], "unknown contender: nope (known: greenpool, psycopg_pool,"),
+        (["--plot", "/nonexistent-dir/ratios.png"], "--plot: can't write /nonexistent-dir/ratios.png"),
+        (["--markdown", "/nonexistent-dir/figures.json"], "--markdown: can't read /nonexistent-dir/figures.json"),
+        (["--markdown", str(REPO_ROOT / "setup.cfg")], f"--markdown: {REPO_ROOT / 'setup.cfg'} is not JSON"),
+        (["--markdown", "x.json", "--quick", "--rounds", "2"], "--markdown renders a saved run: it takes no run"),
+        (["--plot", "x.png", "--markdown", "setup.py"], "--plot needs matplotlib"),
+    ],
+)
+def test_cli_refuses_bad_new_options_in_one_line(options: list[str], error: str) -> None:
+    pre = "import sys; sys.modules['matplotlib'] = None; " if error.startswith("--plot needs") else ""
+    code = f"{pre}import sys; from greenpool.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    done = _run(["-c", code, "bench", *options])
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith(error), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
 def test_importing_the_bench_imports_no_driver() -> None:
     """greenpool.__main__ imports the package after monkey-patching; nothing in it may bind a driver before."""
     code = (
@@ -690,3 +784,37 @@ def test_importing_the_bench_imports_no_driver() -> None:
     done = _run(["-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[]\n"
+
+
+def test_a_small_run_ends_with_one_table_and_writes_dated_json(pg_dsn: str, tmp_path: Path) -> None:
+    """The whole CLI on the real server: progress, the closing table last, the JSON's date, machine and versions."""
+    import json
+
+    saved = tmp_path / "figures.json"
+    options = ["--quick", "--scenario", "overhead", "--contender", "greenpool", "--contender", "dedicated"]
+    done = _run(["-m", "greenpool", "bench", *options, "--dsn", pg_dsn, "--json", str(saved)], timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "plan: quick run, overhead (1 round): 2 runs" in lines
+    first = lines.index("[1/2] overhead · greenpool · round 1/1 ...")
+    assert re.fullmatch(r"    \d+ q/s, p50 [\d.]+ ms, p99 [\d.]+ ms \(1000 queries in [\d.]+ s\)", lines[first + 1])
+    assert lines[first + 2] == "[2/2] overhead · dedicated · round 1/1 ..."
+    summary = lines.index(next(line for line in lines if line.startswith("== summary: 2 runs in ")))
+    assert lines[summary + 1].split()[:2] == ["scenario", "contender"]
+    assert [line.split()[:2] for line in lines[summary + 2 : summary + 4]] == [
+        ["overhead", "greenpool"],
+        ["overhead", "dedicated"],
+    ]
+    assert lines[summary + 3].split()[-2:] == ["1.00x", "dedicated"]
+    assert "\n".join(lines[summary + 4 :]) == report.OVERVIEW_LEGEND  # the table ends the output
+
+    meta = json.loads(saved.read_text())["meta"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["started"])
+    assert meta["finished"] >= meta["started"] and meta["seconds"] > 0
+    assert meta["machine"]["cpus"] == os.cpu_count() and meta["machine"]["architecture"]
+    assert {"python", "greenpool", "gevent", "psycopg"} <= set(meta["versions"])
+    assert len(meta["load_start"]) == len(meta["load_end"]) == 3
+    assert (meta["mode"], meta["rounds"]) == ("quick", {"overhead": 1})
+    rendered = _run(["-m", "greenpool", "bench", "--markdown", str(saved)])
+    assert rendered.returncode == 0, rendered.stderr
+    assert "| overhead | dedicated | " in rendered.stdout and "| 1.00x | dedicated |" in rendered.stdout
