@@ -5,11 +5,12 @@ before importing this package; its modules import gevent at the top, and
 psycopg, pymysql, peewee, the pools and the embedded server only inside
 functions, so nothing here binds an unpatched object.
 
-Modules: `scenarios` (the workloads), `contenders` (what is compared, and how
-to add one), `backends` (PostgreSQL, MySQL, finding the servers), `workload`
-(what a run asks of a contender), `planning` (who runs where), `runner`
-(runs, rounds, results), `report` (medians, ratios, tables), `document` (the
-JSON file), `cli` (`main`).
+Modules: `scenarios` (the workloads and their sizes), `contenders` (what is
+compared, and how to add one), `backends` (PostgreSQL, MySQL, finding the
+servers), `workload` (what a run asks of a contender), `planning` (the default,
+--quick and --full runs; who runs where), `runner` (runs, rounds, progress,
+results), `report` (medians, ratios, tables), `document` (the JSON file and
+its Markdown), `plot` (the PNG chart), `errors`, `cli` (`main`).
 """
 
 from __future__ import annotations

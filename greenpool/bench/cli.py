@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TextIO
 
 from gevent import monkey
 
@@ -83,7 +83,7 @@ def _check_plot(path: str | None) -> None:
         _check_writable("--plot", path)
 
 
-def _write_plot(path: str, rows: list[OverviewRow], meta: dict[str, Any]) -> None:
+def _write_plot(path: str, rows: list[OverviewRow], meta: dict[str, Any], out: TextIO = sys.stdout) -> None:
     from .plot import write_plot
 
     machine = meta.get("machine") or {}
@@ -99,7 +99,7 @@ def _write_plot(path: str, rows: list[OverviewRow], meta: dict[str, Any]) -> Non
         if part
     )
     bars = write_plot(path, rows, subtitle)
-    print(f"plot of {bars} ratios written to {path}")
+    print(f"plot of {bars} ratios written to {path}", file=out)
 
 
 def render_saved(args: argparse.Namespace) -> int:
@@ -117,7 +117,7 @@ def render_saved(args: argparse.Namespace) -> int:
         ) from None
     print(markdown(document, rows))
     if args.plot:
-        _write_plot(args.plot, rows, document.get("meta", {}))
+        _write_plot(args.plot, rows, document.get("meta", {}), sys.stderr)  # stdout: the Markdown only
     return 0
 
 

@@ -734,7 +734,8 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     document.write_json(str(saved), _document())
     done = _run(["-m", "greenpool", "bench", "--markdown", str(saved), "--plot", str(png)])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.endswith(f"plot of 4 ratios written to {png}\n")  # storm phases, not calm ones
+    assert done.stdout == MARKDOWN + "\n" + report.OVERVIEW_LEGEND + "\n"  # the note goes to stderr
+    assert done.stderr == f"plot of 4 ratios written to {png}\n"  # storm phases, not calm ones
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 5000
 
