@@ -515,7 +515,7 @@ def test_default_plan_is_steady_overhead_and_a_short_storm() -> None:
         (e.scenario.name, e.scenario.greenlets, e.scenario.pool_size, e.scenario.queries_each, e.scenario.duration)
         for e in plan
     ]
-    assert sizes == [("steady", 200, 20, 50, None), ("overhead", 200, 20, 50, None), ("storm", 300, 100, None, 5.0)]
+    assert sizes == [("steady", 200, 20, 50, None), ("overhead", 200, 20, 50, None), ("storm", 300, 100, None, 4.0)]
     storm = plan[2].scenario
     assert (storm.storm_lifetime, storm.connect_delay) == (3.0, 0.03)
     assert [e.rounds for e in plan] == [2, 2, 1]
