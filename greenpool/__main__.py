@@ -85,7 +85,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenario",
         action="append",
         metavar="NAME",
-        help="run only this scenario (repeatable; default: all; see --list)",
+        help="run only this scenario, at the run's size (repeatable; default: steady, overhead and "
+        "a shorter storm; all with --quick or --full; see --list)",
     )
     parser.add_argument(
         "--contender",
@@ -97,12 +98,18 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=int,
         default=None,
-        help="rounds per scenario, contenders alternating (default: 3; 1 with --quick)",
+        help="rounds per scenario, contenders alternating (default: 2, 1 for a storm; 3 with --full; 1 with --quick)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one round of scaled-down scenarios (a smoke test, about a minute)",
+        help="one round of scaled-down scenarios, all of them (a smoke test, about a minute)",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every scenario and contender at full size, 3 rounds (about a quarter of an hour; "
+        "the default run takes about two minutes)",
     )
     parser.add_argument(
         "--timeout",
@@ -112,7 +119,23 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "timed phase), on top of a fixed-duration scenario's duration "
         "(default: 180)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write all figures to PATH as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write every figure to PATH as JSON, with the date, machine and versions",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="also draw each contender's ratio to the bound, per scenario, as a PNG bar chart "
+        "(needs matplotlib: pip install -e '.[plot]'); with --markdown, from that file",
+    )
+    parser.add_argument(
+        "--markdown",
+        metavar="JSON_PATH",
+        help="run nothing: print the results saved by --json as a dated Markdown table "
+        "(date, machine, versions, then q/s, p99 and ratio per scenario and contender)",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and contenders, and exit")
 
 
