@@ -5,6 +5,8 @@
 - `connector`: connect and close jobs, connect failures and backoff.
 - `housekeeper`: replacement before expiry, idle shrinking, leak and outage reports.
 - `stats`: counters and wait-time percentiles.
+- `instances`: every pool made, held weakly, for metrics exporters.
+- `events`: the rare things that happen to a pool, for logging, metrics and alerts.
 - `driver`: the contract an adapter implements (`Driver`, `OK`/`DIRTY`/`BROKEN`).
 - `options`: checks of user-supplied options.
 - `state`: the attributes the parts of `Pool` share, declared for the type checker.

@@ -47,24 +47,30 @@ class Connector(PoolState[C]):
     def _discard_if_idle(self, slot: Slot[C]) -> None:
         """Close a retired slot now if it sits idle; a lent one is closed when it comes back."""
         if self._idle.take(slot):
-            self._discard(slot)
+            self._discard(slot, reason=slot.retired_for)
 
-    def _discard(self, slot: Slot[C], close_now: bool = False) -> None:
-        """Forget a slot, close its connection, and refill if needed."""
+    def _discard(self, slot: Slot[C], close_now: bool = False, reason: str | None = None) -> None:
+        """Forget a slot, close its connection, and refill if needed.
+
+        `reason` (one of `stats.CLOSE_REASONS`, or None) is counted in the
+        stats, once per connection.
+        """
         if slot.state == GONE:
             return
         with self._lock:
             if slot.state == GONE:
                 return  # by another thread, meanwhile
-            self._forget_locked(slot)
+            self._forget_locked(slot, reason)
             epoch = self._epoch
         self._close_forgotten(slot, epoch, close_now)
 
-    def _forget_locked(self, slot: Slot[C]) -> None:
+    def _forget_locked(self, slot: Slot[C], reason: str | None = None) -> None:
         """Take a slot from the pool, its connection to be closed (under the lock)."""
         slot.state = GONE
         self._slots.discard(slot)
         self._closing += 1
+        if reason is not None:
+            self._closed_by[reason] += 1
 
     def _close_forgotten(self, slot: Slot[C], epoch: int, close_now: bool = False) -> None:
         """Close a forgotten slot's connection (in the background), then refill if needed."""
@@ -232,6 +238,7 @@ class Connector(PoolState[C]):
                             return
                     continue
                 elapsed = monotonic() - t0
+                self.connections_created += 1
                 self.connections_ms += int(elapsed * 1000)
                 self._connect_ewma += (elapsed - self._connect_ewma) * 0.2
                 self._retry_delay = BACKOFF_FIRST
@@ -321,7 +328,7 @@ class Connector(PoolState[C]):
         if replaces is not None:
             # The successor was opened within max_size: both may be in use
             # until the old one, retired, comes back.
-            replaces.retire()
+            replaces.retire("lifetime")
             self._discard_if_idle(replaces)
         self._release(slot)
 

@@ -81,6 +81,15 @@ class Driver(Generic[C]):
     def clean(self, conn: C) -> None:
         """Bring a `DIRTY` connection back to `OK` (roll back, cancel), or raise."""
 
+    def busy(self, conn: C) -> bool:
+        """Whether a query interrupted mid-flight still runs on `conn` (no I/O).
+
+        Asked of a `DIRTY` connection before `clean()`, for the stats: one
+        that can't be cleaned is then counted as closed for "returned_active"
+        rather than "broken". Default: False.
+        """
+        return False
+
     def ping(self, conn: C) -> None:
         """Check with a round trip that `conn` works; raise if it doesn't."""
 

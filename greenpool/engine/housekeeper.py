@@ -118,7 +118,7 @@ class Housekeeper(PoolState[C]):
                     self._todo.append(slot)
                 elif missing < self.num_workers:
                     missing += 1
-                    slot.retire()  # under the lock: counted as missing by the next look
+                    slot.retire("lifetime")  # under the lock: counted as missing by the next look
                     retiring.append(slot)
                 else:
                     break
@@ -155,7 +155,7 @@ class Housekeeper(PoolState[C]):
                 if now - slot.last_used >= self.max_idle and self._idle.take(slot):
                     logger.info("closing connection idle for %s sec in %r", self.max_idle, self.name)
                     surplus -= 1
-                    self._discard(slot)
+                    self._discard(slot, reason="idle")
 
     def _report_leaks(self, now: float) -> None:
         threshold = self.leak_threshold
@@ -163,6 +163,7 @@ class Housekeeper(PoolState[C]):
         for slot in list(self._slots):
             if slot.state == OUT and not slot.leak_reported and now - slot.taken_at >= threshold:
                 slot.leak_reported = True
+                self.leaks += 1
                 fire(self, "leak", slot, now - slot.taken_at)
 
     def _draw_lifetime(self) -> float:

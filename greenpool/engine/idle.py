@@ -40,6 +40,7 @@ class Slot(Generic[C]):
         "leak_reported",
         "handed_fresh",
         "generation",
+        "retired_for",
     )
 
     def __init__(self, conn: C, now: float, lifetime: float) -> None:
@@ -60,10 +61,23 @@ class Slot(Generic[C]):
         # The pool's `drain()` count when its connect began: connections of
         # an older generation are being replaced (see `Pool.failover()`).
         self.generation = 0
+        # Why it was retired (a `CLOSE_REASONS` entry, or None), for the stats.
+        self.retired_for: str | None = None
 
-    def retire(self) -> None:
-        """Close this connection as soon as it is not in use."""
+    def retire(self, reason: str | None = None) -> None:
+        """Close this connection as soon as it is not in use.
+
+        `reason` (default None: not counted) is the stats' reason for the
+        close (see `greenpool.engine.stats.CLOSE_REASONS`); a connection
+        retired already keeps its first reason.
+        """
+        if self.expire_at:
+            self.retired_for = reason
         self.expire_at = 0.0
+
+    def end_reason(self) -> str | None:
+        """Why this connection, found expired, is closed: "lifetime", or the reason it was retired for."""
+        return "lifetime" if self.expire_at else self.retired_for
 
     def __repr__(self) -> str:
         return f"<Slot {self.state} {self.conn!r}>"

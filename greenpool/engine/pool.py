@@ -33,7 +33,7 @@ from .._runtime.executor import Executor
 from .._runtime.hub import INFINITY, allocate_lock, get_thread_ident, getcurrent, gevent_hub, sleep
 from .._runtime.timer import DeadlineTimer
 from .._runtime.waiters import CANCELLED, Failed, GreenRequest, ThreadRequest
-from . import options
+from . import instances, options
 from .connector import BACKOFF_FIRST, Connector
 from .driver import BROKEN, DIRTY, OK, Driver
 from .events import describe, fire
@@ -56,6 +56,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
     """
 
     _num_pool = 0
+    _num_made = 0
 
     def __init__(
         self,
@@ -111,6 +112,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
 
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a string or None, got {name!r}")
+        Pool._num_made += 1
+        self._serial = Pool._num_made  # the order pools were made in, for exporters
         if not name:
             Pool._num_pool += 1
             name = f"pool-{Pool._num_pool}"
@@ -157,6 +160,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
 
         self._wait_times = WaitTimes()
         self._reset_counters()
+        instances.add(self)  # for metrics exporters (greenpool.integrations.prometheus)
 
     # -- sizes and state -------------------------------------------------
 
@@ -408,6 +412,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                 else:
                     error = self._last_error
                     what = f"couldn't get a connection after {timeout:.2f} sec" + self._error_suffix()
+                    self.requests_timeouts += 1
                     fire(self, "request_timed_out", now - start)
                 raise self.PoolTimeout(what) from error
             queued = True
@@ -502,7 +507,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         Otherwise discard it (its replacement is on the way) and return False.
         """
         if now >= slot.expire_at:
-            self._discard(slot)
+            self._discard(slot, reason=slot.end_reason())
             return False
         # `taken_at` first: `close_lent()` in another thread must never see
         # this lending with the last one's time.
@@ -513,7 +518,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         elif self._checkout_status(slot.conn) == BROKEN:
             self.connections_lost += 1
             fire(self, "connection_lost", "closed while idle", None)
-            self._discard(slot)
+            self._discard(slot, reason="broken")
             return False
         if self._check is not None and now - slot.last_used >= self.check_idle:
             try:
@@ -521,7 +526,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             except Exception as ex:
                 self.connections_lost += 1
                 fire(self, "connection_lost", "failed check", ex)
-                self._discard(slot)
+                self._discard(slot, reason="broken")
                 return False
             except BaseException:
                 self.release(slot)
@@ -562,7 +567,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         elif status == BROKEN:
             self.returns_bad += 1
             fire(self, "connection_lost", "broken at return", None)
-            self._discard(slot)
+            self._discard(slot, reason="broken")
         elif status == DIRTY:
             self.returns_reset += 1
             with self._lock:
@@ -570,22 +575,24 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                 epoch = self._epoch
             assert self._executor is not None
             self._executor.submit(self._clean_then_release, slot, epoch)
-        else:
-            self._discard(slot)
+        else:  # OK, and expired or retired
+            self._discard(slot, reason=slot.end_reason())
 
     def _clean_then_release(self, slot: Slot[C], epoch: int) -> None:
+        busy = False  # returned with a query running: a failed clean-up closes it as "returned_active"
         try:
+            busy = self.driver.busy(slot.conn)
             self.driver.clean(slot.conn)
         except Exception as ex:
             self.returns_bad += 1
             fire(self, "connection_lost", "failed reset", ex)
-            self._discard(slot)
+            self._discard(slot, reason="returned_active" if busy else "broken")
             return
         except BaseException:
             # Killed or timed out mid-reset: the connection's state is
             # unknown, and the slot would otherwise stay counted for good.
             self.returns_bad += 1
-            self._discard(slot)
+            self._discard(slot, reason="returned_active" if busy else "broken")
             raise
         finally:
             with self._lock:
@@ -593,7 +600,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                     self._cleaning -= 1
         slot.last_used = monotonic()
         if slot.last_used >= slot.expire_at:
-            self._discard(slot)
+            self._discard(slot, reason=slot.end_reason())
         else:
             self._release(slot)
 
@@ -721,6 +728,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             return  # closed by the pool already (`close_lent()`)
         if slot.state != OUT:
             raise ValueError(f"can't discard {slot.conn!r} from pool {self.name!r}: it is not lent")
+        self._lent_closed += 1  # a lending that ends without a return (the metrics' count of returns)
         self._discard(slot, close_now=True)
 
     def close_idle(self) -> int:
@@ -750,6 +758,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             stale = [s for s in self._slots if s.state == OUT and s.taken_at <= cutoff]
             for slot in stale:
                 self._forget_locked(slot)
+            self._lent_closed += len(stale)
             epoch = self._epoch
         for slot in stale:
             self._close_forgotten(slot, epoch)
@@ -772,6 +781,8 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         self._idle.take_all()
         with self._lock:
             for slot in self._slots:
+                if slot.state == OUT:
+                    self._lent_closed += 1
                 slot.state = GONE
             self._slots.clear()
             if forked:
@@ -807,7 +818,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             # Idle ones first (False sorts first).
             surplus = sorted(self._slots, key=lambda slot: slot.state != IDLE)[: max(excess, 0)]
             for slot in surplus:
-                slot.retire()
+                slot.retire("resize")
         for slot in surplus:
             self._discard_if_idle(slot)
         self._fill()
@@ -819,19 +830,19 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
         """
         self._check_not_closed()
         with self._lock:
-            self._retire_all_locked()
+            self._retire_all_locked(None)
         self._discard_idle()
 
     def _discard_idle(self) -> None:
         """Close the idle connections (in the background); a new one may replace each."""
         for slot in self._idle.take_all():
-            self._discard(slot)
+            self._discard(slot, reason=slot.retired_for)
 
-    def _retire_all_locked(self) -> None:
-        """A new generation: retire every connection, and those being made (under the lock)."""
+    def _retire_all_locked(self, reason: str | None) -> None:
+        """A new generation: retire every connection (for `reason`), and those being made (under the lock)."""
         self._drains += 1
         for slot in self._slots:
-            slot.retire()
+            slot.retire(reason)
 
     def failover(self, slot: Slot[C] | None = None, error: BaseException | None = None) -> bool:
         """The server is no longer the primary: replace every connection made before now.
@@ -847,7 +858,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
             if self._closed or (slot is not None and slot.generation != self._drains):
                 return False
             self.failovers += 1
-            self._retire_all_locked()
+            self._retire_all_locked("failover")
         fire(self, "failover", error)
         self._discard_idle()
         return True
@@ -866,7 +877,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                     idle.popleft()
                     self.connections_lost += 1
                     fire(self, "connection_lost", "failed ping", ex)
-                    self._discard(slot)
+                    self._discard(slot, reason="broken")
                     continue
                 idle.popleft()
                 slot.last_used = monotonic()

@@ -83,6 +83,7 @@ class PoolState(Generic[C]):
     _closed: bool
     _executor: Executor | None
     _pid: int
+    _serial: int
 
     _wait_times: WaitTimes
     requests_num: int
@@ -95,6 +96,12 @@ class PoolState(Generic[C]):
     connections_errors: int
     connections_lost: int
     failovers: int
+    connections_created: int
+    requests_timeouts: int
+    leaks: int
+    _closed_by: dict[str, int]
+    _lent_closed: int
+    _stats_generation: int
     _wait_total: float
     _usage: float
 
@@ -120,7 +127,7 @@ class PoolState(Generic[C]):
         # Connector
         def _fill(self) -> None: ...
         def _start_connectors(self) -> None: ...
-        def _discard(self, slot: Slot[C], close_now: bool = False) -> None: ...
+        def _discard(self, slot: Slot[C], close_now: bool = False, reason: str | None = None) -> None: ...
         def _discard_if_idle(self, slot: Slot[C]) -> None: ...
 
         # Housekeeper

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import TypeVar
 
+from .idle import OUT
 from .state import PoolState
 
 C = TypeVar("C")
@@ -30,6 +32,10 @@ class WaitTimes:
         """Forget every recorded wait."""
         self._window.clear()
 
+    def window(self) -> list[float]:
+        """The recorded waits in seconds, oldest first (a copy)."""
+        return list(self._window)
+
     def percentiles(self, requests: int, queued: int) -> dict[str, int]:
         """p50/p90/p99/max wait in microseconds, over all requests (0 without any).
 
@@ -50,7 +56,7 @@ class WaitTimes:
         return result
 
 
-#: The counters `get_stats()` reports as they are (psycopg_pool's keys, and `returns_reset`).
+#: The counters `get_stats()` reports as they are: psycopg_pool's keys, then greenpool's own.
 COUNTERS = (
     "requests_num",
     "requests_queued",
@@ -62,7 +68,48 @@ COUNTERS = (
     "connections_errors",
     "connections_lost",
     "failovers",
+    "connections_created",
+    "requests_timeouts",
+    "leaks",
 )
+
+#: Why the pool closed a connection, as counted in `connections_closed_<reason>`:
+#: its lifetime ended ("lifetime"); idle above `min_size` for `max_idle`
+#: ("idle"); found broken at checkout or return, or failing the `check`
+#: callback, its clean-up or a ping ("broken"); returned with a query running
+#: that couldn't be cancelled and cleaned up ("returned_active"); retired by
+#: `failover()` ("failover") or by `resize()` ("resize"). Closes for other
+#: reasons (`close()`, `drain()`, `close_idle()`, `close_lent()`, `discard()`,
+#: a null pool's returns) are not counted.
+CLOSE_REASONS = ("lifetime", "idle", "broken", "returned_active", "failover", "resize")
+
+
+@dataclass(frozen=True)
+class MetricsSample:
+    """One pool's numbers for a metrics exporter, read at once by `PoolStats._metrics_sample()`.
+
+    `counters` has `get_stats()`'s counters and `connections_closed_<reason>`
+    keys; `returns` is derived (lends that ended with a return: requests
+    served minus connections lent now and lendings closed without a return)
+    and may lag or lead by a request or two while others run; `waits` is the
+    recent wait window, oldest first. `generation` changes when `pop_stats()`
+    resets the counters.
+    """
+
+    name: str
+    min_size: int
+    max_size: int
+    idle: int
+    used: int
+    connecting: int
+    closing: int
+    waiting: int
+    counters: dict[str, int]
+    usage_seconds: float
+    returns: int
+    wait_seconds: float
+    waits: list[float]
+    generation: int
 
 
 class PoolStats(PoolState[C]):
@@ -75,8 +122,11 @@ class PoolStats(PoolState[C]):
     def _reset_counters(self) -> None:
         for key in COUNTERS:
             setattr(self, key, 0)
+        self._closed_by = dict.fromkeys(CLOSE_REASONS, 0)  # connections closed, by reason
         self._wait_total = 0.0  # seconds queued requests waited
         self._usage = 0.0  # seconds connections spent lent
+        self._lent_closed = 0  # lendings that ended without a return: discard(), close_lent()
+        self._stats_generation = getattr(self, "_stats_generation", -1) + 1
 
     def _record_wait(self, waited: float) -> None:
         self._wait_times.add(waited)
@@ -85,6 +135,8 @@ class PoolStats(PoolState[C]):
     def get_stats(self) -> dict[str, int]:
         """Return counters (psycopg_pool's keys) and immediate measures."""
         stats = {key: getattr(self, key) for key in COUNTERS}
+        for reason, n in self._closed_by.items():
+            stats[f"connections_closed_{reason}"] = n
         stats["usage_ms"] = int(self._usage * 1000)
         stats["requests_wait_ms"] = int(self._wait_total * 1000)
         stats.update(self._wait_times.percentiles(self.requests_num, self.requests_queued))
@@ -93,9 +145,42 @@ class PoolStats(PoolState[C]):
             pool_max=self._max_size,
             pool_size=self._planned(closing=False),
             pool_available=self._idle.count(),
+            pool_connecting=self._pending(),
+            pool_closing=self._closing,
             requests_waiting=len(self._waiters),
         )
         return stats
+
+    def _metrics_sample(self) -> MetricsSample:
+        """The pool's numbers for a metrics exporter (`greenpool.integrations.prometheus`).
+
+        Read without the pool's lock, as `get_stats()` is: each number is
+        current, the set of them nearly consistent.
+        """
+        slots = list(self._slots)
+        lent = sum(1 for slot in slots if slot.state == OUT)
+        idle = self._idle.count()
+        waiting = len(self._waiters)
+        counters = {key: getattr(self, key) for key in COUNTERS}
+        for reason, n in self._closed_by.items():
+            counters[f"connections_closed_{reason}"] = n
+        served = self.requests_num - self.requests_errors - waiting
+        return MetricsSample(
+            name=self.name,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            idle=idle,
+            used=max(0, len(slots) - idle),
+            connecting=self._pending(),
+            closing=self._closing,
+            waiting=waiting,
+            counters=counters,
+            usage_seconds=self._usage,
+            returns=max(0, served - lent - self._lent_closed),
+            wait_seconds=self._wait_total,
+            waits=self._wait_times.window(),
+            generation=self._stats_generation,
+        )
 
     def pop_stats(self) -> dict[str, int]:
         """Return the stats, then reset the counters and wait-time window."""

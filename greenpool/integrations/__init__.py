@@ -1,1 +1,1 @@
-"""Integrations with the frameworks around a pool: Celery and Prometheus land here next."""
+"""Integrations with the frameworks around a pool: Celery (`celery`) and Prometheus (`prometheus`)."""

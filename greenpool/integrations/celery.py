@@ -58,18 +58,25 @@ __all__ = ["Integration", "integration_for", "setup"]
 _integrations: weakref.WeakKeyDictionary[Any, Integration] = weakref.WeakKeyDictionary()
 
 
-def setup(app: Any, *pools: Any, open_timeout: float = 10.0) -> Integration:
+def setup(app: Any, *pools: Any, open_timeout: float = 10.0, metrics_port: int | None = None) -> Integration:
     """Look after `pools` (greenpool pools and pooled Peewee databases) in `app`'s workers.
 
     `open_timeout` (default 10 s) bounds the wait for `min_size` connections
     when a worker (or prefork child) starts; a pool not ready by then goes
-    on connecting in the background, with a warning. Return the
-    `Integration`, whose `reclaimed` counts connections given back after
-    tasks. Calling it again for the same app replaces the earlier setup.
+    on connecting in the background, with a warning. `metrics_port`
+    (default None: none) serves the pools' Prometheus metrics on that port
+    from the worker (`greenpool.integrations.prometheus.serve_worker_metrics`;
+    the `prometheus` extra). Return the `Integration`, whose `reclaimed`
+    counts connections given back after tasks. Calling it again for the
+    same app replaces the earlier setup.
     """
     if isinstance(open_timeout, bool) or not isinstance(open_timeout, (int, float)) or not open_timeout >= 0:
         raise ValueError(f"open_timeout must be a number of seconds >= 0, got {open_timeout!r}")
-    integration = Integration(app, [Member(p) for p in pools], float(open_timeout))
+    if metrics_port is not None:
+        if isinstance(metrics_port, bool) or not isinstance(metrics_port, int) or not 0 < metrics_port < 65536:
+            raise ValueError(f"metrics_port must be a TCP port (1-65535) or None, got {metrics_port!r}")
+        from . import prometheus  # noqa: F401 - without prometheus_client, fail here rather than in the worker
+    integration = Integration(app, [Member(p) for p in pools], float(open_timeout), metrics_port)
     integration.connect()
     _integrations[app] = integration
     return integration
@@ -159,10 +166,13 @@ class Member:
 class Integration:
     """The signal handlers `setup()` connects for one Celery app (see the module docstring)."""
 
-    def __init__(self, app: Any, members: Iterable[Member], open_timeout: float) -> None:
+    def __init__(
+        self, app: Any, members: Iterable[Member], open_timeout: float, metrics_port: int | None = None
+    ) -> None:
         self.app = app
         self.members = list(members)
         self.open_timeout = open_timeout
+        self.metrics_port = metrics_port
         #: Connections given back after tasks that still held them.
         self.reclaimed = 0
         #: The task pool ("gevent", "prefork", "threads", "solo", ...) and its concurrency, once a worker starts.
@@ -199,6 +209,10 @@ class Integration:
             warnings.filterwarnings("ignore", message=r"\s*The worker_pool setting shouldn't be used")
         if self.task_pool != "prefork":  # the children open their own (worker_process_init)
             self._open_all()
+        if self.metrics_port is not None:
+            from .prometheus import serve_worker_metrics
+
+            serve_worker_metrics(self.metrics_port, self.task_pool)
 
     def on_worker_process_init(self, **_: Any) -> None:
         """A prefork child (or the solo pool's process) starts: fresh connections of its own."""

@@ -116,6 +116,11 @@ def checkout_status(conn: psycopg.Connection[Any]) -> int:
     return BROKEN if real_select((pgconn.socket,), (), (), 0)[0] else OK
 
 
+def is_busy(conn: psycopg.Connection[Any]) -> bool:
+    """Whether a query still runs on `conn` (interrupted mid-flight): libpq's status is ACTIVE."""
+    return bool(conn.pgconn.transaction_status == ACTIVE)
+
+
 def settle(conn: psycopg.Connection[Any]) -> None:
     """Bring a returned connection back to IDLE, or raise if it can't be.
 
@@ -194,6 +199,7 @@ class PsycopgDriver(Driver[CT], Generic[CT]):
     checkout_status = staticmethod(checkout_status)
     is_failover = staticmethod(is_failover_error)
     is_permanent = staticmethod(is_permanent_error)
+    busy = staticmethod(is_busy)
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ GP_CONFIG_POOL            if set, `worker_pool` in the configuration
 GP_OPEN_AT_IMPORT         if set, the psycopg pool opens at import (in the
                           prefork parent) and writes its backend pids to
                           the file named by GP_PARENT_PIDS
+GP_METRICS_PORT           if set, `setup()`'s `metrics_port`
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ if os.environ.get("GP_CONFIG_POOL"):
 pool = ConnectionPool(DSN, min_size=2, max_size=POOL_SIZE, open=False, name="tasks", timeout=30)
 params = conninfo_to_dict(DSN)
 db = PooledPostgresqlDatabase(params.pop("dbname"), max_connections=POOL_SIZE, timeout=30, **params)
-integration = greenpool.celery.setup(app, pool, db)
+METRICS_PORT = int(os.environ["GP_METRICS_PORT"]) if os.environ.get("GP_METRICS_PORT") else None
+integration = greenpool.celery.setup(app, pool, db, metrics_port=METRICS_PORT)
 
 if os.environ.get("GP_OPEN_AT_IMPORT"):
     pool.open(wait=True, timeout=20)
