@@ -86,7 +86,7 @@ CLOSE_REASONS = ("lifetime", "idle", "broken", "returned_active", "failover", "r
 
 @dataclass(frozen=True)
 class MetricsSample:
-    """One pool's numbers for a metrics exporter, read at once by `PoolStats._metrics_sample()`.
+    """One pool's numbers for a metrics exporter, read at once by `PoolStats.metrics_sample()`.
 
     `counters` has `get_stats()`'s counters and `connections_closed_<reason>`
     keys; `returns` is derived (lends that ended with a return: requests
@@ -151,7 +151,7 @@ class PoolStats(PoolState[C]):
         )
         return stats
 
-    def _metrics_sample(self) -> MetricsSample:
+    def metrics_sample(self) -> MetricsSample:
         """The pool's numbers for a metrics exporter (`greenpool.integrations.prometheus`).
 
         Read without the pool's lock, as `get_stats()` is: each number is

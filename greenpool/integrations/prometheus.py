@@ -189,7 +189,7 @@ class PoolCollector(Collector):
         """The metric families with a sample set per open pool."""
         families = self._families()
         for label, pool in _labelled(_open_pools()):
-            sample = pool._metrics_sample()
+            sample = pool.metrics_sample()
             self._add(families, label, sample, self._monotonic_returns(pool, sample))
         return list(families.values())
 
@@ -482,10 +482,10 @@ class MultiProcessExporter:
                 copied = self._copied.get(pool)
                 if copied is None:
                     copied = self._copied[pool] = _Copied(label)
-                self._copy(pool._metrics_sample(), copied, is_open=True)
+                self._copy(pool.metrics_sample(), copied, is_open=True)
             for pool, copied in list(self._copied.items()):
                 if pool not in open_pools:
-                    self._copy(pool._metrics_sample(), copied, is_open=False)
+                    self._copy(pool.metrics_sample(), copied, is_open=False)
                     del self._copied[pool]
 
     def _copy(self, sample: MetricsSample, copied: _Copied, is_open: bool) -> None:
