@@ -10,7 +10,14 @@ Importing this package registers the URL schemes (`register_urls()`).
 
 from __future__ import annotations
 
-from playhouse.pool import MaxConnectionsExceeded
+try:
+    from playhouse.pool import MaxConnectionsExceeded
+except ModuleNotFoundError as ex:  # peewee is an optional extra
+    if ex.name not in ("peewee", "playhouse", "playhouse.pool"):
+        raise
+    raise ModuleNotFoundError(
+        f"greenpool.peewee needs peewee: pip install 'greenpool[peewee]' ({ex})", name=ex.name
+    ) from ex
 
 from .database import PooledDatabase
 from .databases import (
