@@ -1,0 +1,72 @@
+"""Failover with Peewee's `PooledPostgresqlDatabase`.
+
+A query's error saying the server is no longer the primary (25006 read-only,
+57P01-57P03 shutdown) retires every pooled connection to it, as with the
+psycopg pool: Peewee raises its own error, psycopg's is its `__context__`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import peewee
+import psycopg
+import pytest
+from helpers import close_dbs, deadline, destroy_main_hub, pg_params, run_threads, unique
+
+import greenpool.peewee as gpw
+
+#: A test must end within this many seconds.
+TEST_DEADLINE = 120
+
+
+@pytest.fixture(autouse=True)
+def _bounded() -> Iterator[None]:
+    """Fresh hub state, and fail (rather than hang) a test that overruns."""
+    destroy_main_hub()
+    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 2):
+        yield
+    destroy_main_hub()
+
+
+@pytest.fixture
+def read_only_role(monitor: psycopg.Connection[Any]) -> Iterator[str]:
+    """A role whose sessions are read-only, as on a standby or a demoted primary."""
+    role = unique("gp_ro")
+    monitor.execute(f"create role {role} login")
+    monitor.execute(f"alter role {role} set default_transaction_read_only = on")
+    monitor.execute(f"grant create, usage on schema public to {role}")
+    yield role
+    monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
+    monitor.execute(f"drop owned by {role}")
+    monitor.execute(f"drop role {role}")
+
+
+def test_a_read_only_error_replaces_every_connection(pg_dsn: str, read_only_role: str) -> None:
+    """Writes refused with 25006 (Peewee's `InternalError`, psycopg's
+    `ReadOnlySqlTransaction` its context) retire every pooled connection,
+    counted once as a failover: the next checkout gets a new one."""
+    params = pg_params(pg_dsn)
+    database = params.pop("dbname")
+    db = gpw.PooledPostgresqlDatabase(
+        database, **{**params, "user": read_only_role}, max_connections=3, min_connections=3, timeout=10
+    )
+    try:
+        both_lent = threading.Barrier(2, timeout=10)
+        pids: list[int] = []
+
+        def write(i: int) -> None:
+            with db.connection_context():
+                pids.append(db.connection().info.backend_pid)
+                both_lent.wait()  # both lent before either fails
+                db.execute_sql("create temporary table gp_ro_probe (x int)")
+
+        _, raised = run_threads(write, 2, timeout=20)
+        assert [type(ex) for ex in raised] == [peewee.InternalError] * 2
+        assert db.pool_stats()["failovers"] == 1  # two connections to the same server: one failover
+        with db.connection_context():
+            assert db.connection().info.backend_pid not in pids
+    finally:
+        close_dbs([db])
