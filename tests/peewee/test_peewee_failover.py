@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import failover_load as load
 import peewee
 import psycopg
 import pytest
@@ -68,5 +69,30 @@ def test_a_read_only_error_replaces_every_connection(pg_dsn: str, read_only_role
         assert db.pool_stats()["failovers"] == 1  # two connections to the same server: one failover
         with db.connection_context():
             assert db.connection().info.backend_pid not in pids
+    finally:
+        close_dbs([db])
+
+
+def test_a_commit_refused_by_a_server_going_away_is_a_failover(pg_dsn: str, monitor: psycopg.Connection[Any]) -> None:
+    """`atomic()`'s COMMIT fails with 57P01 (the server, shutting down, ends the
+    session while it commits): a failover, as for a query's error (Peewee
+    runs COMMIT past `_execute_cursor()`)."""
+    app = unique("gp_commit")
+    params = pg_params(pg_dsn)
+    database = params.pop("dbname")
+    db = gpw.PooledPostgresqlDatabase(database, **params, application_name=app, max_connections=2, timeout=10)
+    try:
+        with load.slow_commit_table(monitor) as table:
+
+            def act(i: int) -> None:
+                if i == 0:
+                    with db.connection_context(), db.atomic():
+                        db.execute_sql(f"insert into {table} values (1)")  # its COMMIT waits
+                else:
+                    load.terminate_in_commit(monitor, app)
+
+            _, raised = run_threads(act, 2, timeout=60)
+        assert [type(ex) for ex in raised] == [peewee.OperationalError]
+        assert db.pool_stats()["failovers"] == 1
     finally:
         close_dbs([db])
