@@ -415,6 +415,19 @@ class PooledDatabase(_DatabaseBase):
         if not self._busy():
             super().rollback()
 
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        """Begin a transaction on the calling greenlet's connection, as the database class does.
+
+        Its error may say the server is no longer the primary (57P01: the
+        session ended since its checkout): a failover, as a query's (peewee
+        runs BEGIN past `_execute_cursor()`).
+        """
+        try:
+            super().begin(*args, **kwargs)
+        except Exception as ex:
+            self._failover_if(ex)
+            raise
+
     def commit(self) -> None:
         """Commit the calling greenlet's transaction, as peewee's.
 

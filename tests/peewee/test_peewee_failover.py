@@ -108,6 +108,27 @@ def test_a_commit_refused_by_a_server_going_away_is_a_failover(pg_dsn: str, moni
         close_dbs([db])
 
 
+def test_a_begin_refused_by_a_server_going_away_is_a_failover(pg_dsn: str, monitor: psycopg.Connection[Any]) -> None:
+    """`atomic()`'s BEGIN fails with 57P01 (the server, shutting down, ended the
+    session between its checkout and the BEGIN): a failover, as for a
+    query's error (Peewee runs BEGIN past `_execute_cursor()`)."""
+    app = unique("gp_begin")
+    params = pg_params(pg_dsn)
+    database = params.pop("dbname")
+    db = gpw.PooledPostgresqlDatabase(database, **params, application_name=app, max_connections=2, timeout=10)
+    try:
+        with db.connection_context():
+            pid = db.connection().info.backend_pid
+            monitor.execute("select pg_terminate_backend(%s, 5000)", (pid,))  # waits until it is gone
+            with pytest.raises(peewee.OperationalError) as excinfo:
+                with db.atomic():
+                    pass
+        assert isinstance(excinfo.value.__context__, psycopg.errors.AdminShutdown)
+        assert db.pool_stats()["failovers"] == 1
+    finally:
+        close_dbs([db])
+
+
 def cluster_db(cluster: ReplicatedCluster) -> Any:
     """A pooled database of `POOL_SIZE` connections on both nodes, taking the one that takes writes."""
     params = cluster.params(connect_timeout=2)  # host="127.0.0.1,127.0.0.1", port="P0,P1", ...
