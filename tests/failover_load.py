@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import time
 import uuid
@@ -40,8 +41,9 @@ POOL_SIZE = 10
 POOL_TIMEOUT = 10.0
 #: Seconds the load runs before the primary's end.
 WARMUP = 1.0
-#: Seconds between the primary's end and the replica's promotion.
-OUTAGE = 0.5
+#: Seconds between the primary's end and the replica's promotion
+#: ($GREENPOOL_FAILOVER_OUTAGE: docs/resilience.md measures a longer one too).
+OUTAGE = float(os.environ.get("GREENPOOL_FAILOVER_OUTAGE", "") or 0.5)
 #: Seconds the load runs on after the first write acknowledged after the
 #: promotion (and at least this long after the promotion).
 AFTER = 2.0
