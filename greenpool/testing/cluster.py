@@ -19,7 +19,7 @@ multi-host conninfo of :meth:`~ReplicatedCluster.dsn`::
 
     from greenpool.testing import ReplicatedCluster
 
-    with ReplicatedCluster() as cluster:       # about 2 s on a small machine
+    with ReplicatedCluster() as cluster:       # seconds: initdb once per process, then a copy
         pool = ConnectionPool(cluster.dsn(), open=True)
         ...                                     # load
         cluster.crash_primary()
