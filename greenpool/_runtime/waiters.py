@@ -21,10 +21,12 @@ class GreenRequest(Waiter):  # type: ignore[misc]  # gevent has no type stubs
     """A request by a greenlet of `hub`: `GreenRequest(hub)`.
 
     A one-shot gevent `Waiter` (C code: no Python frame to create or wake
-    it); its creator sets `slot` to None and `deadline` to when it gives up.
+    it); its creator sets `slot` to None, `deadline` to when it gives up and
+    `since` to when it began (`time.monotonic()`: a connect attempt begun
+    before then can't fail it).
     """
 
-    __slots__ = ("slot", "deadline")
+    __slots__ = ("slot", "deadline", "since")
 
     def wait(self) -> None:
         """Park this greenlet until fired (or woken by its `DeadlineTimer`).
@@ -48,9 +50,10 @@ class GreenRequest(Waiter):  # type: ignore[misc]  # gevent has no type stubs
 class ThreadRequest:
     """A request by a plain OS thread: a real lock, released once."""
 
-    __slots__ = ("slot", "_lock")
+    __slots__ = ("slot", "since", "_lock")
 
     slot: Any  # set by the creator, then by the firing party
+    since: float  # set by the creator: when the request began
     hub = None  # not a greenlet's: no `DeadlineTimer` wakes it
 
     def __init__(self) -> None:

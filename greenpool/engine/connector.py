@@ -226,12 +226,15 @@ class Connector(PoolState[C]):
                         delay = self._retry_delay
                         self._retry_delay = min(delay * 2, BACKOFF_MAX)
                         generation = self._backoff_generation
+                        # Requests that came after this attempt began wait
+                        # for the next: as soon as a probe would be allowed.
+                        fresh = not self._slots and not self._inflight and any(req.since > t0 for req in self._waiters)
                     if not retry_due:
                         continue
                     # Also before others' connects queued meanwhile: under
                     # load they would follow each other without a pause.
                     assert self._executor is not None
-                    self._executor.sleep(delay * (0.5 + random.random()))
+                    self._executor.sleep(PROBE_INTERVAL if fresh else delay * (0.5 + random.random()))
                     with self._lock:
                         if self._epoch == epoch and self._backoff_generation != generation:
                             self._connecting -= 1  # a request's probe took this retry over
@@ -287,13 +290,19 @@ class Connector(PoolState[C]):
             fire(self, "outage_started", ex)
         self._outage_attempts += 1
         with self._lock:
+            waiters = self._waiters
             if not self._slots and not self._inflight:
                 # Nothing alive can come back to the waiters, and no other
-                # connect is under way that might succeed: fail them now.
-                failed = list(self._waiters)
-                self._waiters.clear()
-            elif self.driver.connect_error_fails_a_request and self._waiters:
-                failed = [self._waiters.popleft()]
+                # connect is under way that might succeed: fail them now,
+                # those that came before this attempt began. Its error is
+                # older than the others (the server may be back, a replica
+                # promoted): they wait for the next attempt.
+                failed = [req for req in waiters if req.since <= t0]
+                kept = [req for req in waiters if req.since > t0] if len(failed) < len(waiters) else ()
+                waiters.clear()
+                waiters.extend(kept)
+            elif self.driver.connect_error_fails_a_request and waiters and waiters[0].since <= t0:
+                failed = [waiters.popleft()]
             else:
                 return
             failure = Failed(ex)

@@ -331,6 +331,7 @@ class Pool(PoolStats[C], Housekeeper[C], Connector[C], Generic[C]):
                 req = GreenRequest(hub)
                 req.deadline = deadline  # before it's queued: _expire_due reads it
             req.slot = None
+            req.since = start  # an attempt to connect begun before can't fail it
             lock = self._lock
             first = None  # set once the request is past `_refuse()`
             probe = False

@@ -418,6 +418,32 @@ class PooledDatabase(_DatabaseBase):
         if not self._busy():
             super().rollback()
 
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        """Begin a transaction on the calling greenlet's connection, as the database class does.
+
+        Its error may say the server is no longer the primary (57P01: the
+        session ended since its checkout): a failover, as a query's (peewee
+        runs BEGIN past `_execute_cursor()`).
+        """
+        try:
+            super().begin(*args, **kwargs)
+        except Exception as ex:
+            self._failover_if(ex)
+            raise
+
+    def commit(self) -> None:
+        """Commit the calling greenlet's transaction, as peewee's.
+
+        Its error may say the server is no longer the primary (57P01 during
+        the COMMIT): a failover, as a query's (peewee runs COMMIT past
+        `_execute_cursor()`).
+        """
+        try:
+            super().commit()
+        except Exception as ex:
+            self._failover_if(ex)
+            raise
+
     def savepoint(self) -> Any:
         """A savepoint, as peewee's (see `rollback()`)."""
         return _Savepoint(self)
@@ -526,10 +552,14 @@ class PooledDatabase(_DatabaseBase):
                 return execute(sql, params, **options)
             return while_busy(conn, execute, sql, params, **options)
         except Exception as ex:
-            if self._driver.is_failover(ex):
-                entry = self._lent.get(id(self._state.conn))
-                self._pool.failover(None if entry is None else entry[0], ex)
+            self._failover_if(ex)
             raise
+
+    def _failover_if(self, error: Exception) -> None:
+        """Declare a failover if `error`, of the calling greenlet's connection, says so."""
+        if self._driver.is_failover(error):
+            entry = self._lent.get(id(self._state.conn))
+            self._pool.failover(None if entry is None else entry[0], error)
 
     # -- playhouse.pool's API --------------------------------------------
 

@@ -69,10 +69,19 @@ FAILOVER_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "25006"})
 
 
 def is_failover_error(error: BaseException) -> bool:
-    """Whether `error` (or the driver error it wraps) has one of the `FAILOVER_SQLSTATES`."""
-    while error is not None and not isinstance(error, psycopg.Error):
-        error = error.__cause__  # type: ignore[assignment]  # a wrapper's cause (Peewee's)
-    return error is not None and error.sqlstate in FAILOVER_SQLSTATES
+    """Whether `error` (or the driver error it wraps) has one of the `FAILOVER_SQLSTATES`.
+
+    A wrapper's driver error is its `__cause__` (``raise ... from``), or its
+    `__context__` when it was raised while handling it, as Peewee raises its
+    own errors (``peewee.InternalError`` for psycopg's 25006).
+    """
+    found: BaseException | None = error
+    while found is not None and not isinstance(found, psycopg.Error):
+        cause = found.__cause__
+        if cause is None and not found.__suppress_context__:
+            cause = found.__context__
+        found = cause
+    return found is not None and found.sqlstate in FAILOVER_SQLSTATES
 
 
 #: SQLSTATEs of connect errors that retrying won't fix soon: authentication

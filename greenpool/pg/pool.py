@@ -327,7 +327,12 @@ class Lease(Generic[CT]):
             elif pgstatus != ACTIVE:
                 if exc_type is not None and pool.driver.is_failover(exc):
                     pool.failover(self._slot, exc)
-                conn.__exit__(exc_type, exc, tb)
+                try:
+                    conn.__exit__(exc_type, exc, tb)
+                except Exception as ex:  # the COMMIT's error: the block's too
+                    if pool.driver.is_failover(ex):
+                        pool.failover(self._slot, ex)
+                    raise
             else:
                 # A block ending normally must commit: say it can't.
                 uncommitted = exc_type is None and not conn.autocommit

@@ -1461,3 +1461,49 @@ def test_a_permanent_connect_error_fails_wait_at_once():
     assert time.monotonic() - t0 < 5
     assert isinstance(info.value.__cause__, PermissionError)
     p.close()
+
+
+class _VerdictAtStartDriver(FakeDriver):
+    """A connect's outcome is what the server said when the attempt began (then it takes `connect_delay`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    def connect(self) -> FakeConn:
+        self.attempts += 1
+        verdict = self.fail_connect
+        gevent.sleep(self.connect_delay)
+        if verdict is not None:
+            raise verdict
+        conn = FakeConn()
+        self.opened.append(conn)
+        return conn
+
+
+def test_a_request_never_fails_on_an_attempt_begun_before_it():
+    """A request that comes while a connect attempt is under way (the replica
+    promoted meanwhile) is not failed by that attempt, whose evidence is older
+    than the request: it waits for the next attempt, which serves it."""
+    p = FakePool(_VerdictAtStartDriver(), min_size=1, max_size=1, timeout=5)
+    p.open(wait=True, timeout=5)
+    slot = p.acquire()
+    p.driver.fail_connect = OSError("connection refused (fake)")
+    slot.conn.closed = True
+    p.release(slot)
+    wait_until(lambda: p.failing, what="connects failing")
+    p.driver.connect_delay = 0.3
+    attempts = p.driver.attempts
+    early = gevent.spawn(p.acquire, 5)
+    wait_until(lambda: p.driver.attempts > attempts, what="an attempt for the early request")
+    gevent.sleep(0.05)  # under way: it will fail
+    p.driver.fail_connect = None  # the server is back (a replica promoted)
+    t0 = time.monotonic()
+    late = gevent.spawn(p.acquire, 5)
+    gevent.joinall([early, late], timeout=10)
+    assert isinstance(early.exception, errors.PoolTimeout)  # its attempt began after it came
+    assert late.exception is None, late.exception  # it came after that attempt began
+    assert late.value.conn.closed is False
+    assert time.monotonic() - t0 < 1.0  # the next attempt came soon: not a backoff step
+    p.release(late.value)
+    p.close()
