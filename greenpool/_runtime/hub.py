@@ -24,13 +24,22 @@ allocate_lock: Callable[[], Any] = original("_thread", "allocate_lock")
 get_thread_ident: Callable[[], int] = original("_thread", "get_ident")
 TIMEOUT_MAX: float = original("_thread", "TIMEOUT_MAX")
 real_sleep: Callable[[float], None] = original("time", "sleep")
-#: The real `select.select()`: a zero-timeout poll of a socket, patched or not.
-real_select: Callable[..., tuple[list[Any], list[Any], list[Any]]] = original("select", "select")
+_real_poll: Callable[[], Any] = original("select", "poll")
 
 
-def readable_now(fd: int) -> bool:
-    """Whether data (or EOF) waits on file descriptor `fd`; never blocks."""
-    return bool(real_select((fd,), (), (), 0)[0])
+def readiness_poller(fd: int) -> Any:
+    """A real (unpatched) `select.poll` object watching `fd` for input.
+
+    `poller.poll(0)` is then a zero-timeout check, non-empty when data or
+    EOF waits: a tenth of a `select.select()` call's cost, so a connection
+    keeps one for its checkouts.
+    """
+    poller = _real_poll()
+    poller.register(fd, _POLLIN)
+    return poller
+
+
+_POLLIN: int = original("select", "POLLIN")
 
 
 #: Starts a real OS thread. Not `threading.Thread`: its `start()` looks up

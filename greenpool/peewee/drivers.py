@@ -20,7 +20,7 @@ from typing import Any
 import peewee
 
 from .. import errors
-from .._runtime.hub import gevent_hub, readable_now
+from .._runtime.hub import gevent_hub, readiness_poller
 from ..engine.driver import BROKEN, DIRTY, OK, Driver
 
 logger = logging.getLogger("greenpool.peewee")
@@ -129,9 +129,13 @@ class MySQLDriver(DatabaseDriver):
         """
         status = self.status(conn)
         sock = getattr(conn, "_sock", None)
-        if status == OK and sock is not None and readable_now(sock.fileno()):
-            return BROKEN
-        return status
+        if status != OK or sock is None:
+            return status
+        fd = sock.fileno()
+        watched = getattr(conn, "_greenpool_poller", None)
+        if watched is None or watched[0] != fd:  # pymysql's ping(True) makes a new socket
+            watched = conn._greenpool_poller = (fd, readiness_poller(fd))
+        return BROKEN if watched[1].poll(0) else OK
 
     def is_permanent(self, error: BaseException) -> bool:
         """Access denied (1044, 1045) or an unknown database (1049)."""

@@ -13,7 +13,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.generators import fetch_many, send
 from psycopg.pq import TransactionStatus
 
-from .._runtime.hub import real_select
+from .._runtime.hub import readiness_poller
 from ..engine.driver import BROKEN, DIRTY, OK, Driver
 
 logger = logging.getLogger("greenpool.pg")
@@ -122,7 +122,12 @@ def checkout_status(conn: psycopg.Connection[Any]) -> int:
     status = pgconn.transaction_status
     if status != IDLE:
         return BROKEN if status == _UNKNOWN else DIRTY
-    return BROKEN if real_select((pgconn.socket,), (), (), 0)[0] else OK
+    pooled: Any = conn  # psycopg's types don't know the attribute
+    try:
+        poller = pooled._greenpool_poller
+    except AttributeError:  # its socket is the same for life: one poller
+        poller = pooled._greenpool_poller = readiness_poller(pgconn.socket)
+    return BROKEN if poller.poll(0) else OK
 
 
 def is_busy(conn: psycopg.Connection[Any]) -> bool:
