@@ -4,7 +4,9 @@
   injection: delay new connections, kill every relayed one, refuse new ones.
 - `embedded`: `embedded_dsn()`, a throw-away PostgreSQL server (the
   `embedded` extra's `pgserver` wheel) for machines without one.
-- `childproc`: the line-protocol child processes both run in.
+- `pgbouncer`: `PgBouncer`, a throw-away PgBouncer (the ``pgbouncer``
+  program) in front of a server, on a free loopback port.
+- `childproc`: the line-protocol child processes they run in.
 
 greenpool's own tests and benchmark use them; so may yours::
 
@@ -23,13 +25,15 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["HelperError", "Proxy", "embedded_dsn", "parse_dsn_host_port"]
+__all__ = ["HelperError", "PgBouncer", "PgBouncerMissing", "Proxy", "embedded_dsn", "parse_dsn_host_port"]
 
 _WHERE = {
     "HelperError": "childproc",
     "Proxy": "proxy",
     "parse_dsn_host_port": "proxy",
     "embedded_dsn": "embedded",
+    "PgBouncer": "pgbouncer",
+    "PgBouncerMissing": "pgbouncer",
 }
 
 
