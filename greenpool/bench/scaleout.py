@@ -215,15 +215,19 @@ class _Worker:
         return f"\n{tail}" if tail else ""
 
     def close(self) -> None:
-        """Wait for the process a little, then kill it."""
+        """Close its stdin (it then closes its pool and exits), wait a little, then kill it."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass  # gone already
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.stderr.close()
 
 

@@ -12,7 +12,9 @@ up (each greenlet runs `WARMUP_QUERIES` queries), prints ``{"event":
 greenlets run ``sql`` on pooled connections for ``duration`` seconds, and
 it prints ``{"event": "result", ...}``: the queries, the seconds, every
 latency in microseconds, the CPU seconds the process used meanwhile, and
-the pool's statistics. A failure prints ``{"event": "error", "error": ...}``
+the pool's statistics. It keeps its connections open until its stdin
+closes (the parent reads their backends' CPU first), then closes the pool
+and exits. A failure prints ``{"event": "error", "error": ...}``
 and exits 1. Every line is one JSON object.
 """
 
@@ -42,23 +44,23 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _wait_for_go() -> None:
+def _read_line(timeout: float) -> bytes:
+    """The next line on stdin (without its newline), b"" at EOF; `TimeoutError` after `timeout` seconds."""
     import gevent.select
 
     buf = b""
-    deadline = time.monotonic() + GO_TIMEOUT
+    deadline = time.monotonic() + timeout
     while b"\n" not in buf:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"no 'go' within {GO_TIMEOUT:g} s")
+            raise TimeoutError(f"nothing on stdin within {timeout:g} s")
         readable, _, _ = gevent.select.select([0], [], [], remaining)
         if readable:
             chunk = os.read(0, 1024)
             if not chunk:
-                raise EOFError("stdin closed before 'go'")
+                return buf
             buf += chunk
-    if buf.split(b"\n", 1)[0].strip() != b"go":
-        raise ValueError(f"expected 'go', got {buf!r}")
+    return buf.split(b"\n", 1)[0].strip()
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +90,9 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         gevent.joinall([gevent.spawn(warm) for _ in range(greenlets)], raise_error=True)
         pool.pop_stats()
         _say("ready", pid=os.getpid())
-        _wait_for_go()
+        line = _read_line(GO_TIMEOUT)
+        if line != b"go":
+            raise ValueError(f"expected 'go', got {line!r}")
 
         latencies: list[int] = []
         record = latencies.append
@@ -105,13 +109,18 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         cpu, started = _cpu_seconds(), perf_counter()
         gevent.joinall([gevent.spawn(client) for _ in range(greenlets)], raise_error=True)
         seconds, cpu = perf_counter() - started, _cpu_seconds() - cpu
-        return {
+        figures = {
             "queries": len(latencies),
             "seconds": seconds,
             "cpu_s": cpu,
             "latencies_us": latencies,
             "stats": dict(pool.get_stats()),
         }
+        # The connections stay open until the parent has read the server's
+        # CPU figures of their backends: it closes our stdin then.
+        _say("result", **figures)
+        _read_line(GO_TIMEOUT)
+        return figures
     finally:
         pool.close()
 
@@ -122,11 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if len(args) != 1:
             raise ValueError("usage: python -m gevent.monkey --module greenpool.bench.scaleout_worker CONFIG_JSON")
-        figures = run(json.loads(args[0]))
+        run(json.loads(args[0]))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, whatever it is
         _say("error", error=f"{type(exc).__name__}: {exc}")
         return 1
-    _say("result", **figures)
     return 0
 
 
