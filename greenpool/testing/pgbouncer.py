@@ -6,7 +6,7 @@ and waits until it accepts connections::
 
     with PgBouncer("host=127.0.0.1 port=5432 user=postgres dbname=test", default_pool_size=3) as bouncer:
         pool = ConnectionPool(bouncer.dsn(dsn), kwargs=pgbouncer_kwargs(), open=True)
-        bouncer.admin("SHOW POOLS")   # [{'database': 'test', 'sv_active': 1, ...}, ...]
+        bouncer.admin("SHOW POOLS")   # [..., {'database': 'test', 'sv_active': 0, 'sv_idle': 1, ...}]
 
 Every database name is routed to the same name on the target server (a
 ``*`` entry), logged in as the target DSN's user (and password). Clients
@@ -56,6 +56,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .._runtime.patching import original
 from .childproc import HelperError, LineChild
 from .proxy import _conninfo_to_dict, _make_conninfo
 
@@ -192,6 +193,9 @@ class PgBouncer:
         self._pid: int | None = None
         self._child: LineChild | None = None
         self._target = _conninfo_to_dict(target_dsn)
+        # Serialises start/close. A real lock even under gevent: what it guards
+        # blocks without yielding (the child's pipes), as in `Proxy`.
+        self._lifecycle = original("_thread", "allocate_lock")()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -272,8 +276,12 @@ class PgBouncer:
         setting the installed version lacks, `RuntimeError` if it doesn't
         start (with the end of its log). Does nothing if it runs already.
         """
-        if self.running:
-            return self
+        with self._lifecycle:
+            if not self.running:
+                self._start()
+        return self
+
+    def _start(self) -> None:
         binary = find_pgbouncer(self.binary)
         version = pgbouncer_version(binary)
         if self.max_prepared_statements and version < (1, 21):
@@ -302,13 +310,13 @@ class PgBouncer:
             raise RuntimeError(f"could not start PgBouncer: {detail}") from None
         self.version = version
         self._child = child
-        return self
 
     def close(self) -> None:
         """Stop PgBouncer (its clients' connections break) and delete its directory. Idempotent."""
-        child, self._child = self._child, None
-        if child is not None:
-            child.close(timeout=_STOP_TIMEOUT)
+        with self._lifecycle:
+            child, self._child = self._child, None
+            if child is not None:
+                child.close(timeout=_STOP_TIMEOUT)
 
     def __enter__(self) -> PgBouncer:
         return self.start()
