@@ -34,6 +34,7 @@ from .errors import describe_error
 from .planning import DEFAULT, FULL, QUICK, Mode, PlanEntry, make_plan
 from .report import BOUNDS, OverviewRow, overview_rows, overview_table, report_fixed, report_storm, summaries_for_json
 from .runner import Environment, Progress, run_scenario
+from .scaleout import report_scaleout, run_scaleout
 from .scenarios import SCENARIOS
 
 #: Options that choose or shape a run, which --markdown (rendering a saved run) refuses.
@@ -238,9 +239,10 @@ def main(args: argparse.Namespace) -> int:
                 f"  warning: P={scenario.pool_size} plus {info['client_connections']} open connections"
                 f" is at or over max_connections={info['max_connections']}: replacements may be refused"
             )
-        results = run_scenario(scenario, names, entry.rounds, env, progress)
+        run = run_scaleout if scenario.is_scaleout else run_scenario
+        results = run(scenario, names, entry.rounds, env, progress)
         failed |= any(not r.ok for r in results)
-        report = report_storm if scenario.is_storm else report_fixed
+        report = report_scaleout if scenario.is_scaleout else report_storm if scenario.is_storm else report_fixed
         print()
         shown = [name for name in CONTENDERS if name in names or name in skipped]
         print(report(scenario, results, shown, skipped), flush=True)

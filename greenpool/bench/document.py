@@ -130,6 +130,7 @@ def scenario_from_json(data: dict[str, Any]) -> Scenario:
     """The `Scenario` a document's ``asdict(scenario)`` came from."""
     data = dict(data)
     data["skip"] = tuple(tuple(pair) for pair in data.get("skip", ()))
+    data["processes"] = tuple(data.get("processes", ()))
     return Scenario(**data)
 
 

@@ -372,8 +372,13 @@ def overview_rows(scenario: Scenario, results: Sequence[RunResult], names: Seque
     """The closing table's rows of one scenario: each contender (and storm phase) that ran, with its ratio.
 
     A fixed-work row's bound is `BOUNDS`' first (``dedicated``) when it ran;
-    a storm phase's is the same contender's calm phase.
+    a storm phase's is the same contender's calm phase; a scale-out's, one
+    process direct (`greenpool.bench.scaleout.overview_rows`).
     """
+    if scenario.is_scaleout:
+        from .scaleout import overview_rows as scaleout_rows
+
+        return scaleout_rows(scenario, results, names)
     rows = []
     bound = BOUNDS[0].contender
     for name in names:

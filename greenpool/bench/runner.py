@@ -55,6 +55,8 @@ class RunResult:
     p999_ms: float = math.nan
     max_ms: float = math.nan
     pool_stats: dict[str, Any] | None = None
+    #: A scenario's own figures (scaleout: server connections, CPU; see `greenpool.bench.scaleout`).
+    extra: dict[str, Any] | None = None
 
 
 class RunTimedOut(Exception):

@@ -8,7 +8,8 @@ gives each of G greenlets a fixed number of queries (``steady``,
 connections expiring every few seconds, and with a long lifetime; only the
 contenders registered with ``storm=True`` take part. A scenario may leave a
 contender out (`Scenario.skip`, e.g. ``shared`` in ``scale``) unless
-``--contender`` names it.
+``--contender`` names it. ``scaleout`` runs greenpool in several worker
+processes, direct and through PgBouncer (`greenpool.bench.scaleout`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from .backends import MYSQL, POSTGRES
 CALM_LIFETIME = 3600.0
 
 SLEEP_SQL = "select pg_sleep(0.002)"
+
+#: How a scale-out scenario's workers reach the server, in run order.
+SCALEOUT_ROUTES = ("direct", "pgbouncer")
+#: The contenders a scale-out scenario runs (its workers' pool).
+SCALEOUT_CONTENDERS = ("greenpool",)
 MYSQL_SLEEP_SQL = "select sleep(0.002)"
 
 
@@ -54,6 +60,15 @@ class Scenario:
     connect_delay: float = 0.0
     backend: str = POSTGRES
     skip: tuple[tuple[str, str], ...] = ()
+    #: A scale-out scenario: the numbers of worker processes it runs, each with
+    #: `greenlets` greenlets on a pool of `pool_size`, direct to the server and
+    #: through PgBouncer (`greenpool.bench.scaleout`); only greenpool takes part.
+    processes: tuple[int, ...] = ()
+
+    @property
+    def is_scaleout(self) -> bool:
+        """True for a scale-out scenario (worker processes, direct and through PgBouncer)."""
+        return bool(self.processes)
 
     @property
     def is_storm(self) -> bool:
@@ -63,12 +78,21 @@ class Scenario:
     @property
     def phases(self) -> tuple[Phase, ...]:
         """The configurations each contender is measured in."""
+        if self.processes:
+            return tuple(Phase(f"{route} x{n}", CALM_LIFETIME) for route in SCALEOUT_ROUTES for n in self.processes)
         if self.storm_lifetime is None:
             return (Phase("run", CALM_LIFETIME),)
         return (Phase("calm", CALM_LIFETIME), Phase("storm", self.storm_lifetime))
 
     def describe(self) -> str:
         """One line for the report."""
+        if self.processes:
+            counts = ", ".join(map(str, self.processes))
+            return (
+                f"{counts} worker processes, each G={self.greenlets} greenlets on P={self.pool_size} connections,"
+                f" `{self.sql}` for {self.duration:g} s; direct, and through PgBouncer"
+                f" (default_pool_size {self.pool_size})"
+            )
         text = f"G={self.greenlets} greenlets, P={self.pool_size} connections, `{self.sql}`"
         if self.queries_each is not None:
             total = self.queries_each * self.greenlets
@@ -104,6 +128,9 @@ _STORM = Scenario(
     connect_delay=0.03,
 )
 _MYSQL_STEADY = replace(_STEADY, name="mysql-steady", sql=MYSQL_SLEEP_SQL, backend=MYSQL)
+# Each process gets P connections direct; through PgBouncer the P server
+# connections are shared by all of them (`greenpool.bench.scaleout`).
+_SCALEOUT = Scenario("scaleout", greenlets=50, pool_size=10, sql=SLEEP_SQL, duration=5.0, processes=(1, 2, 4))
 # Half the PostgreSQL storm's pool: MariaDB allows 151 connections by default.
 _MYSQL_STORM = replace(_STORM, name="mysql-storm", greenlets=150, pool_size=50, sql=MYSQL_SLEEP_SQL, backend=MYSQL)
 
@@ -160,6 +187,8 @@ SCENARIOS: dict[str, Sizes] = {
         quick=replace(_STORM, greenlets=150, pool_size=50, duration=2.0, storm_lifetime=1.0),
         default_size=replace(_STORM, duration=DEFAULT_STORM_DURATION),
     ),
+    # Not in the default run: it starts processes and a PgBouncer (--full, --scenario scaleout).
+    "scaleout": Sizes(_SCALEOUT, quick=replace(_SCALEOUT, greenlets=16, pool_size=4, duration=1.0, processes=(1, 2))),
     "mysql-steady": Sizes(_MYSQL_STEADY, quick=replace(_MYSQL_STEADY, queries_each=5)),
     "mysql-overhead": Sizes(
         replace(_MYSQL_STEADY, name="mysql-overhead", sql="select 1"),

@@ -7,6 +7,8 @@
 - `cluster`: `ReplicatedCluster`, a throw-away PostgreSQL primary and its
   synchronous streaming replica, to crash or stop the primary and promote
   the replica under load (failover tests).
+- `pgbouncer`: `PgBouncer`, a throw-away PgBouncer (the ``pgbouncer``
+  program) in front of a server, on a free loopback port.
 - `childproc`: the line-protocol child processes they run in.
 
 greenpool's own tests and benchmark use them; so may yours::
@@ -34,6 +36,8 @@ from typing import Any
 __all__ = [
     "ClusterError",
     "HelperError",
+    "PgBouncer",
+    "PgBouncerMissing",
     "PostgresNotFound",
     "Proxy",
     "ReplicatedCluster",
@@ -49,6 +53,8 @@ _WHERE = {
     "ReplicatedCluster": "cluster",
     "ClusterError": "cluster",
     "PostgresNotFound": "cluster",
+    "PgBouncer": "pgbouncer",
+    "PgBouncerMissing": "pgbouncer",
 }
 
 

@@ -851,8 +851,8 @@ def _pooler_findings(target: Target, conn: Any, pids: set[int], facts: ServerFac
                 "pool_mode transaction without max_prepared_statements: psycopg prepares a query run 5 times"
                 " (prepare_threshold), and a later transaction lands on a server connection without it (or with"
                 " one of the same name): errors such as 'prepared statement \"_pg3_0\" already exists'",
-                "pass kwargs={'prepare_threshold': None} to the pools, or set max_prepared_statements (PgBouncer"
-                " >= 1.21)",
+                "pass kwargs=greenpool.pg.pgbouncer_kwargs() ({'prepare_threshold': None}) to the pools, or set"
+                " max_prepared_statements (PgBouncer >= 1.22, with libpq >= 17): see docs/pgbouncer.md",
                 data=data,
             )
         )

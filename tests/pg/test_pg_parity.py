@@ -1409,4 +1409,7 @@ def test_a_server_at_its_connection_limit_is_not_hammered(
     assert stats["pool_size"] <= 4
     assert stats["connections_errors"] <= 3 + 2 * elapsed  # backed off: a few a second at most
     outage_lines = [r for r in caplog.records if r.levelno >= logging.WARNING and "connects failing" in r.getMessage()]
-    assert len(outage_lines) == 1 and "too many connections" in outage_lines[0].getMessage()
+    # One line an outage, not one an attempt; a connect that succeeds when a
+    # backend of the role exits ends it, and the next refusal starts another.
+    assert 1 <= len(outage_lines) <= 2 < stats["connections_errors"] or len(outage_lines) == 1
+    assert "too many connections" in outage_lines[0].getMessage()
