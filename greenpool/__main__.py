@@ -7,6 +7,11 @@ Commands:
     baselines under gevent, on PostgreSQL and (if one answers) MySQL/MariaDB
     (see `greenpool.bench`).
 
+``soak``
+    Load and chaos for N minutes, then check that nothing leaked: file
+    descriptors, memory, greenlets, server connections, the pools' accounts
+    (see `greenpool.tools.soak`).
+
 A command is a `Command` entry in `COMMANDS`: a name, a help line, a function
 adding its options to an argparse sub-parser, and a handler. The handler
 imports what the command needs itself, so that each command controls what is
@@ -148,6 +153,23 @@ def _patch_gevent_first(invocation: Invocation) -> None:
         )
 
 
+# ---------------------------------------------------------------- soak
+
+
+def _soak_arguments(parser: argparse.ArgumentParser) -> None:
+    # The module imports nothing patch-sensitive at the top: safe before the patch.
+    from greenpool.tools import soak
+
+    soak.add_arguments(parser)
+
+
+def _run_soak(args: argparse.Namespace, invocation: Invocation) -> int:
+    _patch_gevent_first(invocation)
+    from greenpool.tools import soak
+
+    return soak.main(args)
+
+
 # ---------------------------------------------------------------- CLI
 
 COMMANDS: tuple[Command, ...] = (
@@ -156,6 +178,12 @@ COMMANDS: tuple[Command, ...] = (
         help="benchmark greenpool against psycopg_pool, playhouse.pool and no-pool baselines under gevent",
         add_arguments=_bench_arguments,
         run=_run_bench,
+    ),
+    Command(
+        name="soak",
+        help="load and chaos for N minutes, then check that nothing leaked (fds, memory, greenlets, connections)",
+        add_arguments=_soak_arguments,
+        run=_run_soak,
     ),
 )
 

@@ -1,0 +1,1 @@
+"""Command-line tools run by ``python -m greenpool``: each module is one command."""
