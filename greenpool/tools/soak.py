@@ -1097,8 +1097,11 @@ class Soak:
         self.closed = False
         self.traced_file: str | None = None
         self._mark: dict[str, Any] = {"elapsed": 0.0, "queries": 0, "errors": {}}
-        self.progress: list[dict[str, Any]] = []
-        self.loads: list[tuple[float, float, float]] = []
+        # The progress lines go to a file, not to a list: memory the soak
+        # itself holds on to is growth to the traced-memory check, and
+        # tracemalloc, under greenlets, may put it on another module's line
+        # than this one's (which `traced_snapshot()` leaves out).
+        self.progress_file: str | None = None
         self.document: dict[str, Any] = {}
 
     # -- helpers -----------------------------------------------------------
@@ -1201,7 +1204,6 @@ class Soak:
         new_errors = {k: n - last["errors"].get(k, 0) for k, n in errors.items() if n != last["errors"].get(k, 0)}
         self._mark = {"elapsed": snap.elapsed, "queries": queries, "errors": dict(errors)}
         load = os.getloadavg()
-        self.loads.append(load)
         entry = {
             "elapsed": round(snap.elapsed, 2),
             "phase": counts.phase,
@@ -1227,7 +1229,10 @@ class Soak:
             "rss": snap.rss,
             "load": load,
         }
-        self.progress.append(entry)
+        if self.progress_file is None:
+            self.progress_file = _temp_path("greenpool-soak-progress-")
+        with open(self.progress_file, "a", encoding="utf-8") as out:
+            out.write(json.dumps(entry) + "\n")
         pools = ", ".join(
             f"{p.name} {p.pool_size} held/{p.pool_available} idle/{p.requests_waiting} waiting/{p.server} on server"
             for p in snap.pools
@@ -1397,15 +1402,24 @@ class Soak:
                 problems["closed"].append(f"the proxy still relays {closed.proxy_active} connections")
             passed["closed"] = ", ".join(f"{p.name} {p.closed:,} of {p.made:,} closed" for p in closed.pools)
             self.document["closed"] = asdict(closed)
+            progress = self.read_progress()
         finally:
             self.teardown()
         checks = evaluate(problems, passed)
         self.document["checks"] = [asdict(c) for c in checks]
         self.document["totals"] = self.totals()
-        self.document["progress"] = self.progress
+        self.document["progress"] = progress
+        self.document["totals"]["load_average_samples"] = [entry["load"] for entry in progress]
         self.document["meta"]["load_end"] = os.getloadavg()
         self.document["meta"]["seconds"] = round(self.elapsed(), 1)
         return self.document
+
+    def read_progress(self) -> list[dict[str, Any]]:
+        """The progress lines' figures, as printed."""
+        if self.progress_file is None:
+            return []
+        with open(self.progress_file, encoding="utf-8") as lines:
+            return [json.loads(line) for line in lines]
 
     def passed_details(self, baseline: Snapshot, final: Snapshot, waited: float) -> dict[str, str]:
         """The detail of each passed check: the figures compared."""
@@ -1453,11 +1467,12 @@ class Soak:
                 subject.close()
             except Exception as exc:  # noqa: BLE001 - teardown: keep going
                 print(f"warning: closing {subject.name}: {exc}", file=sys.stderr)
-        if self.traced_file is not None:
-            try:
-                os.unlink(self.traced_file)
-            except OSError:
-                pass
+        for path in (self.traced_file, self.progress_file):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         if self.monitor is not None:
             self.monitor.close()
         if self.proxy is not None:
@@ -1525,7 +1540,6 @@ class Soak:
             "soak_qps": round(soak_queries / soak_seconds, 1) if soak_seconds else None,
             "error_examples": counts.examples,
             "pool_stats": {s.name: s.stats() for s in self.subjects},
-            "load_average_samples": self.loads,
         }
 
 
@@ -1649,6 +1663,18 @@ def format_report(document: dict[str, Any]) -> str:
             f"  {'traced (tracemalloc)':<22}{_size(tb):>10}{_size(ta):>12}{_size(ta - tb):>12}"
             f"{_size(TRACED_TOLERANCE):>12}"
         )
+        during = [p for p in document.get("progress", []) if p["phase"] == "soak"]
+        if during:
+            ranges = []
+            for label, key, fmt in (
+                ("fds", "fds", str),
+                ("greenlets", "greenlets", str),
+                ("RSS", "rss", lambda v: f"{v / 2**20:.1f} MiB"),
+            ):
+                values = [p[key] for p in during if p[key] is not None]
+                if values:
+                    ranges.append(f"{label} {fmt(min(values))}-{fmt(max(values))}")
+            lines.append(f"  during the soak ({len(during)} progress lines): " + ", ".join(ranges))
         if memory["top"]:
             lines.append("  traced memory grown most, by line:")
             for where, size, count in memory["top"]:
