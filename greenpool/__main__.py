@@ -16,6 +16,11 @@ Commands:
     Size the pools of a fleet of workers against a server, direct or behind
     PgBouncer (see `greenpool.tools.plan`).
 
+``soak``
+    Load and chaos for N minutes, then check that nothing leaked: file
+    descriptors, memory, greenlets, server connections, the pools' accounts
+    (see `greenpool.tools.soak`).
+
 A command is a `Command` entry in `COMMANDS`: a name, a help line, a function
 adding its options to an argparse sub-parser, and a handler. The handler
 imports what the command needs itself, so that each command controls what is
@@ -182,6 +187,23 @@ def _patch_gevent_first(invocation: Invocation) -> None:
         )
 
 
+# ---------------------------------------------------------------- soak
+
+
+def _soak_arguments(parser: argparse.ArgumentParser) -> None:
+    # The module imports nothing patch-sensitive at the top: safe before the patch.
+    from greenpool.tools import soak
+
+    soak.add_arguments(parser)
+
+
+def _run_soak(args: argparse.Namespace, invocation: Invocation) -> int:
+    _patch_gevent_first(invocation)
+    from greenpool.tools import soak
+
+    return soak.main(args)
+
+
 # ---------------------------------------------------------------- CLI
 
 COMMANDS: tuple[Command, ...] = (
@@ -202,6 +224,12 @@ COMMANDS: tuple[Command, ...] = (
         help="size the pools of a fleet of workers against a server's max_connections (or PgBouncer)",
         add_arguments=plan.add_arguments,
         run=plan.run,
+    ),
+    Command(
+        name="soak",
+        help="load and chaos for N minutes, then check that nothing leaked (fds, memory, greenlets, connections)",
+        add_arguments=_soak_arguments,
+        run=_run_soak,
     ),
 )
 

@@ -4,6 +4,8 @@
   user runs (gevent patching and import order, the Celery app's pools, the servers).
 - `greenpool.tools.plan`: ``python -m greenpool plan``, pool sizes for a fleet of workers
   against a server's ``max_connections`` (with or without PgBouncer).
+- `greenpool.tools.soak`: ``python -m greenpool soak``, load and chaos for N minutes, then
+  checks that nothing leaked.
 
 Each module's ``add_arguments()`` and ``run()`` are what `greenpool.__main__.COMMANDS` calls.
 Bad input on the command line is one line on stderr naming the option, exit status 2
