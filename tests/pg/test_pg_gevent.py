@@ -1215,3 +1215,95 @@ def _serves(pool: Any) -> bool:
             return conn.execute("select 1").fetchone() == (1,)
     except psycopg.Error:
         return False
+
+
+# --------------------------------------------------------------------------
+# Faults under load
+# --------------------------------------------------------------------------
+
+
+def test_a_restart_fails_no_request_made_after_the_server_accepts_again(
+    make_pool: Callable[..., Any], make_proxy: Callable[..., Proxy], pg_dsn: str
+) -> None:
+    """A restart (every connection dropped, connects refused, then accepted):
+    requests with a 5 s timeout fail fast while the server refuses, and none
+    that starts after it accepts again fails."""
+    proxy = make_proxy()
+    pool = make_pool(proxy.dsn(pg_dsn), min_size=4, max_size=4, timeout=5)
+    outcomes: list[tuple[float, str]] = []
+    up_again: list[float] = []
+    stop = gevent.event.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                with pool.connection() as conn:
+                    conn.execute("select 1")
+                outcomes.append((start, "ok"))
+            except psycopg.Error as ex:
+                outcomes.append((start, type(ex).__name__))
+                gevent.sleep(0.01)
+
+    def scenario() -> None:
+        clients = [gevent.spawn(client) for _ in range(20)]
+        gevent.sleep(0.3)
+        proxy.pause()  # the server goes down...
+        proxy.kill_connections()
+        gevent.sleep(1.5)
+        proxy.resume()  # ...and accepts again
+        up_again.append(time.monotonic())
+        gevent.sleep(1.5)
+        stop.set()
+        gevent.joinall(clients, timeout=15)
+
+    run_green(scenario)
+    failed_after = [kind for start, kind in outcomes if start > up_again[0] and kind != "ok"]
+    assert failed_after == []
+    assert any(kind != "ok" for _, kind in outcomes)  # it did go down
+    assert sum(1 for start, kind in outcomes if start > up_again[0] and kind == "ok") > 20
+
+
+def test_every_backend_terminated_at_once_under_load(make_pool: Callable[..., Any], pg_dsn: str, monitor: Any) -> None:
+    """pg_terminate_backend() of every pooled backend at once under 200
+    greenlets: every request made afterwards is served, and the stats account
+    for every connection lost (broken at return or seen closed at checkout)."""
+    pool = make_pool(min_size=10, max_size=10, timeout=10)
+    app = pool.test_app_name
+    killed: list[int] = []
+    late: list[str] = []
+    stop = gevent.event.Event()
+
+    def client(after_kill: bool) -> None:
+        while not stop.is_set():
+            try:
+                with pool.connection() as conn:
+                    conn.execute("select pg_sleep(0.002)")
+                if after_kill:
+                    late.append("ok")
+            except psycopg.Error as ex:
+                if after_kill:
+                    late.append(type(ex).__name__)
+
+    def scenario() -> None:
+        early = [gevent.spawn(client, False) for _ in range(200)]
+        gevent.sleep(0.5)
+        rows = monitor.execute(
+            "select pg_terminate_backend(pid), pid from pg_stat_activity where application_name = %s", [app]
+        ).fetchall()
+        killed.extend(pid for ok, pid in rows if ok)
+        gevent.sleep(0.5)  # the early ones meet the dead connections
+        stop.set()
+        gevent.joinall(early, timeout=20)
+        stop.clear()
+        after = [gevent.spawn(client, True) for _ in range(200)]
+        gevent.sleep(1.0)
+        stop.set()
+        gevent.joinall(after, timeout=20)
+
+    run_green(scenario)
+    assert len(killed) == 10
+    assert late and set(late) == {"ok"}  # every later request served
+    stats = pool.get_stats()
+    assert stats["returns_bad"] + stats["connections_lost"] >= 10  # each dead one seen, and counted
+    assert stats["pool_size"] == 10
