@@ -2005,6 +2005,50 @@ def test_dead_idle_connection_discarded_at_checkout(backend: Backend, how: str) 
     assert db.pool_stats()["connections_lost"] >= 1
 
 
+@backends("mysql", "pg")
+def test_a_restart_under_load_fails_no_request_made_after_it(backend: Backend) -> None:
+    """A server restart (every connection dropped, connects refused, then
+    accepted) under load from 8 threads: no request that starts after the
+    server accepts again fails."""
+    proxy = backend.proxy()
+    db = backend.make(max_connections=4, timeout=10, host=proxy.host, port=proxy.port)
+    outcomes: list[tuple[float, str]] = []
+    up_again: list[float] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                with db.connection_context():
+                    db.execute_sql("select 1").fetchall()
+                outcomes.append((start, "ok"))
+            except peewee.DatabaseError as ex:
+                outcomes.append((start, type(ex).__name__))
+                time.sleep(0.01)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        proxy.pause()
+        proxy.kill_connections()
+        time.sleep(1.5)
+        proxy.resume()
+        up_again.append(time.monotonic())
+        time.sleep(1.5)
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    finally:
+        stop.set()
+        proxy.stop()
+    assert [kind for start, kind in outcomes if start > up_again[0] and kind != "ok"] == []
+    assert any(kind != "ok" for _, kind in outcomes)  # it did go down
+    assert sum(1 for start, kind in outcomes if start > up_again[0] and kind == "ok") > 8
+
+
 def _traceback_depth(error: BaseException) -> int:
     depth, tb = 0, error.__traceback__
     while tb is not None:
