@@ -18,8 +18,9 @@ price is that a command blocks the whole gevent hub for its round trip, which
 is a few hundred microseconds; in exchange, two greenlets can never interleave
 halves of a request/reply exchange.
 
-Parent side: :class:`LineChild` (one child and its pipes). Child side
-(stdlib only): :func:`prepare_supervisor`, :func:`supervise` (run one
+Parent side: :class:`LineChild` (one child and its pipes) and
+:func:`spawn_supervisor` (start one and read its ``ok key=value ...``
+announcement). Child side (stdlib only): :func:`prepare_supervisor`, :func:`supervise` (run one
 server program in a temporary directory until told to stop),
 :func:`serve_until_quit`, :func:`stdin_commands`, :func:`reply`, and what
 starting and stopping a server program takes (:class:`RunAs`,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -42,7 +44,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .._runtime.patching import original
 
@@ -55,10 +57,13 @@ __all__ = [
     "prepare_supervisor",
     "reply",
     "serve_until_quit",
+    "spawn_supervisor",
     "stdin_commands",
     "stop_process",
     "supervise",
 ]
+
+T = TypeVar("T")
 
 
 #: The directory of the ``greenpool`` package, handed to children so they can
@@ -256,6 +261,42 @@ class LineChild:
                 return
             if _wait_readable(self._out, remaining) and not read(self._out, 65536):
                 return
+
+
+def spawn_supervisor(
+    module: str,
+    args: Sequence[str],
+    *,
+    what: str,
+    failure: str,
+    parse: Callable[[dict[str, str]], T],
+    timeout: float,
+    stop_timeout: float,
+) -> tuple[LineChild, T]:
+    """Start the supervisor child *module* and read its announcement; return the child and ``parse(fields)``.
+
+    The child's first line is ``ok key=value ...`` (values shell-quoted) or
+    ``err <reason>``; *parse* gets the fields as a dict. When the child says
+    ``err``, says nothing within *timeout* seconds, exits, or *parse* raises
+    :class:`KeyError` or :class:`ValueError`, the child is closed (waiting
+    up to *stop_timeout* s) and :class:`RuntimeError` raised:
+    ``"<failure>: <reason>"`` followed by the end of the child's stderr.
+    """
+    child = LineChild(module, args, what=what)
+    try:
+        line = child.readline(timeout)
+        if not line.startswith("ok "):
+            raise HelperError(line[4:] if line.startswith("err ") else line)
+        fields = dict(item.split("=", 1) for item in shlex.split(line[3:]))
+        parsed = parse(fields)
+    except (HelperError, KeyError, ValueError) as exc:
+        tail = child.stderr_tail()
+        child.close(timeout=stop_timeout)
+        detail = str(exc)
+        if tail and tail not in detail:
+            detail = f"{detail}\n{tail}"
+        raise RuntimeError(f"{failure}: {detail}") from None
+    return child, parsed
 
 
 # --------------------------------------------------------------------------

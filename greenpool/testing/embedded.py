@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .childproc import (
-    HelperError,
     LineChild,
     RunAs,
     free_port,
     log_tail,
     prepare_supervisor,
     reply,
+    spawn_supervisor,
     stop_process,
     supervise,
 )
@@ -139,21 +139,22 @@ def _pgserver_dir() -> Path:
 def _start_server() -> _EmbeddedServer:
     pkg = _pgserver_dir()
     started = time.monotonic()
-    child = LineChild("greenpool.testing.embedded", ["--pgserver-dir", str(pkg)], what="embedded PostgreSQL")
-    try:
-        reply = child.readline(_START_TIMEOUT)
-        if not reply.startswith("ok "):
-            raise HelperError(reply[4:] if reply.startswith("err ") else reply)
-        info = dict(item.split("=", 1) for item in shlex.split(reply[3:]))
-        server = _EmbeddedServer(child, int(info["port"]), info["dir"], info["version"])
-        run_as, binaries = info.get("user", ""), info.get("binaries", "installed")
-    except (HelperError, KeyError, ValueError) as exc:
-        tail = child.stderr_tail()
-        child.close(timeout=_STOP_TIMEOUT)
-        detail = str(exc)
-        if tail and tail not in detail:
-            detail = f"{detail}\n{tail}"
-        raise RuntimeError(f"could not start the embedded PostgreSQL server: {detail}") from None
+    child, (port, base_dir, version, run_as, binaries) = spawn_supervisor(
+        "greenpool.testing.embedded",
+        ["--pgserver-dir", str(pkg)],
+        what="embedded PostgreSQL",
+        failure="could not start the embedded PostgreSQL server",
+        parse=lambda info: (
+            int(info["port"]),
+            info["dir"],
+            info["version"],
+            info.get("user", ""),
+            info.get("binaries", "installed"),
+        ),
+        timeout=_START_TIMEOUT,
+        stop_timeout=_STOP_TIMEOUT,
+    )
+    server = _EmbeddedServer(child, port, base_dir, version)
     atexit.register(_shutdown)
     logger.info(
         "started embedded PostgreSQL %s on 127.0.0.1:%d in %.2fs (directory %s, supervisor pid %d%s%s); "

@@ -55,12 +55,12 @@ from typing import Any
 
 from .._runtime.patching import original
 from .childproc import (
-    HelperError,
     LineChild,
     RunAs,
     free_port,
     log_tail,
     prepare_supervisor,
+    spawn_supervisor,
     stop_process,
     supervise,
 )
@@ -296,24 +296,15 @@ class PgBouncer:
                 " leave it 0 and turn psycopg's prepared statements off (greenpool.pg.pgbouncer_kwargs())"
             )
         spec = {"config": self.config(), "userlist": self._userlist()}
-        child = LineChild(
+        child, (self._port, self._pid) = spawn_supervisor(
             "greenpool.testing.pgbouncer",
             ["--binary", binary, "--version", ".".join(map(str, version)), "--spec", json.dumps(spec)],
             what="pgbouncer",
+            failure="could not start PgBouncer",
+            parse=lambda info: (int(info["port"]), int(info["pid"])),
+            timeout=_START_TIMEOUT,
+            stop_timeout=_STOP_TIMEOUT,
         )
-        try:
-            reply = child.readline(_START_TIMEOUT)
-            if not reply.startswith("ok "):
-                raise HelperError(reply[4:] if reply.startswith("err ") else reply)
-            info = dict(item.split("=", 1) for item in shlex.split(reply[3:]))
-            self._port, self._pid = int(info["port"]), int(info["pid"])
-        except (HelperError, KeyError, ValueError) as exc:
-            tail = child.stderr_tail()
-            child.close(timeout=_STOP_TIMEOUT)
-            detail = str(exc)
-            if tail and tail not in detail:
-                detail = f"{detail}\n{tail}"
-            raise RuntimeError(f"could not start PgBouncer: {detail}") from None
         self.version = version
         self._child = child
 
