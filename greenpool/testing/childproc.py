@@ -18,13 +18,15 @@ price is that a command blocks the whole gevent hub for its round trip, which
 is a few hundred microseconds; in exchange, two greenlets can never interleave
 halves of a request/reply exchange.
 
-Parent side: :class:`LineChild` (one child and its pipes) and
+Parent side: :class:`LineChild` (one child and its pipes),
 :func:`spawn_supervisor` (start one and read its ``ok key=value ...``
-announcement). Child side (stdlib only): :func:`prepare_supervisor`, :func:`supervise` (run one
-server program in a temporary directory until told to stop),
-:func:`serve_until_quit`, :func:`stdin_commands`, :func:`reply`, and what
-starting and stopping a server program takes (:class:`RunAs`,
-:func:`free_port`, :func:`log_tail`, :func:`stop_process`).
+announcement) and :class:`ChildController` (an object that owns one once
+started). Child side (stdlib only): :func:`prepare_supervisor`,
+:func:`supervise` (run one server program in a temporary directory until
+told to stop), :func:`serve_until_quit`, :func:`stdin_commands`,
+:func:`reply`, and what starting and stopping a server program takes
+(:class:`RunAs`, :func:`free_port`, :func:`log_tail`,
+:func:`stop_process`).
 
 POSIX only.
 """
@@ -44,11 +46,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 from .._runtime.patching import original
 
 __all__ = [
+    "ChildController",
     "HelperError",
     "LineChild",
     "RunAs",
@@ -64,6 +68,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+C = TypeVar("C", bound="ChildController")
 
 
 #: The directory of the ``greenpool`` package, handed to children so they can
@@ -297,6 +302,73 @@ def spawn_supervisor(
             detail = f"{detail}\n{tail}"
         raise RuntimeError(f"{failure}: {detail}") from None
     return child, parsed
+
+
+class ChildController:
+    """Base of an object that runs a helper child listening on a loopback port.
+
+    Subclasses say how to start the child (:meth:`_spawn`, which also sets
+    ``_port``) and what they are called in errors (``_name``). :meth:`start`
+    and the ``with`` block start the child once; :meth:`_stop_child` (and the
+    end of the ``with`` block) stop it. Safe to use from threads and
+    greenlets, in plain or monkey-patched processes.
+    """
+
+    #: Address the child listens on.
+    host: str = "127.0.0.1"
+    #: What the object is called in error messages.
+    _name = "child"
+    #: Seconds :meth:`_stop_child` waits for the child to exit before killing it.
+    _stop_timeout = 10.0
+
+    def __init__(self) -> None:
+        self._port: int | None = None
+        self._child: LineChild | None = None
+        # Serialises start/stop. A real lock even under gevent: nothing inside
+        # yields to the hub (the child's pipes block), so a greenlet can never
+        # block while holding it.
+        self._lifecycle = original("_thread", "allocate_lock")()
+
+    @property
+    def port(self) -> int:
+        """The loopback port the child listens on (known once started)."""
+        if self._port is None:
+            raise RuntimeError(f"{self._name} has not been started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """True between starting and stopping."""
+        return self._child is not None and not self._child.closed
+
+    def start(self: C) -> C:
+        """Start the child and wait until it is ready; return ``self``. Does nothing if it runs already."""
+        with self._lifecycle:
+            if not self.running:
+                self._child = self._spawn()
+        return self
+
+    def _spawn(self) -> LineChild:
+        """Start the child, wait until it is ready, set ``_port``; return the child."""
+        raise NotImplementedError
+
+    def _stop_child(self) -> None:
+        """Stop the child. Idempotent."""
+        with self._lifecycle:
+            child, self._child = self._child, None
+            if child is not None:
+                child.close(timeout=self._stop_timeout)
+
+    def __enter__(self: C) -> C:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop_child()
 
 
 # --------------------------------------------------------------------------

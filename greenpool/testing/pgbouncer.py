@@ -50,11 +50,10 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .._runtime.patching import original
 from .childproc import (
+    ChildController,
     LineChild,
     RunAs,
     free_port,
@@ -132,7 +131,7 @@ def _setting(value: str | int | float | bool) -> str:
     return str(value)
 
 
-class PgBouncer:
+class PgBouncer(ChildController):
     """A PgBouncer in front of `target_dsn`'s server, in a child process, on a free loopback port.
 
     `pool_mode`, `default_pool_size`, `max_client_conn` and
@@ -151,8 +150,8 @@ class PgBouncer:
     monkey-patched processes.
     """
 
-    #: Address PgBouncer listens on.
-    host: str = "127.0.0.1"
+    _name = "PgBouncer"
+    _stop_timeout = _STOP_TIMEOUT
 
     def __init__(
         self,
@@ -180,6 +179,7 @@ class PgBouncer:
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
+        super().__init__()
         self.target_dsn = target_dsn
         self.pool_mode = pool_mode
         self.default_pool_size = default_pool_size
@@ -195,13 +195,8 @@ class PgBouncer:
         self.binary = binary
         #: The program's version, e.g. ``(1, 18, 0)`` (known once started).
         self.version: tuple[int, ...] | None = None
-        self._port: int | None = None
         self._pid: int | None = None
-        self._child: LineChild | None = None
         self._target = _conninfo_to_dict(target_dsn)
-        # Serialises start/close. A real lock even under gevent: what it guards
-        # blocks without yielding (the child's pipes), as in `Proxy`.
-        self._lifecycle = original("_thread", "allocate_lock")()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -257,23 +252,11 @@ class PgBouncer:
     # -- lifecycle --------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        """The loopback port PgBouncer listens on (known once started)."""
-        if self._port is None:
-            raise RuntimeError("PgBouncer has not been started")
-        return self._port
-
-    @property
     def pid(self) -> int:
         """The process id of the ``pgbouncer`` program (known once started)."""
         if self._pid is None:
             raise RuntimeError("PgBouncer has not been started")
         return self._pid
-
-    @property
-    def running(self) -> bool:
-        """True between `start()` and `close()`."""
-        return self._child is not None and not self._child.closed
 
     def start(self) -> PgBouncer:
         """Start PgBouncer and wait until it accepts connections; return ``self``.
@@ -282,12 +265,9 @@ class PgBouncer:
         setting the installed version lacks, `RuntimeError` if it doesn't
         start (with the end of its log). Does nothing if it runs already.
         """
-        with self._lifecycle:
-            if not self.running:
-                self._start()
-        return self
+        return super().start()
 
-    def _start(self) -> None:
+    def _spawn(self) -> LineChild:
         binary = find_pgbouncer(self.binary)
         version = pgbouncer_version(binary)
         if self.max_prepared_statements and version < (1, 21):
@@ -306,25 +286,11 @@ class PgBouncer:
             stop_timeout=_STOP_TIMEOUT,
         )
         self.version = version
-        self._child = child
+        return child
 
     def close(self) -> None:
         """Stop PgBouncer (its clients' connections break) and delete its directory. Idempotent."""
-        with self._lifecycle:
-            child, self._child = self._child, None
-            if child is not None:
-                child.close(timeout=_STOP_TIMEOUT)
-
-    def __enter__(self) -> PgBouncer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._stop_child()
 
     # -- use ----------------------------------------------------------------------
 

@@ -41,12 +41,10 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .._runtime.patching import original
-from .childproc import HelperError, LineChild
+from .childproc import ChildController, HelperError, LineChild
 
 # asyncio is imported only inside the child-side functions: importing it in
 # the parent would import ssl, and gevent warns (rightly) about ssl imported
@@ -196,7 +194,7 @@ def parse_dsn_host_port(dsn: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------
 
 
-class Proxy:
+class Proxy(ChildController):
     """Loopback TCP proxy in a child process, for fault injection.
 
     Relays ``127.0.0.1:<port>`` to ``target_host:target_port``. All methods
@@ -205,8 +203,7 @@ class Proxy:
     hub) only for one pipe round trip to the child.
     """
 
-    #: Address the proxy listens on.
-    host: str = "127.0.0.1"
+    _name = "Proxy"
 
     def __init__(self, target_host: str, target_port: int, *, connect_delay: float = 0.0) -> None:
         """Describe a proxy to *target_host*:*target_port*; :meth:`start` runs it.
@@ -214,31 +211,15 @@ class Proxy:
         *connect_delay* seconds are waited after each client connects and
         before the upstream connect (see :meth:`set_connect_delay`).
         """
+        super().__init__()
         self.target_host = target_host
         self.target_port = int(target_port)
         self._connect_delay = _check_delay(connect_delay)
-        self._port: int | None = None
-        self._child: LineChild | None = None
-        # Serialises start/stop. A real lock even under gevent: nothing inside
-        # yields to the hub, so a greenlet can never block while holding it.
-        self._lifecycle = original("_thread", "allocate_lock")()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         port = self._port if self._port is not None else "?"
         return f"<Proxy {self.host}:{port} -> {self.target_host}:{self.target_port} {state}>"
-
-    @property
-    def port(self) -> int:
-        """The 127.0.0.1 port the proxy listens on (known once started)."""
-        if self._port is None:
-            raise RuntimeError("Proxy has not been started")
-        return self._port
-
-    @property
-    def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
-        return self._child is not None and not self._child.closed
 
     def start(self) -> Proxy:
         """Spawn the child and wait until it listens; return ``self``.
@@ -246,10 +227,7 @@ class Proxy:
         Raises :class:`RuntimeError` if the child is not listening within 10 s.
         Calling it on a running proxy does nothing.
         """
-        with self._lifecycle:
-            if not self.running:
-                self._child = self._spawn()
-        return self
+        return super().start()
 
     def _spawn(self) -> LineChild:
         child = LineChild(
@@ -276,10 +254,7 @@ class Proxy:
 
     def stop(self) -> None:
         """Stop the child, dropping all proxied connections. Idempotent."""
-        with self._lifecycle:
-            child, self._child = self._child, None
-            if child is not None:
-                child.close()
+        self._stop_child()
 
     def _request(self, command: str) -> str:
         child = self._child
@@ -354,17 +329,6 @@ class Proxy:
         params["host"] = self.host
         params["port"] = str(self.port)
         return _make_conninfo(params)
-
-    def __enter__(self) -> Proxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _check_delay(seconds: float) -> float:
