@@ -358,7 +358,43 @@ def _set_linger_zero(transport: asyncio.BaseTransport) -> None:
 # it, because asyncio must not be imported at module level (see above).
 
 
-class _Upstream:
+class _Leg:
+    """What both legs of a relay do: pass what arrives on to the other leg (the peer)."""
+
+    def _relay(self) -> _Relay:
+        """The relay this leg belongs to."""
+        raise NotImplementedError
+
+    def _peer(self) -> Any:
+        """The other leg's transport (None until it is connected)."""
+        raise NotImplementedError
+
+    def data_received(self, data: bytes) -> None:
+        peer = self._peer()
+        if peer is not None and not self._relay().server.blackhole:
+            peer.write(data)
+
+    def eof_received(self) -> bool:
+        self._relay().close()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._relay().close()
+
+    # Backpressure: this leg's side takes data slower than the peer sends it?
+    # Stop reading from the peer until this leg's write buffer drains.
+    def pause_writing(self) -> None:
+        peer = self._peer()
+        if peer is not None:
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self._peer()
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+
+class _Upstream(_Leg):
     """asyncio protocol for the proxy -> target leg of one relay."""
 
     def __init__(self, relay: _Relay) -> None:
@@ -367,29 +403,14 @@ class _Upstream:
     def connection_made(self, transport: Any) -> None:
         self.relay.upstream = transport
 
-    def data_received(self, data: bytes) -> None:
-        if self.relay.client is not None and not self.relay.server.blackhole:
-            self.relay.client.write(data)
+    def _relay(self) -> _Relay:
+        return self.relay
 
-    def eof_received(self) -> bool:
-        self.relay.close()
-        return False
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.relay.close()
-
-    # Backpressure: the target writes faster than we can send upstream-bound
-    # data? Stop reading from the client until the buffer drains.
-    def pause_writing(self) -> None:
-        if self.relay.client is not None:
-            self.relay.client.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.relay.client is not None and not self.relay.client.is_closing():
-            self.relay.client.resume_reading()
+    def _peer(self) -> Any:
+        return self.relay.client
 
 
-class _Relay:
+class _Relay(_Leg):
     """asyncio protocol for one accepted client, plus its upstream leg."""
 
     def __init__(self, server: _ProxyServer) -> None:
@@ -428,43 +449,31 @@ class _Relay:
         else:
             self.client.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        if self.upstream is not None and not self.server.blackhole:
-            self.upstream.write(data)
+    def _relay(self) -> _Relay:
+        return self
 
-    def eof_received(self) -> bool:
-        self.close()
-        return False
+    def _peer(self) -> Any:
+        return self.upstream
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.close()
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None and not self.upstream.is_closing():
-            self.upstream.resume_reading()
+    def _forget(self) -> None:
+        """Mark the relay closed, stop counting it, and stop connecting its upstream leg."""
+        self.closed = True
+        self.server.relays.discard(self)
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
 
     def close(self) -> None:
         """Graceful close of both legs (queued data is still flushed)."""
         if self.closed:
             return
-        self.closed = True
-        self.server.relays.discard(self)
-        if self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        self._forget()
         for transport in (self.client, self.upstream):
             if transport is not None:
                 transport.close()
 
     def abort(self) -> None:
         """Reset both legs immediately."""
-        self.closed = True
-        self.server.relays.discard(self)
-        if self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        self._forget()
         for transport in (self.client, self.upstream):
             if transport is not None:
                 _set_linger_zero(transport)
