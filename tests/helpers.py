@@ -60,6 +60,17 @@ def deadline(seconds: float, dump_after: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def no_hub_and_deadline(seconds: float, dump_after: float | None = None) -> Iterator[None]:
+    """No gevent hub in this thread when the block starts, nor when it ends (see
+    `destroy_main_hub`), and the block bounded by `deadline(seconds, dump_after)`
+    (`dump_after` defaults to twice `seconds`)."""
+    destroy_main_hub()
+    with deadline(seconds, dump_after=seconds * 2 if dump_after is None else dump_after):
+        yield
+    destroy_main_hub()
+
+
+@contextlib.contextmanager
 def last_resort_deadline(dump_after: float) -> Iterator[None]:
     """Dump the stacks and end the process if still running after `dump_after` s."""
     faulthandler.dump_traceback_later(dump_after, exit=True)
