@@ -11,9 +11,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from greenpool.testing import ReplicatedCluster
 
 
 class DeadlineExceeded(BaseException):
@@ -99,6 +102,38 @@ def wait_until(
             gevent.sleep(interval)
         else:
             time.sleep(interval)
+
+
+@contextlib.contextmanager
+def replicated_cluster() -> Iterator[ReplicatedCluster]:
+    """A new `ReplicatedCluster`, closed after; skip (fail in CI) without PostgreSQL's server programs."""
+    from conftest import skip_or_fail
+
+    from greenpool.testing import PostgresNotFound, ReplicatedCluster
+
+    try:
+        cluster = ReplicatedCluster()
+    except PostgresNotFound as ex:
+        skip_or_fail(f"needs PostgreSQL's server programs: {ex}")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def run_green(fn: Callable[[], Any], timeout: float) -> Any:
+    """Run `fn` in a greenlet of this thread's hub; its result, or its error raised.
+
+    Fails the test (killing the greenlet) if it isn't done in `timeout` seconds.
+    """
+    import gevent
+
+    g = gevent.spawn(fn)
+    g.join(timeout)
+    if not g.ready():
+        g.kill(block=True, timeout=5)
+        pytest.fail(f"test body still running after {timeout} s")
+    return g.get()
 
 
 def run_threads(fn: Callable[[int], Any], n: int, timeout: float) -> tuple[list[Any], list[BaseException]]:
