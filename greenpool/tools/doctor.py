@@ -1016,20 +1016,18 @@ def _server_findings(
         _check_dsn(dsn, dsn_source)
     if mysql:
         _mysql_params(mysql, mysql_source)
-    pg_pools = [p for p in pools if p.server_kind == "postgresql"]
-    my_pools = [p for p in pools if p.server_kind == "mysql"]
-    if dsn:
-        target = _pg_target(dsn, f"{dsn_source} {_masked_dsn(dsn)}", timeout)
-        target.pools = pg_pools
-        targets.append(target)
-    else:
-        targets.extend(_pool_target(p, timeout) for p in pg_pools)
-    if mysql:
-        target = _mysql_target(mysql, f"{mysql_source} {_masked_url(mysql)}", timeout)
-        target.pools = my_pools
-        targets.append(target)
-    else:
-        targets.extend(_pool_target(p, timeout) for p in my_pools)
+    # Each kind of server: the one given (with the pools on that kind), else each pool's own.
+    for kind, given, source, make_target, masked in (
+        ("postgresql", dsn, dsn_source, _pg_target, _masked_dsn),
+        ("mysql", mysql, mysql_source, _mysql_target, _masked_url),
+    ):
+        kind_pools = [p for p in pools if p.server_kind == kind]
+        if given:
+            target = make_target(given, f"{source} {masked(given)}", timeout)
+            target.pools = kind_pools
+            targets.append(target)
+        else:
+            targets.extend(_pool_target(p, timeout) for p in kind_pools)
     if not targets:
         return [
             Finding(
