@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .childproc import ChildController, HelperError, LineChild
+from .childproc import ChildController, HelperError, LineChild, reply
 
 # asyncio is imported only inside the child-side functions: importing it in
 # the parent would import ssl, and gevent warns (rightly) about ssl imported
@@ -557,11 +557,6 @@ class _ProxyServer:
         self.kill()
 
 
-def _reply(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 async def _handle(server: _ProxyServer, line: str) -> tuple[str, bool]:
     """Execute one control command; return (reply, should_exit)."""
     cmd, _, arg = line.strip().partition(" ")
@@ -600,7 +595,7 @@ async def _amain(args: argparse.Namespace) -> int:
     parent = os.getppid()
     server = _ProxyServer(args.listen_host, args.listen_port, args.target_host, args.target_port, args.connect_delay)
     await server.start()
-    _reply(f"ok port={server.port}")
+    reply(f"ok port={server.port}")
 
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -621,10 +616,10 @@ async def _amain(args: argparse.Namespace) -> int:
             if not line:  # EOF or orphaned
                 return 0
             try:
-                reply, done = await _handle(server, line.decode("utf-8", "replace"))
+                answer, done = await _handle(server, line.decode("utf-8", "replace"))
             except OSError as exc:
-                reply, done = f"err {exc}", False
-            _reply(reply)
+                answer, done = f"err {exc}", False
+            reply(answer)
             if done:
                 return 0
     finally:
@@ -649,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_amain(args))
     except OSError as exc:
-        _reply(f"err {exc}")
+        reply(f"err {exc}")
         return 1
     except KeyboardInterrupt:  # interactive use: Ctrl-C is a normal way out
         return 130
