@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from helpers import unique
 
 from greenpool.testing.proxy import Proxy, parse_dsn_host_port
 
@@ -117,6 +118,19 @@ def monitor(pg_dsn: str) -> Iterator[Any]:
 
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def read_only_role(monitor: Any) -> Iterator[str]:
+    """A role whose sessions are read-only, as on a standby or a demoted primary."""
+    role = unique("gp_ro")
+    monitor.execute(f"create role {role} login")
+    monitor.execute(f"alter role {role} set default_transaction_read_only = on")
+    monitor.execute(f"grant create, usage on schema public to {role}")
+    yield role
+    monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
+    monitor.execute(f"drop owned by {role}")
+    monitor.execute(f"drop role {role}")
 
 
 def _mysql_params_from_url(url: str) -> dict[str, Any]:

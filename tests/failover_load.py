@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from helpers import replicated_cluster
 
-from greenpool.testing import PostgresNotFound, ReplicatedCluster
+from greenpool.testing import ReplicatedCluster
 
 #: Workers writing at once, through a pool of `POOL_SIZE` connections.
 WORKERS = 50
@@ -71,17 +72,9 @@ STATS = (
 @contextlib.contextmanager
 def new_cluster() -> Iterator[ReplicatedCluster]:
     """A fresh cluster with the load's table, closed after; skip (fail in CI) without PostgreSQL."""
-    from conftest import skip_or_fail
-
-    try:
-        cluster = ReplicatedCluster()
-    except PostgresNotFound as ex:
-        skip_or_fail(f"needs PostgreSQL's server programs: {ex}")
-    try:
+    with replicated_cluster() as cluster:
         create_table(cluster)
         yield cluster
-    finally:
-        cluster.close()
 
 
 @contextlib.contextmanager

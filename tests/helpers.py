@@ -11,9 +11,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from greenpool.testing import ReplicatedCluster
 
 
 class DeadlineExceeded(BaseException):
@@ -60,6 +63,17 @@ def deadline(seconds: float, dump_after: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def no_hub_and_deadline(seconds: float, dump_after: float | None = None) -> Iterator[None]:
+    """No gevent hub in this thread when the block starts, nor when it ends (see
+    `destroy_main_hub`), and the block bounded by `deadline(seconds, dump_after)`
+    (`dump_after` defaults to twice `seconds`)."""
+    destroy_main_hub()
+    with deadline(seconds, dump_after=seconds * 2 if dump_after is None else dump_after):
+        yield
+    destroy_main_hub()
+
+
+@contextlib.contextmanager
 def last_resort_deadline(dump_after: float) -> Iterator[None]:
     """Dump the stacks and end the process if still running after `dump_after` s."""
     faulthandler.dump_traceback_later(dump_after, exit=True)
@@ -88,6 +102,38 @@ def wait_until(
             gevent.sleep(interval)
         else:
             time.sleep(interval)
+
+
+@contextlib.contextmanager
+def replicated_cluster() -> Iterator[ReplicatedCluster]:
+    """A new `ReplicatedCluster`, closed after; skip (fail in CI) without PostgreSQL's server programs."""
+    from conftest import skip_or_fail
+
+    from greenpool.testing import PostgresNotFound, ReplicatedCluster
+
+    try:
+        cluster = ReplicatedCluster()
+    except PostgresNotFound as ex:
+        skip_or_fail(f"needs PostgreSQL's server programs: {ex}")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def run_green(fn: Callable[[], Any], timeout: float) -> Any:
+    """Run `fn` in a greenlet of this thread's hub; its result, or its error raised.
+
+    Fails the test (killing the greenlet) if it isn't done in `timeout` seconds.
+    """
+    import gevent
+
+    g = gevent.spawn(fn)
+    g.join(timeout)
+    if not g.ready():
+        g.kill(block=True, timeout=5)
+        pytest.fail(f"test body still running after {timeout} s")
+    return g.get()
 
 
 def run_threads(fn: Callable[[int], Any], n: int, timeout: float) -> tuple[list[Any], list[BaseException]]:

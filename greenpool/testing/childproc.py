@@ -1,5 +1,6 @@
-"""Line-protocol helper child processes (shared by :mod:`greenpool.testing.proxy`
-and :mod:`greenpool.testing.embedded`).
+"""Helper child processes and their line protocol (shared by :mod:`greenpool.testing.proxy`,
+:mod:`~greenpool.testing.embedded`, :mod:`~greenpool.testing.pgbouncer` and
+:mod:`~greenpool.testing.cluster`).
 
 A helper child is one of greenpool's own modules run as ``__main__`` in a
 fresh interpreter. The parent talks to it over two private pipes: it writes
@@ -17,6 +18,16 @@ price is that a command blocks the whole gevent hub for its round trip, which
 is a few hundred microseconds; in exchange, two greenlets can never interleave
 halves of a request/reply exchange.
 
+Parent side: :class:`LineChild` (one child and its pipes),
+:func:`spawn_supervisor` (start one and read its ``ok key=value ...``
+announcement) and :class:`ChildController` (an object that owns one once
+started). Child side (stdlib only): :func:`prepare_supervisor`,
+:func:`supervise` (run one server program in a temporary directory until
+told to stop), :func:`serve_until_quit`, :func:`stdin_commands`,
+:func:`reply`, and what starting and stopping a server program takes
+(:class:`RunAs`, :func:`free_port`, :func:`log_tail`,
+:func:`stop_process`).
+
 POSIX only.
 """
 
@@ -24,15 +35,41 @@ from __future__ import annotations
 
 import os
 import select
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
 
 from .._runtime.patching import original
 
-__all__ = ["HelperError", "LineChild"]
+__all__ = [
+    "ChildController",
+    "HelperError",
+    "LineChild",
+    "RunAs",
+    "free_port",
+    "log_tail",
+    "prepare_supervisor",
+    "reply",
+    "serve_until_quit",
+    "spawn_supervisor",
+    "stdin_commands",
+    "stop_process",
+    "supervise",
+]
+
+T = TypeVar("T")
+C = TypeVar("C", bound="ChildController")
+
 
 #: The directory of the ``greenpool`` package, handed to children so they can
 #: import greenpool's modules without executing ``greenpool/__init__.py``.
@@ -229,3 +266,281 @@ class LineChild:
                 return
             if _wait_readable(self._out, remaining) and not read(self._out, 65536):
                 return
+
+
+def spawn_supervisor(
+    module: str,
+    args: Sequence[str],
+    *,
+    what: str,
+    failure: str,
+    parse: Callable[[dict[str, str]], T],
+    timeout: float,
+    stop_timeout: float,
+) -> tuple[LineChild, T]:
+    """Start the supervisor child *module* and read its announcement; return the child and ``parse(fields)``.
+
+    The child's first line is ``ok key=value ...`` (values shell-quoted) or
+    ``err <reason>``; *parse* gets the fields as a dict. When the child says
+    ``err``, says nothing within *timeout* seconds, exits, or *parse* raises
+    :class:`KeyError` or :class:`ValueError`, the child is closed (waiting
+    up to *stop_timeout* s) and :class:`RuntimeError` raised:
+    ``"<failure>: <reason>"`` followed by the end of the child's stderr.
+    """
+    child = LineChild(module, args, what=what)
+    try:
+        line = child.readline(timeout)
+        if not line.startswith("ok "):
+            raise HelperError(line[4:] if line.startswith("err ") else line)
+        fields = dict(item.split("=", 1) for item in shlex.split(line[3:]))
+        parsed = parse(fields)
+    except (HelperError, KeyError, ValueError) as exc:
+        tail = child.stderr_tail()
+        child.close(timeout=stop_timeout)
+        detail = str(exc)
+        if tail and tail not in detail:
+            detail = f"{detail}\n{tail}"
+        raise RuntimeError(f"{failure}: {detail}") from None
+    return child, parsed
+
+
+class ChildController:
+    """Base of an object that runs a helper child listening on a loopback port.
+
+    Subclasses say how to start the child (:meth:`_spawn`, which also sets
+    ``_port``) and what they are called in errors (``_name``). :meth:`start`
+    and the ``with`` block start the child once; :meth:`_stop_child` (and the
+    end of the ``with`` block) stop it. Safe to use from threads and
+    greenlets, in plain or monkey-patched processes.
+    """
+
+    #: Address the child listens on.
+    host: str = "127.0.0.1"
+    #: What the object is called in error messages.
+    _name = "child"
+    #: Seconds :meth:`_stop_child` waits for the child to exit before killing it.
+    _stop_timeout = 10.0
+
+    def __init__(self) -> None:
+        self._port: int | None = None
+        self._child: LineChild | None = None
+        # Serialises start/stop. A real lock even under gevent: nothing inside
+        # yields to the hub (the child's pipes block), so a greenlet can never
+        # block while holding it.
+        self._lifecycle = original("_thread", "allocate_lock")()
+
+    @property
+    def port(self) -> int:
+        """The loopback port the child listens on (known once started)."""
+        if self._port is None:
+            raise RuntimeError(f"{self._name} has not been started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """True between starting and stopping."""
+        return self._child is not None and not self._child.closed
+
+    def start(self: C) -> C:
+        """Start the child and wait until it is ready; return ``self``. Does nothing if it runs already."""
+        with self._lifecycle:
+            if not self.running:
+                self._child = self._spawn()
+        return self
+
+    def _spawn(self) -> LineChild:
+        """Start the child, wait until it is ready, set ``_port``; return the child."""
+        raise NotImplementedError
+
+    def _stop_child(self) -> None:
+        """Stop the child. Idempotent."""
+        with self._lifecycle:
+            child, self._child = self._child, None
+            if child is not None:
+                child.close(timeout=self._stop_timeout)
+
+    def __enter__(self: C) -> C:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop_child()
+
+
+# --------------------------------------------------------------------------
+# Child side (stdlib only)
+# --------------------------------------------------------------------------
+
+
+def reply(text: str) -> None:
+    """Write one reply line to the parent."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def prepare_supervisor() -> int:
+    """Set a supervisor child up: return its parent's pid, and make SIGTERM and SIGHUP exit cleanly.
+
+    Call it before the first reply: once it has that, the parent may exit at
+    once, and a parent read after that would be the reaper that adopted us.
+    A plain ``kill`` must still stop the server and delete its directory: the
+    signals become :class:`SystemExit`, so ``finally`` clauses run.
+    """
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGHUP, lambda signum, frame: sys.exit(128 + signum))
+    return parent
+
+
+def stdin_commands(parent: int, idle: Callable[[], None] | None = None) -> Iterator[str]:
+    """The command lines the parent writes to stdin (stripped), until stdin's end or *parent*'s death.
+
+    Polling rather than only waiting for EOF: a parent that forked keeps our
+    stdin open in its children after it dies. *idle* is called after each
+    second without input.
+    """
+    buf = b""
+    while True:
+        readable, _, _ = select.select([0], [], [], 1.0)
+        if not readable:
+            if os.getppid() != parent:
+                return
+            if idle is not None:
+                idle()
+            continue
+        chunk = os.read(0, 4096)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, _, buf = buf.partition(b"\n")
+            yield line.decode("utf-8", "replace").strip()
+
+
+def serve_until_quit(proc: subprocess.Popen[bytes], parent: int, what: str, *, log_prefix: str | None = None) -> None:
+    """Answer ``ping`` (whether *proc*, called *what*, runs) until ``quit``, stdin's end, or *parent*'s death.
+
+    With *log_prefix*, *proc* exiting on its own is said once on stderr
+    (``<log_prefix>: <what> exited unexpectedly (<status>)``).
+    """
+    reported_exit = False
+
+    def idle() -> None:
+        nonlocal reported_exit
+        if log_prefix is not None and proc.poll() is not None and not reported_exit:
+            reported_exit = True
+            print(f"{log_prefix}: {what} exited unexpectedly ({proc.returncode})", file=sys.stderr)
+
+    for command in stdin_commands(parent, idle):
+        if command == "quit":
+            reply("ok bye")
+            return
+        if command == "ping":
+            reply("ok pong" if proc.poll() is None else f"err {what} is not running")
+        else:
+            reply(f"err unknown command {command!r}")
+
+
+def supervise(
+    parent: int,
+    prefix: str,
+    start: Callable[[Path], tuple[subprocess.Popen[bytes], str]],
+    stop: Callable[[subprocess.Popen[bytes]], None],
+    *,
+    what: str,
+    log_prefix: str | None = None,
+) -> int:
+    """Run one server program for *parent* in a new temporary directory; return the exit status.
+
+    ``start(directory)`` starts it and returns its process and the text of
+    the ``ok`` reply (``port=... dir=...``); a failure is replied as ``err
+    <first line>``, with the traceback on stderr. Then ``ping``/``quit``
+    are served (:func:`serve_until_quit`); on ``quit``, stdin's end or the
+    parent's death, ``stop(process)`` stops it and the directory is deleted.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        try:
+            proc, ready = start(base)
+        except Exception as exc:  # report any failure to the parent, not just the expected ones
+            traceback.print_exc()  # the full story (log tail) for the parent's error message
+            summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reply(f"err {summary}")
+            return 1
+        reply(f"ok {ready}")
+        serve_until_quit(proc, parent, what, log_prefix=log_prefix)
+        return 0
+    finally:
+        if proc is not None:
+            stop(proc)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes], signals: Sequence[tuple[signal.Signals, float]]) -> None:
+    """Stop *proc*: send each of *signals* in turn, waiting its seconds for the process to exit."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in signals:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+class RunAs:
+    """The user a server program runs as: ours, or an unprivileged one when we are root.
+
+    Servers (PostgreSQL, PgBouncer) refuse to run as root: then the first of
+    *names* that exists is picked, and *missing* raised if none does.
+    """
+
+    def __init__(self, names: Sequence[str], missing: Exception) -> None:
+        #: The user picked (None: this process's own).
+        self.user: str | None = None
+        self.uid = self.gid = -1
+        #: Keyword arguments for `subprocess.run` and `~subprocess.Popen` that run a program as `user`.
+        self.kwargs: dict[str, Any] = {}
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            import pwd
+
+            for name in names:
+                try:
+                    entry = pwd.getpwnam(name)
+                except KeyError:
+                    continue
+                self.user, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
+                # Drop the group and supplementary groups too, not just the uid.
+                self.kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+                break
+            else:
+                raise missing
+
+    def chown(self, path: str | os.PathLike[str]) -> None:
+        """Give *path* to `user` (nothing to do when it is us)."""
+        if self.user is not None:
+            os.chown(path, self.uid, self.gid)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, size: int = 3000) -> str:
+    """The last *size* bytes of the file *path*, as text ("" if it can't be read)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-size:].decode("utf-8", "replace").strip()

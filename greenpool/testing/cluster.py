@@ -60,9 +60,7 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -70,7 +68,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .childproc import LineChild
+from .childproc import LineChild, RunAs, free_port, log_tail, prepare_supervisor, reply, stdin_commands
 
 __all__ = ["ClusterError", "PostgresNotFound", "ReplicatedCluster", "default_directory", "find_bindir", "main"]
 
@@ -105,6 +103,8 @@ SETTINGS: dict[str, str] = {
 _WATCHDOG_TIMEOUT = 30.0
 _SHM_FREE = 1 << 30
 _PORT_TRIES = 3
+#: How much of a log its tail shows (bytes).
+_LOG_TAIL = 2000
 
 
 class ClusterError(RuntimeError):
@@ -175,33 +175,17 @@ def find_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
     raise PostgresNotFound(f"PostgreSQL's {', '.join(PROGRAMS)} not found ({looked}): {INSTALL_HINT}")
 
 
-class _Runner:
+class _Runner(RunAs):
     """Runs PostgreSQL's programs, as an unprivileged user when we are root."""
 
     def __init__(self) -> None:
-        self.kwargs: dict[str, Any] = {}
-        self.user: str | None = None
-        self.uid = self.gid = -1
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            import pwd
-
-            for name in ("postgres", "pgserver", "nobody"):
-                try:
-                    entry = pwd.getpwnam(name)
-                except KeyError:
-                    continue
-                self.user, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
-                self.kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-                break
-            else:
-                raise PostgresNotFound(
-                    "running as root, but there is no 'postgres', 'pgserver' or 'nobody' user to run"
-                    " PostgreSQL as (it refuses to run as root)"
-                )
-
-    def chown(self, path: Path) -> None:
-        if self.user is not None:
-            os.chown(path, self.uid, self.gid)
+        super().__init__(
+            ("postgres", "pgserver", "nobody"),
+            PostgresNotFound(
+                "running as root, but there is no 'postgres', 'pgserver' or 'nobody' user to run"
+                " PostgreSQL as (it refuses to run as root)"
+            ),
+        )
 
     def run(self, args: Sequence[str], log: Path, timeout: float) -> None:
         """Run a program, its output appended to `log`; raise `ClusterError` if it fails."""
@@ -272,20 +256,6 @@ def _watched_directory(parent: Path, prefix: str, runner: _Runner) -> tuple[Path
         shutil.rmtree(base, ignore_errors=True)
         raise
     return base, watchdog
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, size: int = 2000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-size:].decode("utf-8", "replace").strip()
 
 
 def _quote(value: str) -> str:
@@ -475,7 +445,7 @@ class ReplicatedCluster:
 
     def log(self, node: int) -> str:
         """The tail of node `node`'s server log."""
-        return _tail(self.base / f"node{node}.log")
+        return log_tail(self.base / f"node{node}.log", _LOG_TAIL)
 
     # -- inside -----------------------------------------------------------
 
@@ -489,7 +459,7 @@ class ReplicatedCluster:
     def _error(self, message: str) -> ClusterError:
         parts = [message]
         for name in ("commands.log", "node0.log", "node1.log"):
-            tail = _tail(self.base / name)
+            tail = log_tail(self.base / name, _LOG_TAIL)
             if tail:
                 parts.append(f"--- {name} ---\n{tail}")
         return ClusterError("\n".join(parts))
@@ -521,7 +491,7 @@ class ReplicatedCluster:
         """Configure and start node `node` on a free port (another if that one is taken)."""
         self._configure(node, settings)
         for attempt in range(_PORT_TRIES):
-            port = _free_port()
+            port = free_port()
             self._configure(node, {"port": str(port)})  # the last setting wins
             try:
                 self._pg_ctl(node, "-l", str(self.base / f"node{node}.log"), "-w", "start")
@@ -641,28 +611,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Then stop the servers under ``--dir`` and delete it (see `_clean_up()`).
     """
-    import select
-
     parser = argparse.ArgumentParser(prog="python -m greenpool.testing.cluster")
     parser.add_argument("--dir", type=Path, required=True, help="the cluster's directory")
     args = parser.parse_args(argv)
-    parent = os.getppid()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.signal(signal.SIGHUP, lambda signum, frame: sys.exit(128 + signum))
-    sys.stdout.write("ok watching\n")
-    sys.stdout.flush()
+    parent = prepare_supervisor()
+    reply("ok watching")
     try:
-        buf = b""
-        while b"quit\n" not in buf:
-            readable, _, _ = select.select([0], [], [], 1.0)
-            if not readable:
-                if os.getppid() != parent:
-                    break
-                continue
-            chunk = os.read(0, 4096)
-            if not chunk:
+        for command in stdin_commands(parent):
+            if command == "quit":
                 break
-            buf += chunk
         return 0
     finally:
         _clean_up(args.dir)

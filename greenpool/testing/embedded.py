@@ -38,18 +38,24 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-from .childproc import HelperError, LineChild
+from .childproc import (
+    LineChild,
+    RunAs,
+    free_port,
+    log_tail,
+    prepare_supervisor,
+    reply,
+    spawn_supervisor,
+    stop_process,
+    supervise,
+)
 
 __all__ = ["embedded_dsn", "main", "resolve_dsn"]
 
@@ -133,21 +139,22 @@ def _pgserver_dir() -> Path:
 def _start_server() -> _EmbeddedServer:
     pkg = _pgserver_dir()
     started = time.monotonic()
-    child = LineChild("greenpool.testing.embedded", ["--pgserver-dir", str(pkg)], what="embedded PostgreSQL")
-    try:
-        reply = child.readline(_START_TIMEOUT)
-        if not reply.startswith("ok "):
-            raise HelperError(reply[4:] if reply.startswith("err ") else reply)
-        info = dict(item.split("=", 1) for item in shlex.split(reply[3:]))
-        server = _EmbeddedServer(child, int(info["port"]), info["dir"], info["version"])
-        run_as, binaries = info.get("user", ""), info.get("binaries", "installed")
-    except (HelperError, KeyError, ValueError) as exc:
-        tail = child.stderr_tail()
-        child.close(timeout=_STOP_TIMEOUT)
-        detail = str(exc)
-        if tail and tail not in detail:
-            detail = f"{detail}\n{tail}"
-        raise RuntimeError(f"could not start the embedded PostgreSQL server: {detail}") from None
+    child, (port, base_dir, version, run_as, binaries) = spawn_supervisor(
+        "greenpool.testing.embedded",
+        ["--pgserver-dir", str(pkg)],
+        what="embedded PostgreSQL",
+        failure="could not start the embedded PostgreSQL server",
+        parse=lambda info: (
+            int(info["port"]),
+            info["dir"],
+            info["version"],
+            info.get("user", ""),
+            info.get("binaries", "installed"),
+        ),
+        timeout=_START_TIMEOUT,
+        stop_timeout=_STOP_TIMEOUT,
+    )
+    server = _EmbeddedServer(child, port, base_dir, version)
     atexit.register(_shutdown)
     logger.info(
         "started embedded PostgreSQL %s on 127.0.0.1:%d in %.2fs (directory %s, supervisor pid %d%s%s); "
@@ -219,39 +226,17 @@ def resolve_dsn(explicit: str | None, env_var: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def _reply(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-class _Runner:
+class _Runner(RunAs):
     """Runs PostgreSQL programs, as an unprivileged user when we are root."""
 
     def __init__(self) -> None:
-        self.kwargs: dict[str, Any] = {}
-        self.user: str | None = None
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            import pwd
-
-            for name in ("pgserver", "nobody"):
-                try:
-                    entry = pwd.getpwnam(name)
-                except KeyError:
-                    continue
-                self.user = name
-                self.uid, self.gid = entry.pw_uid, entry.pw_gid
-                # Drop the group and supplementary groups too, not just the uid.
-                self.kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-                break
-            else:
-                raise RuntimeError(
-                    "running as root, but there is no 'pgserver' or 'nobody' user to run "
-                    "PostgreSQL as (it refuses to run as root)"
-                )
-
-    def chown(self, path: Path) -> None:
-        if self.user is not None:
-            os.chown(path, self.uid, self.gid)
+        super().__init__(
+            ("pgserver", "nobody"),
+            RuntimeError(
+                "running as root, but there is no 'pgserver' or 'nobody' user to run "
+                "PostgreSQL as (it refuses to run as root)"
+            ),
+        )
 
     def can_run(self, exe: Path) -> bool:
         try:
@@ -266,25 +251,11 @@ class _Runner:
         with open(log, "ab") as out:
             result = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **self.kwargs)
         if result.returncode != 0:
-            raise RuntimeError(f"{Path(args[0]).name} failed (exit {result.returncode}):\n{_tail(log)}")
+            raise RuntimeError(f"{Path(args[0]).name} failed (exit {result.returncode}):\n{log_tail(log)}")
 
     def popen(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **self.kwargs)
-
-
-def _tail(path: Path, size: int = 3000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-size:].decode("utf-8", "replace").strip()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -373,7 +344,7 @@ def _start_postgres(pkg: Path, base: Path) -> _Started:
     for _attempt in range(5):
         # The port can be taken between probing and binding; postgres then
         # exits with "could not bind", and we try another one.
-        port = _free_port()
+        port = free_port()
         proc = runner.popen([str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), *settings], log)
         try:
             ready = _wait_ready(proc, data, deadline)
@@ -382,58 +353,15 @@ def _start_postgres(pkg: Path, base: Path) -> _Started:
             raise
         if ready:
             return _Started(proc, port, version, runner.user, bin_dir != pkg / "pginstall" / "bin")
-        if "could not bind" not in _tail(log):
+        if "could not bind" not in log_tail(log):
             break
-    raise RuntimeError(f"PostgreSQL failed to start:\n{_tail(log)}")
+    raise RuntimeError(f"PostgreSQL failed to start:\n{log_tail(log)}")
 
 
 def _stop_postgres(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
     # SIGINT = "fast" shutdown: abort sessions, clean exit. Escalate to
     # SIGQUIT ("immediate") and finally SIGKILL if it hangs.
-    for sig, wait in ((signal.SIGINT, 15.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
-def _serve_until_quit(proc: subprocess.Popen[bytes], parent: int) -> None:
-    """Answer control commands until "quit", stdin EOF, or `parent` dies."""
-    import select
-
-    buf = b""
-    reported_death = False
-    while True:
-        readable, _, _ = select.select([0], [], [], 1.0)
-        if not readable:
-            # Polling rather than only waiting for EOF: a parent that forked
-            # keeps our stdin open in its children after it dies.
-            if os.getppid() != parent:
-                return
-            if proc.poll() is not None and not reported_death:
-                reported_death = True
-                print(f"greenpool.testing.embedded: postgres exited unexpectedly ({proc.returncode})", file=sys.stderr)
-            continue
-        chunk = os.read(0, 4096)
-        if not chunk:
-            return
-        buf += chunk
-        while b"\n" in buf:
-            line, _, buf = buf.partition(b"\n")
-            command = line.decode("utf-8", "replace").strip()
-            if command == "quit":
-                _reply("ok bye")
-                return
-            if command == "ping":
-                _reply("ok pong" if proc.poll() is None else "err postgres is not running")
-            else:
-                _reply(f"err unknown command {command!r}")
+    stop_process(proc, ((signal.SIGINT, 15.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,39 +376,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m greenpool.testing.embedded")
     parser.add_argument("--pgserver-dir", type=Path, default=None, help="installed pgserver package directory")
     args = parser.parse_args(argv)
-    # Before the reply: once it has it, the parent may exit at once, and a
-    # parent read after that would be the reaper that adopted us.
-    parent = os.getppid()
-    # A plain `kill` must still stop postgres and delete the directory: turn
-    # it into SystemExit so the finally clause below runs.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.signal(signal.SIGHUP, lambda signum, frame: sys.exit(128 + signum))
+    parent = prepare_supervisor()
     try:
         pkg = args.pgserver_dir or _pgserver_dir()
     except RuntimeError as exc:
-        _reply(f"err {exc}")
+        reply(f"err {exc}")
         return 1
-    base = Path(tempfile.mkdtemp(prefix="greenpool-embedded-"))
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        try:
-            started = _start_postgres(pkg, base)
-        except Exception as exc:  # report any failure to the parent, not just the expected ones
-            traceback.print_exc()  # the full story (log tail) for the parent's error message
-            summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            _reply(f"err {summary}")
-            return 1
-        proc = started.proc
-        _reply(
-            f"ok port={started.port} version={shlex.quote(started.version)} dir={shlex.quote(str(base))}"
+
+    def start(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+        started = _start_postgres(pkg, base)
+        return started.proc, (
+            f"port={started.port} version={shlex.quote(started.version)} dir={shlex.quote(str(base))}"
             f" user={started.user or ''} binaries={'copy' if started.copied_binaries else 'installed'}"
         )
-        _serve_until_quit(proc, parent)
-        return 0
-    finally:
-        if proc is not None:
-            _stop_postgres(proc)
-        shutil.rmtree(base, ignore_errors=True)
+
+    return supervise(
+        parent,
+        "greenpool-embedded-",
+        start,
+        _stop_postgres,
+        what="postgres",
+        log_prefix="greenpool.testing.embedded",
+    )
 
 
 if __name__ == "__main__":

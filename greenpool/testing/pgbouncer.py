@@ -47,17 +47,22 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from .._runtime.patching import original
-from .childproc import HelperError, LineChild
+from .childproc import (
+    ChildController,
+    LineChild,
+    RunAs,
+    free_port,
+    log_tail,
+    prepare_supervisor,
+    spawn_supervisor,
+    stop_process,
+    supervise,
+)
 from .proxy import _conninfo_to_dict, _make_conninfo
 
 __all__ = ["INSTALL_HINT", "PgBouncer", "PgBouncerMissing", "find_pgbouncer", "main", "pgbouncer_version"]
@@ -126,7 +131,7 @@ def _setting(value: str | int | float | bool) -> str:
     return str(value)
 
 
-class PgBouncer:
+class PgBouncer(ChildController):
     """A PgBouncer in front of `target_dsn`'s server, in a child process, on a free loopback port.
 
     `pool_mode`, `default_pool_size`, `max_client_conn` and
@@ -145,8 +150,8 @@ class PgBouncer:
     monkey-patched processes.
     """
 
-    #: Address PgBouncer listens on.
-    host: str = "127.0.0.1"
+    _name = "PgBouncer"
+    _stop_timeout = _STOP_TIMEOUT
 
     def __init__(
         self,
@@ -174,6 +179,7 @@ class PgBouncer:
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
+        super().__init__()
         self.target_dsn = target_dsn
         self.pool_mode = pool_mode
         self.default_pool_size = default_pool_size
@@ -189,13 +195,8 @@ class PgBouncer:
         self.binary = binary
         #: The program's version, e.g. ``(1, 18, 0)`` (known once started).
         self.version: tuple[int, ...] | None = None
-        self._port: int | None = None
         self._pid: int | None = None
-        self._child: LineChild | None = None
         self._target = _conninfo_to_dict(target_dsn)
-        # Serialises start/close. A real lock even under gevent: what it guards
-        # blocks without yielding (the child's pipes), as in `Proxy`.
-        self._lifecycle = original("_thread", "allocate_lock")()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -251,23 +252,11 @@ class PgBouncer:
     # -- lifecycle --------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        """The loopback port PgBouncer listens on (known once started)."""
-        if self._port is None:
-            raise RuntimeError("PgBouncer has not been started")
-        return self._port
-
-    @property
     def pid(self) -> int:
         """The process id of the ``pgbouncer`` program (known once started)."""
         if self._pid is None:
             raise RuntimeError("PgBouncer has not been started")
         return self._pid
-
-    @property
-    def running(self) -> bool:
-        """True between `start()` and `close()`."""
-        return self._child is not None and not self._child.closed
 
     def start(self) -> PgBouncer:
         """Start PgBouncer and wait until it accepts connections; return ``self``.
@@ -276,12 +265,9 @@ class PgBouncer:
         setting the installed version lacks, `RuntimeError` if it doesn't
         start (with the end of its log). Does nothing if it runs already.
         """
-        with self._lifecycle:
-            if not self.running:
-                self._start()
-        return self
+        return super().start()
 
-    def _start(self) -> None:
+    def _spawn(self) -> LineChild:
         binary = find_pgbouncer(self.binary)
         version = pgbouncer_version(binary)
         if self.max_prepared_statements and version < (1, 21):
@@ -290,44 +276,21 @@ class PgBouncer:
                 " leave it 0 and turn psycopg's prepared statements off (greenpool.pg.pgbouncer_kwargs())"
             )
         spec = {"config": self.config(), "userlist": self._userlist()}
-        child = LineChild(
+        child, (self._port, self._pid) = spawn_supervisor(
             "greenpool.testing.pgbouncer",
             ["--binary", binary, "--version", ".".join(map(str, version)), "--spec", json.dumps(spec)],
             what="pgbouncer",
+            failure="could not start PgBouncer",
+            parse=lambda info: (int(info["port"]), int(info["pid"])),
+            timeout=_START_TIMEOUT,
+            stop_timeout=_STOP_TIMEOUT,
         )
-        try:
-            reply = child.readline(_START_TIMEOUT)
-            if not reply.startswith("ok "):
-                raise HelperError(reply[4:] if reply.startswith("err ") else reply)
-            info = dict(item.split("=", 1) for item in shlex.split(reply[3:]))
-            self._port, self._pid = int(info["port"]), int(info["pid"])
-        except (HelperError, KeyError, ValueError) as exc:
-            tail = child.stderr_tail()
-            child.close(timeout=_STOP_TIMEOUT)
-            detail = str(exc)
-            if tail and tail not in detail:
-                detail = f"{detail}\n{tail}"
-            raise RuntimeError(f"could not start PgBouncer: {detail}") from None
         self.version = version
-        self._child = child
+        return child
 
     def close(self) -> None:
         """Stop PgBouncer (its clients' connections break) and delete its directory. Idempotent."""
-        with self._lifecycle:
-            child, self._child = self._child, None
-            if child is not None:
-                child.close(timeout=_STOP_TIMEOUT)
-
-    def __enter__(self) -> PgBouncer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._stop_child()
 
     # -- use ----------------------------------------------------------------------
 
@@ -387,46 +350,12 @@ class PgBouncer:
 # --------------------------------------------------------------------------
 
 
-def _reply(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def _run_as() -> tuple[str | None, dict[str, Any], int, int]:
-    """The user to run PgBouncer as when we are root, its Popen options, uid and gid."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return None, {}, -1, -1
-    import pwd
-
-    for name in ("postgres", "nobody"):
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            continue
-        return name, {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}, entry.pw_uid, entry.pw_gid
-    raise RuntimeError("running as root, but there is no 'postgres' or 'nobody' user to run PgBouncer as")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
             return True
     except OSError:
         return False
-
-
-def _tail(path: Path, size: int = 3000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    return data[-size:].decode("utf-8", "replace").strip()
 
 
 def _write_ini(path: Path, config: Mapping[str, Mapping[str, str]]) -> None:
@@ -439,86 +368,49 @@ def _write_ini(path: Path, config: Mapping[str, Mapping[str, str]]) -> None:
 
 
 def _start(binary: str, spec: Mapping[str, Any], base: Path) -> tuple[subprocess.Popen[bytes], int, str | None]:
-    user, popen_kwargs, uid, gid = _run_as()
-    if user is not None:
-        os.chown(base, uid, gid)
+    run_as = RunAs(
+        ("postgres", "nobody"),
+        RuntimeError("running as root, but there is no 'postgres' or 'nobody' user to run PgBouncer as"),
+    )
+    run_as.chown(base)
     userlist = base / "userlist.txt"
     userlist.write_text(spec["userlist"], encoding="utf-8")
     userlist.chmod(0o600)
-    if user is not None:
-        os.chown(userlist, uid, gid)
+    run_as.chown(userlist)
     log = base / "pgbouncer.log"
     deadline = time.monotonic() + _START_TIMEOUT
     for _attempt in range(5):
         # The port may be taken between probing and binding: PgBouncer then
         # exits, and we try another one.
-        port = _free_port()
+        port = free_port()
         config = json.loads(json.dumps(spec["config"]).replace("{port}", str(port)).replace("{dir}", str(base)))
         ini = base / "pgbouncer.ini"
         _write_ini(ini, config)
-        if user is not None:
-            os.chown(ini, uid, gid)
+        run_as.chown(ini)
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [binary, str(ini)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **popen_kwargs
+                [binary, str(ini)], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **run_as.kwargs
             )
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
             if _accepts(port):
-                return proc, port, user
+                return proc, port, run_as.user
             time.sleep(0.02)
         else:
             _stop(proc, "")
-            raise RuntimeError(f"PgBouncer did not accept connections within {_START_TIMEOUT:g} s:\n{_tail(log)}")
-        if "Address already in use" not in _tail(log):
+            raise RuntimeError(f"PgBouncer did not accept connections within {_START_TIMEOUT:g} s:\n{log_tail(log)}")
+        if "Address already in use" not in log_tail(log):
             break
-    raise RuntimeError(f"PgBouncer exited at start (exit status {proc.returncode}):\n{_tail(log)}")
+    raise RuntimeError(f"PgBouncer exited at start (exit status {proc.returncode}):\n{log_tail(log)}")
 
 
 def _stop(proc: subprocess.Popen[bytes], version: str) -> None:
-    if proc.poll() is not None:
-        return
     # Immediate shutdown: SIGTERM up to 1.22, SIGQUIT from 1.23 (where SIGTERM
     # waits for the clients to leave); SIGKILL if it hangs.
     parts = tuple(int(p) for p in version.split(".") if p.isdigit())
     first = signal.SIGQUIT if parts >= (1, 23) else signal.SIGTERM
-    for sig, wait in ((first, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
-def _serve_until_quit(proc: subprocess.Popen[bytes], parent: int) -> None:
-    """Answer ``ping`` and ``quit`` until "quit", stdin EOF, or `parent` dies."""
-    import select
-
-    buf = b""
-    while True:
-        readable, _, _ = select.select([0], [], [], 1.0)
-        if not readable:
-            if os.getppid() != parent:
-                return
-            continue
-        chunk = os.read(0, 4096)
-        if not chunk:
-            return
-        buf += chunk
-        while b"\n" in buf:
-            line, _, buf = buf.partition(b"\n")
-            command = line.decode("utf-8", "replace").strip()
-            if command == "quit":
-                _reply("ok bye")
-                return
-            if command == "ping":
-                _reply("ok pong" if proc.poll() is None else "err pgbouncer is not running")
-            else:
-                _reply(f"err unknown command {command!r}")
+    stop_process(proc, ((first, 5.0), (signal.SIGKILL, 5.0)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,26 +428,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default="")
     parser.add_argument("--spec", required=True)
     args = parser.parse_args(argv)
-    parent = os.getppid()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.signal(signal.SIGHUP, lambda signum, frame: sys.exit(128 + signum))
-    base = Path(tempfile.mkdtemp(prefix="greenpool-pgbouncer-"))
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        try:
-            proc, port, user = _start(args.binary, json.loads(args.spec), base)
-        except Exception as exc:  # report any failure to the parent
-            traceback.print_exc()
-            summary = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            _reply(f"err {summary}")
-            return 1
-        _reply(f"ok port={port} pid={proc.pid} dir={shlex.quote(str(base))} user={user or ''}")
-        _serve_until_quit(proc, parent)
-        return 0
-    finally:
-        if proc is not None:
-            _stop(proc, args.version)
-        shutil.rmtree(base, ignore_errors=True)
+    parent = prepare_supervisor()
+
+    def start(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+        proc, port, user = _start(args.binary, json.loads(args.spec), base)
+        return proc, f"port={port} pid={proc.pid} dir={shlex.quote(str(base))} user={user or ''}"
+
+    return supervise(parent, "greenpool-pgbouncer-", start, lambda proc: _stop(proc, args.version), what="pgbouncer")
 
 
 if __name__ == "__main__":

@@ -41,12 +41,10 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .._runtime.patching import original
-from .childproc import HelperError, LineChild
+from .childproc import ChildController, HelperError, LineChild, reply
 
 # asyncio is imported only inside the child-side functions: importing it in
 # the parent would import ssl, and gevent warns (rightly) about ssl imported
@@ -196,7 +194,7 @@ def parse_dsn_host_port(dsn: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------
 
 
-class Proxy:
+class Proxy(ChildController):
     """Loopback TCP proxy in a child process, for fault injection.
 
     Relays ``127.0.0.1:<port>`` to ``target_host:target_port``. All methods
@@ -205,8 +203,7 @@ class Proxy:
     hub) only for one pipe round trip to the child.
     """
 
-    #: Address the proxy listens on.
-    host: str = "127.0.0.1"
+    _name = "Proxy"
 
     def __init__(self, target_host: str, target_port: int, *, connect_delay: float = 0.0) -> None:
         """Describe a proxy to *target_host*:*target_port*; :meth:`start` runs it.
@@ -214,31 +211,15 @@ class Proxy:
         *connect_delay* seconds are waited after each client connects and
         before the upstream connect (see :meth:`set_connect_delay`).
         """
+        super().__init__()
         self.target_host = target_host
         self.target_port = int(target_port)
         self._connect_delay = _check_delay(connect_delay)
-        self._port: int | None = None
-        self._child: LineChild | None = None
-        # Serialises start/stop. A real lock even under gevent: nothing inside
-        # yields to the hub, so a greenlet can never block while holding it.
-        self._lifecycle = original("_thread", "allocate_lock")()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         port = self._port if self._port is not None else "?"
         return f"<Proxy {self.host}:{port} -> {self.target_host}:{self.target_port} {state}>"
-
-    @property
-    def port(self) -> int:
-        """The 127.0.0.1 port the proxy listens on (known once started)."""
-        if self._port is None:
-            raise RuntimeError("Proxy has not been started")
-        return self._port
-
-    @property
-    def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
-        return self._child is not None and not self._child.closed
 
     def start(self) -> Proxy:
         """Spawn the child and wait until it listens; return ``self``.
@@ -246,10 +227,7 @@ class Proxy:
         Raises :class:`RuntimeError` if the child is not listening within 10 s.
         Calling it on a running proxy does nothing.
         """
-        with self._lifecycle:
-            if not self.running:
-                self._child = self._spawn()
-        return self
+        return super().start()
 
     def _spawn(self) -> LineChild:
         child = LineChild(
@@ -276,10 +254,7 @@ class Proxy:
 
     def stop(self) -> None:
         """Stop the child, dropping all proxied connections. Idempotent."""
-        with self._lifecycle:
-            child, self._child = self._child, None
-            if child is not None:
-                child.close()
+        self._stop_child()
 
     def _request(self, command: str) -> str:
         child = self._child
@@ -355,17 +330,6 @@ class Proxy:
         params["port"] = str(self.port)
         return _make_conninfo(params)
 
-    def __enter__(self) -> Proxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _check_delay(seconds: float) -> float:
     seconds = float(seconds)
@@ -394,7 +358,43 @@ def _set_linger_zero(transport: asyncio.BaseTransport) -> None:
 # it, because asyncio must not be imported at module level (see above).
 
 
-class _Upstream:
+class _Leg:
+    """What both legs of a relay do: pass what arrives on to the other leg (the peer)."""
+
+    def _relay(self) -> _Relay:
+        """The relay this leg belongs to."""
+        raise NotImplementedError
+
+    def _peer(self) -> Any:
+        """The other leg's transport (None until it is connected)."""
+        raise NotImplementedError
+
+    def data_received(self, data: bytes) -> None:
+        peer = self._peer()
+        if peer is not None and not self._relay().server.blackhole:
+            peer.write(data)
+
+    def eof_received(self) -> bool:
+        self._relay().close()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._relay().close()
+
+    # Backpressure: this leg's side takes data slower than the peer sends it?
+    # Stop reading from the peer until this leg's write buffer drains.
+    def pause_writing(self) -> None:
+        peer = self._peer()
+        if peer is not None:
+            peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self._peer()
+        if peer is not None and not peer.is_closing():
+            peer.resume_reading()
+
+
+class _Upstream(_Leg):
     """asyncio protocol for the proxy -> target leg of one relay."""
 
     def __init__(self, relay: _Relay) -> None:
@@ -403,29 +403,14 @@ class _Upstream:
     def connection_made(self, transport: Any) -> None:
         self.relay.upstream = transport
 
-    def data_received(self, data: bytes) -> None:
-        if self.relay.client is not None and not self.relay.server.blackhole:
-            self.relay.client.write(data)
+    def _relay(self) -> _Relay:
+        return self.relay
 
-    def eof_received(self) -> bool:
-        self.relay.close()
-        return False
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.relay.close()
-
-    # Backpressure: the target writes faster than we can send upstream-bound
-    # data? Stop reading from the client until the buffer drains.
-    def pause_writing(self) -> None:
-        if self.relay.client is not None:
-            self.relay.client.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.relay.client is not None and not self.relay.client.is_closing():
-            self.relay.client.resume_reading()
+    def _peer(self) -> Any:
+        return self.relay.client
 
 
-class _Relay:
+class _Relay(_Leg):
     """asyncio protocol for one accepted client, plus its upstream leg."""
 
     def __init__(self, server: _ProxyServer) -> None:
@@ -464,43 +449,31 @@ class _Relay:
         else:
             self.client.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        if self.upstream is not None and not self.server.blackhole:
-            self.upstream.write(data)
+    def _relay(self) -> _Relay:
+        return self
 
-    def eof_received(self) -> bool:
-        self.close()
-        return False
+    def _peer(self) -> Any:
+        return self.upstream
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.close()
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None and not self.upstream.is_closing():
-            self.upstream.resume_reading()
+    def _forget(self) -> None:
+        """Mark the relay closed, stop counting it, and stop connecting its upstream leg."""
+        self.closed = True
+        self.server.relays.discard(self)
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
 
     def close(self) -> None:
         """Graceful close of both legs (queued data is still flushed)."""
         if self.closed:
             return
-        self.closed = True
-        self.server.relays.discard(self)
-        if self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        self._forget()
         for transport in (self.client, self.upstream):
             if transport is not None:
                 transport.close()
 
     def abort(self) -> None:
         """Reset both legs immediately."""
-        self.closed = True
-        self.server.relays.discard(self)
-        if self.connect_task is not None and not self.connect_task.done():
-            self.connect_task.cancel()
+        self._forget()
         for transport in (self.client, self.upstream):
             if transport is not None:
                 _set_linger_zero(transport)
@@ -584,11 +557,6 @@ class _ProxyServer:
         self.kill()
 
 
-def _reply(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 async def _handle(server: _ProxyServer, line: str) -> tuple[str, bool]:
     """Execute one control command; return (reply, should_exit)."""
     cmd, _, arg = line.strip().partition(" ")
@@ -627,7 +595,7 @@ async def _amain(args: argparse.Namespace) -> int:
     parent = os.getppid()
     server = _ProxyServer(args.listen_host, args.listen_port, args.target_host, args.target_port, args.connect_delay)
     await server.start()
-    _reply(f"ok port={server.port}")
+    reply(f"ok port={server.port}")
 
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -648,10 +616,10 @@ async def _amain(args: argparse.Namespace) -> int:
             if not line:  # EOF or orphaned
                 return 0
             try:
-                reply, done = await _handle(server, line.decode("utf-8", "replace"))
+                answer, done = await _handle(server, line.decode("utf-8", "replace"))
             except OSError as exc:
-                reply, done = f"err {exc}", False
-            _reply(reply)
+                answer, done = f"err {exc}", False
+            reply(answer)
             if done:
                 return 0
     finally:
@@ -676,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_amain(args))
     except OSError as exc:
-        _reply(f"err {exc}")
+        reply(f"err {exc}")
         return 1
     except KeyboardInterrupt:  # interactive use: Ctrl-C is a normal way out
         return 130

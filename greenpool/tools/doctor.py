@@ -668,7 +668,53 @@ def _check_server(target: Target, seen: dict[str, ServerFacts]) -> tuple[list[Fi
             pass
 
 
-def _latencies(target: Target, conn: Any, first: float) -> tuple[float, float, str | None]:
+@dataclass
+class _Latencies:
+    """How fast a server answers (median milliseconds), and why a repeated connect failed (None: none did)."""
+
+    round_trip: float
+    connect: float
+    connect_error: str | None
+
+    def data(self, target: Target, facts: ServerFacts, version: Any, **more: Any) -> dict[str, Any]:
+        """A server finding's data: where, which version, how fast, then `more`."""
+        return {
+            "target": target.label,
+            "address": facts.address,
+            "version": version,
+            "round_trip_ms": round(self.round_trip, 3),
+            "connect_ms": round(self.connect, 3),
+            **more,
+        }
+
+    def finding(
+        self, check: str, server: str, target: Target, facts: ServerFacts, version: Any, data: dict[str, Any]
+    ) -> Finding:
+        """The OK finding naming the `server` ("PostgreSQL"), its version and address, and how fast it answers."""
+        return Finding(
+            OK,
+            check,
+            f"{target.label}: {server} {version} at {facts.address}; round trip {_ms(self.round_trip)} (median of"
+            f" {ROUND_TRIPS} select 1), connect {_ms(self.connect)} (median of {CONNECTS})",
+            data=data,
+        )
+
+    def connect_error_findings(self, check: str, target: Target, advice: str, data: dict[str, Any]) -> list[Finding]:
+        """A warning if a repeated connect failed, with `advice`; else nothing."""
+        if self.connect_error is None:
+            return []
+        return [
+            Finding(
+                WARN,
+                check,
+                f"{target.label}: a repeated connect failed: {self.connect_error}",
+                advice,
+                data=data,
+            )
+        ]
+
+
+def _latencies(target: Target, conn: Any, first: float) -> _Latencies:
     connects = [first]
     error = None
     for _ in range(CONNECTS - 1):
@@ -680,7 +726,7 @@ def _latencies(target: Target, conn: Any, first: float) -> tuple[float, float, s
         connects.append(ms)
         target.close(extra)
     trips = [_timed(lambda: _query(conn, "select 1"))[1] for _ in range(ROUND_TRIPS)]
-    return statistics.median(trips), statistics.median(connects), error
+    return _Latencies(statistics.median(trips), statistics.median(connects), error)
 
 
 def _check_postgres(target: Target, conn: Any, first: float, facts: ServerFacts) -> list[Finding]:
@@ -705,7 +751,7 @@ def _check_postgres(target: Target, conn: Any, first: float, facts: ServerFacts)
         conn.prepare_threshold = None
     except AttributeError:  # not psycopg 3
         pass
-    trip, connect, connect_error = _latencies(target, conn, first)
+    latencies = _latencies(target, conn, first)
     row = _query(
         conn,
         "select current_setting('server_version'), current_setting('max_connections')::int,"
@@ -719,37 +765,22 @@ def _check_postgres(target: Target, conn: Any, first: float, facts: ServerFacts)
     facts.reserved = int(superuser) + int(reserved)
     facts.others = max(0, int(clients) - 1)
     facts.pooler = conn.info.backend_pid not in pids
-    data = {
-        "target": target.label,
-        "address": facts.address,
-        "version": version,
-        "round_trip_ms": round(trip, 3),
-        "connect_ms": round(connect, 3),
-        "max_connections": facts.max_connections,
-        "superuser_reserved_connections": int(superuser),
-        "reserved_connections": int(reserved),
-        "available": facts.available,
-        "other_connections": facts.others,
-    }
-    findings.append(
-        Finding(
-            OK,
-            "server",
-            f"{target.label}: PostgreSQL {version} at {facts.address}; round trip {_ms(trip)} (median of"
-            f" {ROUND_TRIPS} select 1), connect {_ms(connect)} (median of {CONNECTS})",
-            data=data,
+    data = latencies.data(
+        target,
+        facts,
+        version,
+        max_connections=facts.max_connections,
+        superuser_reserved_connections=int(superuser),
+        reserved_connections=int(reserved),
+        available=facts.available,
+        other_connections=facts.others,
+    )
+    findings.append(latencies.finding("server", "PostgreSQL", target, facts, version, data))
+    findings.extend(
+        latencies.connect_error_findings(
+            "server", target, "check the server's connection limits and authentication rate limits", data
         )
     )
-    if connect_error is not None:
-        findings.append(
-            Finding(
-                WARN,
-                "server",
-                f"{target.label}: a repeated connect failed: {connect_error}",
-                "check the server's connection limits and authentication rate limits",
-                data=data,
-            )
-        )
     reserved_text = f"superuser_reserved_connections {superuser}" + (
         f" + reserved_connections {reserved}" if int(reserved) else ""
     )
@@ -873,46 +904,22 @@ def _prepares(target: Target) -> bool:
 
 
 def _check_mysql(target: Target, conn: Any, first: float, facts: ServerFacts) -> list[Finding]:
-    trip, connect, connect_error = _latencies(target, conn, first)
+    latencies = _latencies(target, conn, first)
     version, max_connections = _query(conn, "select version(), @@max_connections")
     threads = _query(conn, "show global status like 'Threads_connected'")
     facts.max_connections = int(max_connections)
     facts.others = max(0, int(threads[1]) - 1) if threads else None
-    data = {
-        "target": target.label,
-        "address": facts.address,
-        "version": version,
-        "round_trip_ms": round(trip, 3),
-        "connect_ms": round(connect, 3),
-        "max_connections": facts.max_connections,
-        "other_connections": facts.others,
-    }
-    findings = [
-        Finding(
-            OK,
-            "mysql",
-            f"{target.label}: MySQL/MariaDB {version} at {facts.address}; round trip {_ms(trip)} (median of"
-            f" {ROUND_TRIPS} select 1), connect {_ms(connect)} (median of {CONNECTS})",
-            data=data,
-        ),
+    data = latencies.data(target, facts, version, max_connections=facts.max_connections, other_connections=facts.others)
+    return [
+        latencies.finding("mysql", "MySQL/MariaDB", target, facts, version, data),
         Finding(
             OK,
             "mysql",
             f"max_connections {facts.max_connections}; {facts.others} other client connection(s) now",
             data=data,
         ),
+        *latencies.connect_error_findings("mysql", target, "check max_connections and max_connect_errors", data),
     ]
-    if connect_error is not None:
-        findings.append(
-            Finding(
-                WARN,
-                "mysql",
-                f"{target.label}: a repeated connect failed: {connect_error}",
-                "check max_connections and max_connect_errors",
-                data=data,
-            )
-        )
-    return findings
 
 
 def _capacity_findings(facts: ServerFacts, app: AppInfo) -> list[Finding]:
@@ -1009,20 +1016,18 @@ def _server_findings(
         _check_dsn(dsn, dsn_source)
     if mysql:
         _mysql_params(mysql, mysql_source)
-    pg_pools = [p for p in pools if p.server_kind == "postgresql"]
-    my_pools = [p for p in pools if p.server_kind == "mysql"]
-    if dsn:
-        target = _pg_target(dsn, f"{dsn_source} {_masked_dsn(dsn)}", timeout)
-        target.pools = pg_pools
-        targets.append(target)
-    else:
-        targets.extend(_pool_target(p, timeout) for p in pg_pools)
-    if mysql:
-        target = _mysql_target(mysql, f"{mysql_source} {_masked_url(mysql)}", timeout)
-        target.pools = my_pools
-        targets.append(target)
-    else:
-        targets.extend(_pool_target(p, timeout) for p in my_pools)
+    # Each kind of server: the one given (with the pools on that kind), else each pool's own.
+    for kind, given, source, make_target, masked in (
+        ("postgresql", dsn, dsn_source, _pg_target, _masked_dsn),
+        ("mysql", mysql, mysql_source, _mysql_target, _masked_url),
+    ):
+        kind_pools = [p for p in pools if p.server_kind == kind]
+        if given:
+            target = make_target(given, f"{source} {masked(given)}", timeout)
+            target.pools = kind_pools
+            targets.append(target)
+        else:
+            targets.extend(_pool_target(p, timeout) for p in kind_pools)
     if not targets:
         return [
             Finding(

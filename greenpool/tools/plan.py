@@ -189,10 +189,13 @@ def plan_pools(
             f"max_size {max_size} is more than a process uses at once ({at_once}): max_size = {at_once} is enough"
         )
 
+    default_pool_size: int | None = None
+    max_client_conn: int | None = None
     if pgbouncer:
         size = max_size if max_size is not None else at_once
         clients = processes * size
-        default_pool_size = min(available, tasks)
+        server = default_pool_size = min(available, tasks)
+        max_client_conn = clients + reserved
         if tasks > default_pool_size:
             notes.append(
                 f"up to {tasks} tasks share {default_pool_size} server connections: transactions queue in"
@@ -203,60 +206,44 @@ def plan_pools(
             " machine, divide it among the PgBouncers; PgBouncer's file limit must exceed max_client_conn"
             " plus its server connections"
         )
-        return Plan(
-            workers,
-            concurrency,
-            task_pool,
-            server_max_connections,
-            reserved,
-            True,
-            processes,
-            at_once,
-            available,
-            size,
-            clients,
-            default_pool_size,
-            default_pool_size=default_pool_size,
-            max_client_conn=clients + reserved,
-            problems=problems,
-            notes=notes,
-        )
-
-    if max_size is not None:
-        size = max_size
     else:
-        size = min(at_once, available // processes)
-        if size < 1:
-            size = 1
-    total = processes * size
-    if total > available:
-        if given:
-            fix = f"lower max_size to {available // processes}" if available >= processes else "lower max_size"
+        if max_size is not None:
+            size = max_size
         else:
-            fix = "even one connection per process is too many"
-        problems.append(
-            f"{processes} process(es) x max_size {size} = {total} connections exceed the {available} the server"
-            f" allows the workers (max_connections {server_max_connections} - {reserved} reserved): {fix};"
-            " put PgBouncer in between (--pgbouncer), run fewer processes, or raise max_connections"
-        )
-    elif size < at_once:
-        notes.append(
-            f"each process's {at_once} tasks share {size} connection(s): tasks wait (FIFO) when more hold one at"
-            " once; fine for short queries between other work, else put PgBouncer in between (--pgbouncer)"
-        )
+            size = min(at_once, available // processes)
+            if size < 1:
+                size = 1
+        clients = server = processes * size
+        if clients > available:
+            if given:
+                fix = f"lower max_size to {available // processes}" if available >= processes else "lower max_size"
+            else:
+                fix = "even one connection per process is too many"
+            problems.append(
+                f"{processes} process(es) x max_size {size} = {clients} connections exceed the {available} the"
+                f" server allows the workers (max_connections {server_max_connections} - {reserved} reserved): {fix};"
+                " put PgBouncer in between (--pgbouncer), run fewer processes, or raise max_connections"
+            )
+        elif size < at_once:
+            notes.append(
+                f"each process's {at_once} tasks share {size} connection(s): tasks wait (FIFO) when more hold one"
+                " at once; fine for short queries between other work, else put PgBouncer in between (--pgbouncer)"
+            )
     return Plan(
         workers,
         concurrency,
         task_pool,
         server_max_connections,
         reserved,
-        False,
+        bool(pgbouncer),
         processes,
         at_once,
         available,
         size,
-        total,
-        total,
+        clients,
+        server,
+        default_pool_size=default_pool_size,
+        max_client_conn=max_client_conn,
         problems=problems,
         notes=notes,
     )

@@ -24,7 +24,7 @@ import failover_load as load
 import peewee
 import psycopg
 import pytest
-from helpers import close_dbs, deadline, destroy_main_hub, pg_params, run_threads, unique
+from helpers import close_dbs, no_hub_and_deadline, pg_params, run_threads, unique
 
 import greenpool.peewee as gpw
 from greenpool.testing import ReplicatedCluster
@@ -36,23 +36,8 @@ TEST_DEADLINE = 120
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     """Fresh hub state, and fail (rather than hang) a test that overruns."""
-    destroy_main_hub()
-    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 2):
+    with no_hub_and_deadline(TEST_DEADLINE):
         yield
-    destroy_main_hub()
-
-
-@pytest.fixture
-def read_only_role(monitor: psycopg.Connection[Any]) -> Iterator[str]:
-    """A role whose sessions are read-only, as on a standby or a demoted primary."""
-    role = unique("gp_ro")
-    monitor.execute(f"create role {role} login")
-    monitor.execute(f"alter role {role} set default_transaction_read_only = on")
-    monitor.execute(f"grant create, usage on schema public to {role}")
-    yield role
-    monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
-    monitor.execute(f"drop owned by {role}")
-    monitor.execute(f"drop role {role}")
 
 
 def test_a_read_only_error_replaces_every_connection(pg_dsn: str, read_only_role: str) -> None:

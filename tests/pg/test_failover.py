@@ -26,7 +26,7 @@ import failover_load as load
 import psycopg
 import psycopg_pool
 import pytest
-from helpers import deadline, destroy_main_hub, run_threads, unique
+from helpers import no_hub_and_deadline, run_threads, unique
 
 import greenpool
 from greenpool.testing import Proxy, ReplicatedCluster
@@ -38,10 +38,8 @@ TEST_DEADLINE = 120
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     """No hub left by another test; fail rather than hang."""
-    destroy_main_hub()
-    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 2):
+    with no_hub_and_deadline(TEST_DEADLINE):
         yield
-    destroy_main_hub()
 
 
 @pytest.fixture

@@ -96,12 +96,7 @@ def make_pool(hub: Any, pg_dsn: str) -> Iterator[Callable[..., Any]]:
 
 def run_green(fn: Callable[[], Any], timeout: float = TEST_DEADLINE) -> Any:
     """Run `fn` in a greenlet; fail the test if it isn't done in `timeout`."""
-    g = gevent.spawn(fn)
-    g.join(timeout)
-    if not g.ready():
-        g.kill(block=True, timeout=5)
-        pytest.fail(f"test body still running after {timeout} s")
-    return g.get()
+    return helpers.run_green(fn, timeout)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

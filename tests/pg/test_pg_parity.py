@@ -1327,19 +1327,6 @@ def test_a_connection_the_server_closed_while_idle_is_not_lent(
     assert pool.get_stats()["connections_lost"] == 1
 
 
-@pytest.fixture
-def read_only_role(monitor: psycopg.Connection[Any]) -> Iterator[str]:
-    """A role whose sessions are read-only, as on a standby or a demoted primary."""
-    role = unique("gp_ro")
-    monitor.execute(f"create role {role} login")
-    monitor.execute(f"alter role {role} set default_transaction_read_only = on")
-    monitor.execute(f"grant create, usage on schema public to {role}")
-    yield role
-    monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
-    monitor.execute(f"drop owned by {role}")
-    monitor.execute(f"drop role {role}")
-
-
 def test_a_read_only_error_replaces_every_connection(
     make_pool: Callable[..., Any], monitor: psycopg.Connection[Any], pg_dsn: str, read_only_role: str
 ) -> None:

@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import helpers
 import psycopg
 import pytest
 from conftest import skip_or_fail
-from helpers import close_pools, destroy_main_hub, last_resort_deadline, open_pool, pg_params
+from helpers import close_pools, destroy_main_hub, last_resort_deadline, open_pool, pg_params, wait_until
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
@@ -107,23 +108,7 @@ def table(pg_dsn: str) -> Iterator[str]:
 
 
 def run_green(fn: Callable[[], Any], timeout: float = TEST_DEADLINE) -> Any:
-    g = gevent.spawn(fn)
-    g.join(timeout)
-    if not g.ready():
-        g.kill(block=True, timeout=5)
-        pytest.fail(f"test body still running after {timeout} s")
-    return g.get()
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    limit = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= limit:
-            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value: {value!r})")
-        gevent.sleep(0.01)
+    return helpers.run_green(fn, timeout)
 
 
 def server_side(bouncer: PgBouncer) -> int:
@@ -429,8 +414,10 @@ def test_an_interrupted_query_is_cancelled_through_pgbouncer(
             with gevent.Timeout(0.5):
                 slow()
         # Cancelled on the server through PgBouncer's cancel key, not left to run 30 s.
-        wait_until(lambda: running() == 0, timeout=10, what="the query cancelled on the server")
-        wait_until(lambda: pool.get_stats()["pool_available"] == 2, timeout=10, what="the connection back")
+        wait_until(lambda: running() == 0, timeout=10, what="the query cancelled on the server", interval=0.01)
+        wait_until(
+            lambda: pool.get_stats()["pool_available"] == 2, timeout=10, what="the connection back", interval=0.01
+        )
         assert time.monotonic() - started < 10
         # Healthy: every connection, and the server connections, work.
         results: list[int] = []
@@ -470,7 +457,7 @@ def test_query_wait_timeout_breaks_the_waiting_client_which_the_pool_replaces(
             with pool.connection(timeout=5) as conn:
                 conn.execute("select 2")
         pool.putconn(holder)  # rolled back: the server connection is free again
-        wait_until(lambda: pool.get_stats()["pool_available"] == 2, timeout=10, what="a replacement")
+        wait_until(lambda: pool.get_stats()["pool_available"] == 2, timeout=10, what="a replacement", interval=0.01)
         for _ in range(3):
             with pool.connection(timeout=10) as conn:
                 assert conn.execute("select 3").fetchone()[0] == 3

@@ -27,7 +27,7 @@ import psycopg
 import pymysql
 import pytest
 from greenlet import GreenletExit
-from helpers import deadline, destroy_main_hub, open_pool, pg_params, unique, wait_until
+from helpers import no_hub_and_deadline, open_pool, pg_params, unique, wait_until
 from psycopg import errors as e
 
 import greenpool
@@ -43,10 +43,8 @@ FAST = {"base_delay": 0.01, "max_delay": 0.05}
 
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
-    destroy_main_hub()
-    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 2):
+    with no_hub_and_deadline(TEST_DEADLINE):
         yield
-    destroy_main_hub()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ import gevent.event
 import pytest
 from gevent._hub_local import get_hub_if_exists
 from gevent.hub import Hub, set_hub
-from helpers import deadline, destroy_main_hub, hub_exists
+from helpers import destroy_main_hub, hub_exists, no_hub_and_deadline
 
 from greenpool._runtime import hub as rt_hub
 from greenpool._runtime.executor import Executor
@@ -50,10 +50,8 @@ WAIT = 10.0
 @pytest.fixture(autouse=True)
 def _fresh_hub() -> Iterator[None]:
     """No hub left over from another test, nor left to the next; a hang fails."""
-    destroy_main_hub()
-    with deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 3):
+    with no_hub_and_deadline(TEST_DEADLINE, dump_after=TEST_DEADLINE * 3):
         yield
-    destroy_main_hub()
 
 
 @pytest.fixture

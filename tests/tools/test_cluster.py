@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import skip_or_fail
-from helpers import wait_until
+from helpers import replicated_cluster, wait_until
 
 from greenpool.testing import PostgresNotFound, ReplicatedCluster
 from greenpool.testing import cluster as cluster_module
@@ -29,14 +29,8 @@ def postmaster_pids(cluster: ReplicatedCluster) -> list[int]:
 
 @pytest.fixture
 def cluster() -> Iterator[ReplicatedCluster]:
-    try:
-        made = ReplicatedCluster()
-    except PostgresNotFound as ex:
-        skip_or_fail(f"needs PostgreSQL's server programs: {ex}")
-    try:
+    with replicated_cluster() as made:
         yield made
-    finally:
-        made.close()
 
 
 def test_missing_programs_say_what_to_install(tmp_path: Path) -> None:
