@@ -87,6 +87,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "that doesn't answer is an error)",
     )
     parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="Celery broker URL for the celery scenario's workers, e.g. redis://127.0.0.1:6379/0 "
+        "(default: $CELERY_BROKER_URL, else a throw-away filesystem broker: no server needed)",
+    )
+    parser.add_argument(
         "--scenario",
         action="append",
         metavar="NAME",

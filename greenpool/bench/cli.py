@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from gevent import monkey
 
 from .backends import BACKENDS, MYSQL, POSTGRES, Server, connect_mysql, resolve_connection_class, resolve_dsn
+from .celery_scenario import report_celery, run_celery
 from .contenders import CONTENDERS
 from .document import (
     load_average,
@@ -38,7 +39,7 @@ from .scaleout import report_scaleout, run_scaleout
 from .scenarios import SCENARIOS
 
 #: Options that choose or shape a run, which --markdown (rendering a saved run) refuses.
-RUN_OPTIONS = ("dsn", "mysql", "scenario", "contender", "rounds", "quick", "full", "json", "list")
+RUN_OPTIONS = ("dsn", "mysql", "broker", "scenario", "contender", "rounds", "quick", "full", "json", "list")
 
 
 def print_catalogue(mode: Mode) -> None:
@@ -131,7 +132,8 @@ def main(args: argparse.Namespace) -> int:
     if not monkey.is_module_patched("socket"):
         # Called from Python rather than the CLI: patch now, late but needed.
         monkey.patch_all()
-    for option in ("full", "plot", "markdown", "list"):  # a Namespace built by other code may lack the new ones
+    # A Namespace built by other code may lack the newer options.
+    for option in ("full", "plot", "markdown", "list", "broker"):
         if not hasattr(args, option):
             setattr(args, option, None)
     mode = mode_of(args)
@@ -171,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         if mysql is not None:
             servers[MYSQL] = mysql
             print(f"server: {mysql.describe()}")
-    env = Environment(servers, conn_class, conn_class_name, args.timeout)
+    env = Environment(servers, conn_class, conn_class_name, args.timeout, args.broker)
     if POSTGRES in servers:
         import psycopg.waiting
 
@@ -239,10 +241,18 @@ def main(args: argparse.Namespace) -> int:
                 f"  warning: P={scenario.pool_size} plus {info['client_connections']} open connections"
                 f" is at or over max_connections={info['max_connections']}: replacements may be refused"
             )
-        run = run_scaleout if scenario.is_scaleout else run_scenario
+        run = run_scaleout if scenario.is_scaleout else run_celery if scenario.is_celery else run_scenario
         results = run(scenario, names, entry.rounds, env, progress)
         failed |= any(not r.ok for r in results)
-        report = report_scaleout if scenario.is_scaleout else report_storm if scenario.is_storm else report_fixed
+        report = (
+            report_scaleout
+            if scenario.is_scaleout
+            else report_celery
+            if scenario.is_celery
+            else report_storm
+            if scenario.is_storm
+            else report_fixed
+        )
         print()
         shown = [name for name in CONTENDERS if name in names or name in skipped]
         print(report(scenario, results, shown, skipped), flush=True)

@@ -61,7 +61,7 @@ import gevent.hub
 import gevent.lock
 
 from .backends import BACKENDS, MYSQL, POSTGRES, Backend, PostgresBackend
-from .scenarios import CALM_LIFETIME, SCALEOUT_CONTENDERS, Scenario
+from .scenarios import CALM_LIFETIME, CELERY_CONTENDERS, SCALEOUT_CONTENDERS, Scenario
 from .workload import Workload, perf_counter, run_parallel
 
 #: Peewee pools' `timeout`: generous, so that they wait rather than raise.
@@ -155,8 +155,10 @@ class ContenderSpec:
     backends: frozenset[str] = frozenset({POSTGRES})
 
     def takes_part(self, scenario: Scenario) -> bool:
-        """Whether it runs in `scenario` (its backend; storms only if `storm`; scale-outs only greenpool)."""
+        """Whether it runs in `scenario` (its backend; storms only if `storm`; scale-outs and Celery: their own)."""
         if scenario.is_scaleout and self.name not in SCALEOUT_CONTENDERS:
+            return False
+        if scenario.is_celery and self.name not in CELERY_CONTENDERS:
             return False
         return scenario.backend in self.backends and (self.storm or not scenario.is_storm)
 

@@ -64,8 +64,9 @@ class PlanEntry:
 
     @property
     def runs(self) -> int:
-        """Contender runs it takes: contenders x phases x rounds."""
-        return len(self.contenders) * len(self.scenario.phases) * self.rounds
+        """Runs it takes: contenders x phases x rounds (a Celery scenario: + its ceiling's, one a round)."""
+        ceiling = 1 if self.scenario.is_celery and self.contenders else 0
+        return (len(self.contenders) * len(self.scenario.phases) + ceiling) * self.rounds
 
 
 def selected(requested: Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:

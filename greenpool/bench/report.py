@@ -373,12 +373,17 @@ def overview_rows(scenario: Scenario, results: Sequence[RunResult], names: Seque
 
     A fixed-work row's bound is `BOUNDS`' first (``dedicated``) when it ran;
     a storm phase's is the same contender's calm phase; a scale-out's, one
-    process direct (`greenpool.bench.scaleout.overview_rows`).
+    process direct (`greenpool.bench.scaleout.overview_rows`); a Celery
+    scenario's, the ceiling or the capacity (`greenpool.bench.celery_scenario`).
     """
     if scenario.is_scaleout:
         from .scaleout import overview_rows as scaleout_rows
 
         return scaleout_rows(scenario, results, names)
+    if scenario.is_celery:
+        from .celery_scenario import overview_rows as celery_rows
+
+        return celery_rows(scenario, results, names)
     rows = []
     bound = BOUNDS[0].contender
     for name in names:

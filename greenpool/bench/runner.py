@@ -162,6 +162,8 @@ class Environment:
     connection_class: type[Any]
     connection_class_name: str
     run_timeout: float
+    #: The ``celery`` scenario's broker URL (--broker); None: a throw-away filesystem broker.
+    celery_broker: str | None = None
 
 
 #: Longest error text in a progress line (the report below the scenario has it whole).

@@ -9,7 +9,9 @@ connections expiring every few seconds, and with a long lifetime; only the
 contenders registered with ``storm=True`` take part. A scenario may leave a
 contender out (`Scenario.skip`, e.g. ``shared`` in ``scale``) unless
 ``--contender`` names it. ``scaleout`` runs greenpool in several worker
-processes, direct and through PgBouncer (`greenpool.bench.scaleout`).
+processes, direct and through PgBouncer (`greenpool.bench.scaleout`);
+``celery`` runs each contender in a real Celery worker
+(`greenpool.bench.celery_scenario`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ SCALEOUT_ROUTES = ("direct", "pgbouncer")
 #: The contenders a scale-out scenario runs (its workers' pool).
 SCALEOUT_CONTENDERS = ("greenpool",)
 MYSQL_SLEEP_SQL = "select sleep(0.002)"
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """One kind of task of the ``celery`` scenario: `queries` x `sql`, each taking `query_seconds` on the server."""
+
+    name: str
+    sql: str
+    query_seconds: float
+    queries: int
+
+
+#: The ``celery`` scenario's kinds of task, in run order: ``light`` (Celery
+#: itself is the ceiling) and ``pool-bound`` (the pool's P connections are).
+CELERY_SETTINGS = (
+    TaskSetting("light", "select pg_sleep(0.002)", 0.002, 3),
+    TaskSetting("pool-bound", "select pg_sleep(0.02)", 0.02, 3),
+)
+#: The contenders a ``celery`` scenario runs, each in its own worker.
+CELERY_CONTENDERS = ("greenpool", "psycopg_pool", "peewee-greenpool", "peewee-playhouse", "shared")
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,15 @@ class Scenario:
     #: `greenlets` greenlets on a pool of `pool_size`, direct to the server and
     #: through PgBouncer (`greenpool.bench.scaleout`); only greenpool takes part.
     processes: tuple[int, ...] = ()
+    #: A Celery scenario: the tasks of each `CELERY_SETTINGS` kind sent to a
+    #: real worker (``-P gevent -c greenlets``) whose pool has `pool_size`
+    #: connections (`greenpool.bench.celery_scenario`); `duration` caps each.
+    tasks: int | None = None
+
+    @property
+    def is_celery(self) -> bool:
+        """True for a Celery scenario (a real worker per contender and kind of task)."""
+        return self.tasks is not None
 
     @property
     def is_scaleout(self) -> bool:
@@ -80,6 +111,8 @@ class Scenario:
         """The configurations each contender is measured in."""
         if self.processes:
             return tuple(Phase(f"{route} x{n}", CALM_LIFETIME) for route in SCALEOUT_ROUTES for n in self.processes)
+        if self.tasks is not None:
+            return tuple(Phase(setting.name, CALM_LIFETIME) for setting in CELERY_SETTINGS)
         if self.storm_lifetime is None:
             return (Phase("run", CALM_LIFETIME),)
         return (Phase("calm", CALM_LIFETIME), Phase("storm", self.storm_lifetime))
@@ -92,6 +125,12 @@ class Scenario:
                 f"{counts} worker processes, each G={self.greenlets} greenlets on P={self.pool_size} connections,"
                 f" `{self.sql}` for {self.duration:g} s; direct, and through PgBouncer"
                 f" (default_pool_size {self.pool_size})"
+            )
+        if self.tasks is not None:
+            kinds = "; ".join(f"{s.name}: {s.queries} x `{s.sql}`" for s in CELERY_SETTINGS)
+            return (
+                f"a Celery worker -P gevent -c {self.greenlets}, P={self.pool_size} connections,"
+                f" {self.greenlets} + {self.tasks} tasks of each kind (cut {self.duration:g} s after warm-up); {kinds}"
             )
         text = f"G={self.greenlets} greenlets, P={self.pool_size} connections, `{self.sql}`"
         if self.queries_each is not None:
@@ -131,6 +170,9 @@ _MYSQL_STEADY = replace(_STEADY, name="mysql-steady", sql=MYSQL_SLEEP_SQL, backe
 # Each process gets P connections direct; through PgBouncer the P server
 # connections are shared by all of them (`greenpool.bench.scaleout`).
 _SCALEOUT = Scenario("scaleout", greenlets=50, pool_size=10, sql=SLEEP_SQL, duration=5.0, processes=(1, 2, 4))
+# Each contender in its own real worker; `duration` caps each kind of task's
+# steady state (one shared connection does ~16 pool-bound tasks/s).
+_CELERY = Scenario("celery", greenlets=200, pool_size=10, sql=SLEEP_SQL, tasks=1000, duration=15.0)
 # Half the PostgreSQL storm's pool: MariaDB allows 151 connections by default.
 _MYSQL_STORM = replace(_STORM, name="mysql-storm", greenlets=150, pool_size=50, sql=MYSQL_SLEEP_SQL, backend=MYSQL)
 
@@ -189,6 +231,8 @@ SCENARIOS: dict[str, Sizes] = {
     ),
     # Not in the default run: it starts processes and a PgBouncer (--full, --scenario scaleout).
     "scaleout": Sizes(_SCALEOUT, quick=replace(_SCALEOUT, greenlets=16, pool_size=4, duration=1.0, processes=(1, 2))),
+    # Not in the default run: it starts Celery workers (--full, --scenario celery).
+    "celery": Sizes(_CELERY, quick=replace(_CELERY, greenlets=50, pool_size=5, tasks=200, duration=5.0)),
     "mysql-steady": Sizes(_MYSQL_STEADY, quick=replace(_MYSQL_STEADY, queries_each=5)),
     "mysql-overhead": Sizes(
         replace(_MYSQL_STEADY, name="mysql-overhead", sql="select 1"),
