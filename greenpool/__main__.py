@@ -114,12 +114,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one round of scaled-down scenarios, all of them (a smoke test, about a minute)",
+        help="one round of scaled-down scenarios, all of them (a smoke test, a few minutes)",
     )
     parser.add_argument(
         "--full",
         action="store_true",
-        help="every scenario and contender at full size, 3 rounds (about a quarter of an hour; "
+        help="every scenario and contender at full size, 3 rounds (about twenty-five minutes; "
         "the default run takes about two minutes)",
     )
     parser.add_argument(

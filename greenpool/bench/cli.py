@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
     total = sum(entry.runs for entry in runnable)
     print(plan_line(mode, runnable, total))
     if mode is DEFAULT:
-        print("  (--full: every scenario and contender at full size, 3 rounds, about a quarter of an hour)")
+        print("  (--full: every scenario and contender at full size, 3 rounds, about twenty-five minutes)")
     print("contenders:")
     for name in CONTENDERS:
         if any(name in entry.contenders for entry in runnable):

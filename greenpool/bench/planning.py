@@ -4,8 +4,8 @@ Without options, ``python -m greenpool bench`` runs `DEFAULT`: the scenarios
 that show what matters (``steady``, ``overhead`` and a shorter ``storm``),
 every contender taking part in them, two rounds (one for a storm), in about
 two minutes. ``--full`` runs every scenario at its full size, three rounds
-(about a quarter of an hour); ``--quick`` every scenario scaled down, one
-round (CI's smoke run, about a minute). ``--scenario``, ``--contender`` and
+(about twenty-five minutes); ``--quick`` every scenario scaled down, one
+round (a smoke test, a few minutes). ``--scenario``, ``--contender`` and
 ``--rounds`` narrow or override the mode.
 """
 

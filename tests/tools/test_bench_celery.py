@@ -165,6 +165,7 @@ def test_a_missed_target_says_where_the_rest_goes() -> None:
     (bound,) = [line for line in lines if line.startswith("target: greenpool pool-bound")]
     assert bound.startswith("target: greenpool pool-bound >= 0.95 x capacity with p99 <= 1.2 x ideal: 0.93x")
     assert ": NOT met; where the rest goes: a query takes 20.65 ms on an idle connection, not 20 (0.97x" in bound
+    assert "capacity at most; 0.96x of that reached); a task held" in bound
     assert "a task held its connection 63.4 ms for 61.9 ms of queries" in bound
     assert bound.endswith("connections busy 99.0 % of the time")
     (light,) = [line for line in lines if line.startswith("target: peewee-greenpool light")]
