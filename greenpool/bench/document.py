@@ -66,11 +66,12 @@ def utc_now() -> str:
 
 
 def package_versions() -> dict[str, str]:
-    """Python's version and the installed versions of greenpool, gevent, the drivers and the pools."""
+    """Python's version and the installed versions of greenpool, gevent, the drivers, the pools and Celery."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for dist in ("greenpool", "gevent", "psycopg", "psycopg-binary", "psycopg-pool", "peewee", "pymysql"):
+    dists = ("greenpool", "gevent", "psycopg", "psycopg-binary", "psycopg-pool", "peewee", "pymysql", "celery", "kombu")
+    for dist in dists:
         try:
             found[dist] = version(dist)
         except PackageNotFoundError:
