@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +146,7 @@ def open_broker(url: str | None) -> Broker:
     return Broker("filesystem://", "no --broker: kombu's filesystem transport", options, folder)
 
 
-class _Sender:
+class TaskSender:
     """Sends the runs' tasks through a Celery app of its own; deletes a run's queue afterwards."""
 
     def __init__(self, broker: Broker) -> None:
@@ -161,13 +161,13 @@ class _Sender:
         # Celery's own binding of a queue named in send_task(queue=...).
         return Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
 
-    def send(self, queue: str, setting: TaskSetting, queries: int, count: int) -> None:
-        """Declare `queue` and send it `count` tasks of `queries` x `setting.sql`."""
+    def send(self, queue: str, sql: str, queries: int, count: int) -> None:
+        """Declare `queue` and send it `count` tasks of `queries` x `sql`."""
         with self.app.connection_for_write() as conn:
             self._queue(queue)(conn.default_channel).declare()
             with self.app.producer_or_acquire() as producer:
                 for _ in range(count):
-                    self.app.send_task(TASK_NAME, args=(setting.sql, queries), queue=queue, producer=producer)
+                    self.app.send_task(TASK_NAME, args=(sql, queries), queue=queue, producer=producer)
 
     def delete(self, queue: str) -> None:
         """Delete `queue` with what is left in it (a cut run's tasks); never raises."""
@@ -184,7 +184,7 @@ class _Sender:
 # ---------------------------------------------------------------- one worker
 
 
-class _Results:
+class ResultsFile:
     """The lines a worker appends to its results file, read as they come: (start, acquired, released, end) each."""
 
     def __init__(self, path: str) -> None:
@@ -206,7 +206,7 @@ class _Results:
         self.times += [tuple(float(t) for t in line.split()) for line in lines]
 
 
-class _Worker:
+class CeleryWorker:
     """A Celery worker process on the benchmark's app, with its output in a temporary file."""
 
     def __init__(self, config: dict[str, Any], concurrency: int) -> None:
@@ -277,36 +277,106 @@ class _Worker:
         self.output.close()
 
 
-def _wait(worker: _Worker, results: _Results, total: int, warm: int, cap: float, deadline: float) -> _Wait:
-    """Wait until the worker has done `total` tasks, or `cap` seconds after its first `warm` ones (then cut)."""
-    wait = _Wait()
+@dataclass
+class Waited:
+    """How a wait for a run's tasks ended: when it was cut (None: every task done), and two snapshots."""
+
+    cut_at: float | None = None
+    #: `snapshot()` when the warm-up tasks were seen done, and at the end; the seconds between them.
+    first: Any = None
+    last: Any = None
+    seconds: float | None = None
+
+
+def wait_for_tasks(
+    workers: Sequence[CeleryWorker],
+    results: Sequence[ResultsFile],
+    total: int,
+    warm: int,
+    cap: float,
+    deadline: float,
+    snapshot: Callable[[], Any],
+) -> Waited:
+    """Wait until the workers have done `total` tasks, or `cap` seconds after their first `warm` (then cut).
+
+    `snapshot()` (CPU counters, say) is taken once the `warm` tasks are
+    seen done and again at the end. `RuntimeError` if a worker exits, or
+    at `deadline` (monotonic).
+    """
+    waited = Waited()
     steady_since = None
     while True:
         gevent.sleep(RESULTS_POLL)
-        results.read()
-        done = len(results.times)
+        for file in results:
+            file.read()
+        done = sum(len(file.times) for file in results)
         now = time.monotonic()
         if done >= warm and steady_since is None:
-            steady_since, wait.cpu_start = now, worker.cpu_seconds()
+            steady_since, waited.first = now, snapshot()
         if done >= total or (steady_since is not None and now - steady_since >= cap):
-            wait.cpu_end = worker.cpu_seconds()
-            wait.cut_at = now if done < total else None
-            wait.cpu_seconds = now - steady_since if steady_since is not None else None
-            return wait
-        worker.check_alive()
+            waited.last = snapshot()
+            waited.cut_at = now if done < total else None
+            waited.seconds = now - steady_since if steady_since is not None else None
+            return waited
+        for worker in workers:
+            worker.check_alive()
         if now > deadline:
             raise RuntimeError(f"{done} of {total} tasks done when the run's time was up (--timeout)")
 
 
 @dataclass
-class _Wait:
-    """How a run's wait ended: when it was cut (None: every task done), and the worker's CPU meanwhile."""
+class SteadyState:
+    """A run's steady state: from `begin` to `end` (monotonic seconds), the tasks run wholly in it."""
 
-    cut_at: float | None = None
-    cpu_start: float | None = None
-    cpu_end: float | None = None
-    #: Wall seconds between the two CPU readings.
-    cpu_seconds: float | None = None
+    begin: float
+    end: float
+    #: (start, acquired, released, end) of the tasks that started and ended in it.
+    tasks: list[tuple[float, ...]]
+    #: Tasks that ended in it (started in it or not): its throughput's count.
+    done: int
+
+    @property
+    def seconds(self) -> float:
+        """Its length."""
+        return self.end - self.begin
+
+
+def steady_state(times: Sequence[tuple[float, ...]], warm: int, cut_at: float | None) -> SteadyState:
+    """The steady state of tasks' (start, acquired, released, end) `times`.
+
+    It starts when the first `warm` tasks are done (warm-up: the workers
+    were starting, their pools opening) and ends when only `warm` are left
+    (drain: fewer than that running), or at `cut_at`. `RuntimeError` if no
+    more than `warm` tasks were done.
+    """
+    ends = sorted(t[3] for t in times)
+    if len(ends) <= warm:
+        raise RuntimeError(f"only {len(ends)} tasks done in the time allowed (warm-up: {warm})")
+    begin = ends[warm - 1]
+    end = cut_at if cut_at is not None else ends[len(ends) - warm - 1]
+    return SteadyState(
+        begin,
+        end,
+        [t for t in times if t[0] >= begin and t[3] <= end],
+        sum(begin < e <= end for e in ends),
+    )
+
+
+def worker_config(
+    broker: Broker, queue: str, contender: str, dsn: str, pool_size: int, kwargs: dict[str, Any], results: str
+) -> dict[str, Any]:
+    """The configuration of a worker on `greenpool.bench.celery_worker` (see there)."""
+    return {
+        "broker": broker.url,
+        "transport_options": broker.transport_options,
+        "queue": queue,
+        "contender": contender,
+        "dsn": dsn,
+        "pool_size": pool_size,
+        "kwargs": kwargs,
+        "timeout": POOL_TIMEOUT,
+        "results": results,
+    }
 
 
 def run_once(
@@ -316,7 +386,7 @@ def run_once(
     round_no: int,
     env: Environment,
     broker: Broker,
-    sender: _Sender,
+    sender: TaskSender,
 ) -> RunResult:
     """One worker for contender `name` (or `CEILING`) running `setting`'s tasks; never raises (but Ctrl-C)."""
     assert scenario.tasks is not None
@@ -325,33 +395,28 @@ def run_once(
     result = RunResult(scenario.name, setting.name, name, round_no)
     queue = f"greenpool-bench-{secrets.token_hex(4)}"
     folder = tempfile.mkdtemp(prefix="greenpool-bench-celery-")
-    config: dict[str, Any] = {
-        "broker": broker.url,
-        "transport_options": broker.transport_options,
-        "queue": queue,
-        "contender": NO_DATABASE if name == CEILING else name,
-        "dsn": env.servers[POSTGRES].dsn,
-        "pool_size": scenario.pool_size,
-        "kwargs": dict(CONNECT_KWARGS),
-        "timeout": POOL_TIMEOUT,
-        "results": os.path.join(folder, "results"),
-    }
-    worker: _Worker | None = None
-    wait = _Wait()
-    results = _Results(config["results"])
+    contender = NO_DATABASE if name == CEILING else name
+    results = ResultsFile(os.path.join(folder, "results"))
+    config = worker_config(
+        broker, queue, contender, env.servers[POSTGRES].dsn, scenario.pool_size, dict(CONNECT_KWARGS), results.path
+    )
+    worker: CeleryWorker | None = None
+    waited = Waited()
     try:
-        sender.send(queue, setting, queries, total)
+        sender.send(queue, setting.sql, queries, total)
         deadline = time.monotonic() + env.run_timeout + (scenario.duration or 0.0)
-        worker = _Worker(config, concurrency)
-        wait = _wait(worker, results, total, concurrency, scenario.duration or math.inf, deadline)
-        _record_run(result, results.times, scenario, setting, queries, wait)
+        worker = CeleryWorker(config, concurrency)
+        waited = wait_for_tasks(
+            [worker], [results], total, concurrency, scenario.duration or math.inf, deadline, worker.cpu_seconds
+        )
+        _record_run(result, results.times, scenario, setting, queries, waited)
     except Exception as exc:  # noqa: BLE001 - a failing run must not stop the others
         result.error = describe_error(exc)
         result.traceback = traceback.format_exc()
         return result
     finally:
         if worker is not None:
-            worker.stop(cold=wait.cut_at is not None or result.error is not None)
+            worker.stop(cold=waited.cut_at is not None or result.error is not None)
         sender.delete(queue)
         shutil.rmtree(folder, ignore_errors=True)
     result.extra["broker"] = broker.describe()  # type: ignore[index]
@@ -365,42 +430,32 @@ def _record_run(
     scenario: Scenario,
     setting: TaskSetting,
     queries: int,
-    wait: _Wait,
+    waited: Waited,
 ) -> None:
-    """Fill `result` from the tasks' (start, acquired, released, end) times, over the run's steady state.
-
-    The steady state starts when the first G tasks are done (warm-up: the
-    worker was starting, its pool opening) and ends when only G are left
-    (drain: fewer than G in the worker), or when the run was cut.
-    """
+    """Fill `result` from the tasks' (start, acquired, released, end) times, over the run's `steady_state`."""
     G, P = scenario.greenlets, scenario.pool_size
-    ends = sorted(t[3] for t in times)
-    if len(ends) <= G:
-        raise RuntimeError(f"only {len(ends)} tasks done in the {scenario.duration:g} s allowed (warm-up: {G})")
-    begin = ends[G - 1]
-    end = wait.cut_at if wait.cut_at is not None else ends[len(ends) - G - 1]
-    steady = [t for t in times if t[0] >= begin and t[3] <= end]
-    result.seconds = end - begin
-    _record_latencies(result, [t[3] - t[0] for t in steady])
+    steady = steady_state(times, G, waited.cut_at)
+    begin, end = steady.begin, steady.end
+    result.seconds = steady.seconds
+    _record_latencies(result, [t[3] - t[0] for t in steady.tasks])
     # Throughput: every task done in the steady state, not only those started in it.
-    result.queries = sum(begin < e <= end for e in ends)
-    result.qps = result.queries / result.seconds
+    result.queries = steady.done
+    result.qps = steady.done / steady.seconds
     lent = sum(max(0.0, min(t[2], end) - max(t[1], begin)) for t in times)
+    cpu = (waited.first, waited.last)
     result.extra = {
         "concurrency": G,
         "pool_size": P,
         "queries_per_task": queries,
-        "tasks_done": len(ends),
-        "cut": wait.cut_at is not None,
-        "hold_ms": statistics.fmean(t[2] - t[1] for t in steady) * 1000 if queries and steady else None,
+        "tasks_done": len(times),
+        "cut": waited.cut_at is not None,
+        "hold_ms": statistics.fmean(t[2] - t[1] for t in steady.tasks) * 1000 if queries and steady.tasks else None,
         # Share of the P connections' time lent to tasks in the steady state.
-        "busy": lent / (P * result.seconds) if queries else None,
+        "busy": lent / (P * steady.seconds) if queries else None,
         "capacity": P / (setting.queries * setting.query_seconds),
         # Little's law: G tasks in the worker at once, each taking G / throughput.
         "ideal_ms": G / result.qps * 1000 if result.qps > 0 else None,
-        "worker_cores": (wait.cpu_end - wait.cpu_start) / wait.cpu_seconds
-        if wait.cpu_start is not None and wait.cpu_end is not None and wait.cpu_seconds
-        else None,
+        "worker_cores": (cpu[1] - cpu[0]) / waited.seconds if None not in cpu and waited.seconds else None,
     }
 
 
@@ -416,6 +471,16 @@ def measure_query_ms(env: Environment) -> dict[str, float]:
                 samples.append(time.perf_counter() - started)
             times[setting.name] = statistics.median(samples) * 1000
     return times
+
+
+def celery_installed() -> bool:
+    """Whether Celery can be imported; if not, print a line saying how to install it."""
+    try:
+        import celery  # noqa: F401 - only to know it is there
+    except ImportError:
+        print("  not run: Celery is not installed (pip install 'greenpool[celery]')", flush=True)
+        return False
+    return True
 
 
 def run_celery(
@@ -436,17 +501,14 @@ def run_celery(
         progress = Progress(runs_per_round * rounds)
     if not names:
         return []
-    try:
-        import celery  # noqa: F401 - only to know it is there
-    except ImportError:
-        print("  not run: Celery is not installed (pip install 'greenpool[celery]')", flush=True)
+    if not celery_installed():
         progress.skip(runs_per_round * rounds)
         return []
     broker = open_broker(env.celery_broker)
     print(f"  broker: {broker.describe()}", flush=True)
     results: list[RunResult] = []
     try:
-        sender = _Sender(broker)
+        sender = TaskSender(broker)
         query_ms = measure_query_ms(env)
         print(
             "  query time on an idle connection: "

@@ -1,20 +1,25 @@
-"""The ``scaleout`` scenario: greenpool in 1, 2 and 4 worker processes, direct and through PgBouncer.
+"""The ``scaleout`` scenario: 1, 2 and 4 Celery worker processes, direct and through PgBouncer.
 
 A fleet grows by processes, and direct to the server each process brings
 its own connections: N processes with pools of P open N x P. Through
 PgBouncer in transaction mode (``default_pool_size`` = P) the server keeps
 seeing P, however many processes share them. This scenario measures both:
 
-- Each run starts N worker processes (`greenpool.bench.scaleout_worker`,
-  plain gevent processes, patched first), each with a `greenpool.ConnectionPool`
-  and G greenlets running the scenario's query, with psycopg's prepared
-  statements off (`greenpool.pg.pgbouncer_kwargs()`) on both routes. Direct,
-  a process's pool has P connections; through PgBouncer it has G, what the
-  process uses at once (as docs/sizing.md sizes pools behind PgBouncer),
-  and PgBouncer shares its P server connections among all of them. The
-  parent waits until every worker is warmed up, then starts them together;
-  each runs for the scenario's duration and reports its queries, latencies
-  and CPU time.
+- Each run starts N real Celery workers (``-P gevent -c G`` on
+  `greenpool.bench.celery_worker`, each with a `greenpool.ConnectionPool`
+  handed to `greenpool.celery.setup`) consuming one queue on one broker
+  (`greenpool.bench.celery_scenario`: ``--broker``, else a throw-away
+  filesystem broker), with psycopg's prepared statements off
+  (`greenpool.pg.pgbouncer_kwargs()`) on both routes. Their tasks are
+  pool-bound (`SCALEOUT_TASK`: 3 x ``select pg_sleep(0.02)`` on one
+  borrowed connection), so that server connections, not the workers'
+  CPU, set the pace. Direct, a process's pool has P connections; through
+  PgBouncer it has G, what the process uses at once (as docs/sizing.md
+  sizes pools behind PgBouncer), and PgBouncer shares its P server
+  connections among all of them. The parent sends the run's tasks before
+  the workers start: more than the connections can run in the scenario's
+  duration. Figures cover the steady state, from the moment N x G tasks
+  are done (warm-up) to `duration` seconds later (the run is cut there).
 - Meanwhile the parent samples the server's ``pg_stat_activity`` every
   `SAMPLE_INTERVAL` seconds for the connections of the run (tagged by
   ``application_name``): their peak is the run's ``server conns``.
@@ -22,33 +27,46 @@ seeing P, however many processes share them. This scenario measures both:
   ``default_pool_size`` = P) serves every ``pgbouncer`` run. Without the
   ``pgbouncer`` program those runs are left out with a note, not failed.
 
-Throughput is the sum of the workers' q/s. The report compares each run
-with ``direct x1`` (one process, P server connections) in the same round,
-and says whether the targets hold: through PgBouncer the server never sees
-more than P connections, and ``pgbouncer x4`` keeps at least `TARGET_RATIO`
-of ``direct x1``'s throughput. CPU figures say where the machine is the
-limit: the share of all CPUs busy during the timed phase (``/proc/stat``),
-and the cores the workers, PgBouncer, the run's server backends (when the
-server runs on this machine) and everything else used.
+Throughput is the tasks all workers finished in the steady state, per
+second. The report compares each run with ``direct x1`` (one process, P
+server connections) in the same round, and says whether the targets hold:
+through PgBouncer the server never sees more than P connections, and
+``pgbouncer x4`` keeps at least `TARGET_RATIO` of ``direct x1``'s
+throughput. CPU figures say where the machine is the limit: the share of
+all CPUs busy during the steady state (``/proc/stat``), and the cores the
+workers, PgBouncer, the run's server backends (when the server runs on
+this machine) and everything else used.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
+import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 import gevent
 
 from .backends import CONNECT_KWARGS, POSTGRES
+from .celery_scenario import (
+    Broker,
+    CeleryWorker,
+    ResultsFile,
+    TaskSender,
+    Waited,
+    celery_installed,
+    open_broker,
+    result_line,
+    steady_state,
+    wait_for_tasks,
+    worker_config,
+)
 from .errors import describe_error
 from .report import (
     PAIRED_LEGEND,
@@ -64,7 +82,7 @@ from .report import (
     summarize,
 )
 from .runner import Environment, Progress, RunResult, _record_latencies
-from .scenarios import SCALEOUT_ROUTES, Scenario
+from .scenarios import SCALEOUT_ROUTES, SCALEOUT_TASK, Scenario
 
 #: Seconds between two samples of the server's connections.
 SAMPLE_INTERVAL = 0.02
@@ -76,8 +94,6 @@ CPU_BOUND = 0.9
 BASELINE = "direct x1"
 #: The only contender (the workers' pool).
 CONTENDER = "greenpool"
-
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def route_of(phase: str) -> tuple[str, int]:
@@ -162,73 +178,11 @@ class _Sampler:
             self._conn.close()
 
 
-class _Worker:
-    """One worker process and its line-per-event stdout."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
-        self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gevent.monkey",
-                "--module",
-                "greenpool.bench.scaleout_worker",
-                json.dumps(config),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            env=env,
-        )
-
-    def event(self, expected: str) -> dict[str, Any]:
-        """The next event line; `RuntimeError` for an error, another event or an early exit."""
-        stdout: IO[bytes] | None = self.proc.stdout
-        assert stdout is not None
-        while True:
-            line = stdout.readline()
-            if not line:
-                raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.wait()}){self._stderr()}")
-            if not line.startswith(b"{"):
-                continue  # not ours: a warning on stdout
-            event: dict[str, Any] = json.loads(line)
-            if event.get("event") == expected:
-                return event
-            raise RuntimeError(f"worker {self.proc.pid}: {event.get('error') or event}{self._stderr()}")
-
-    def go(self) -> None:
-        """Start the timed phase."""
-        stdin: IO[bytes] | None = self.proc.stdin
-        assert stdin is not None
-        stdin.write(b"go\n")
-        stdin.flush()
-
-    def _stderr(self) -> str:
-        try:
-            self.stderr.seek(0)
-            tail = self.stderr.read()[-2000:].decode("utf-8", "replace").strip()
-        except (OSError, ValueError):
-            return ""
-        return f"\n{tail}" if tail else ""
-
-    def close(self) -> None:
-        """Close its stdin (it then closes its pool and exits), wait a little, then kill it."""
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        except OSError:
-            pass  # gone already
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.stderr.close()
+def _backlog(scenario: Scenario, route: str, processes: int) -> int:
+    """Tasks to send a run: its warm-up and drain, and 1.5 x what its connections can do in `duration`."""
+    connections = scenario.pool_size * (processes if route == "direct" else 1)
+    most = connections / (SCALEOUT_TASK.queries * SCALEOUT_TASK.query_seconds) * (scenario.duration or 0.0)
+    return 2 * processes * scenario.greenlets + math.ceil(1.5 * most)
 
 
 def run_once(
@@ -238,41 +192,52 @@ def run_once(
     dsn: str,
     tag: str,
     env: Environment,
+    broker: Broker,
+    sender: TaskSender,
     bouncer_pid: int | None = None,
 ) -> RunResult:
-    """One run: `phase`'s workers on `dsn`, whose server connections carry `tag`; never raises (but Ctrl-C)."""
+    """One run: `phase`'s Celery workers on `dsn`, whose server connections carry `tag`; never raises (but Ctrl-C)."""
     from ..pg.pgbouncer import pgbouncer_kwargs
 
     route, processes = route_of(phase)
     result = RunResult(scenario.name, phase, CONTENDER, round_no)
-    config = {
-        "dsn": dsn,
-        # Direct, each process's P connections are the server's; through
-        # PgBouncer a process's pool holds what it uses at once (G, as
-        # docs/sizing.md says), and PgBouncer shares its P server connections.
-        "pool_size": scenario.pool_size if route == "direct" else scenario.greenlets,
-        "greenlets": scenario.greenlets,
-        "sql": scenario.sql,
-        "duration": scenario.duration,
-        "timeout": 60.0,
-        "kwargs": {**CONNECT_KWARGS, **pgbouncer_kwargs()},
-    }
-    workers: list[_Worker] = []
+    # Direct, each process's P connections are the server's; through
+    # PgBouncer a process's pool holds what it uses at once (G, as
+    # docs/sizing.md says), and PgBouncer shares its P server connections.
+    pool_size = scenario.pool_size if route == "direct" else scenario.greenlets
+    queue = f"greenpool-bench-{secrets.token_hex(4)}"
+    folder = tempfile.mkdtemp(prefix="greenpool-bench-scaleout-")
+    results = [ResultsFile(os.path.join(folder, f"results-{i}")) for i in range(processes)]
+    kwargs = {**CONNECT_KWARGS, **pgbouncer_kwargs()}
+    configs = [worker_config(broker, queue, CONTENDER, dsn, pool_size, kwargs, file.path) for file in results]
+    warm, total = processes * scenario.greenlets, _backlog(scenario, route, processes)
+    workers: list[CeleryWorker] = []
     sampler: _Sampler | None = None
+    waited = Waited()
     limit = env.run_timeout + (scenario.duration or 0.0)
     try:
         with gevent.Timeout(limit, RuntimeError(f"timed out after {limit:g} s (--timeout)")):
             sampler = _Sampler(env, env.servers[POSTGRES].dsn, tag)
-            workers = [_Worker(config) for _ in range(processes)]
-            for worker in workers:
-                worker.event("ready")
-            load1 = os.getloadavg()[0]
-            backends = list(sampler.pids)
-            before = (_machine_ticks(), _process_seconds(bouncer_pid), _server_seconds(backends))
-            for worker in workers:
-                worker.go()
-            figures = [worker.event("result") for worker in workers]
-            after = (_machine_ticks(), _process_seconds(bouncer_pid), _server_seconds(backends))
+            sender.send(queue, scenario.sql, SCALEOUT_TASK.queries, total)
+            workers = [CeleryWorker(config, scenario.greenlets) for config in configs]
+            backends: list[int] = []
+            load1 = math.nan
+
+            def snapshot() -> tuple[Any, ...]:
+                nonlocal load1
+                if not backends:  # at the first snapshot: the run's server backends then
+                    backends.extend(sampler.pids if sampler is not None else ())
+                    load1 = os.getloadavg()[0]
+                return (
+                    _machine_ticks(),
+                    _process_seconds(bouncer_pid),
+                    _server_seconds(backends),
+                    sum(worker.cpu_seconds() or 0.0 for worker in workers),
+                )
+
+            deadline = time.monotonic() + limit
+            waited = wait_for_tasks(workers, results, total, warm, scenario.duration or math.inf, deadline, snapshot)
+            steady = steady_state([t for file in results for t in file.times], warm, waited.cut_at)
     except Exception as exc:  # noqa: BLE001 - a failing run must not stop the others
         result.error = describe_error(exc)
         result.traceback = traceback.format_exc()
@@ -281,31 +246,34 @@ def run_once(
         if sampler is not None:
             sampler.stop()
         for worker in workers:
-            worker.close()
-    result.seconds = max(f["seconds"] for f in figures)
-    _record_latencies(result, [us / 1e6 for f in figures for us in f["latencies_us"]])
-    per_process = [f["queries"] / f["seconds"] for f in figures]
-    result.qps = sum(per_process)
-    seconds = statistics.fmean(f["seconds"] for f in figures)
+            worker.stop(cold=True)  # the backlog left is not worth waiting for
+        sender.delete(queue)
+        shutil.rmtree(folder, ignore_errors=True)
+    result.seconds = steady.seconds
+    _record_latencies(result, [t[3] - t[0] for t in steady.tasks])
+    result.queries, result.qps = steady.done, steady.done / steady.seconds
+    per_process = [sum(steady.begin < t[3] <= steady.end for t in file.times) / steady.seconds for file in results]
+    (*before, workers_before), (*after, workers_after) = waited.first, waited.last
     result.extra = {
         "route": route,
         "processes": processes,
-        "client_pool_size": config["pool_size"],
+        "client_pool_size": pool_size,
         "server_peak": sampler.peak,
         "server_cap": scenario.pool_size * (processes if route == "direct" else 1),
         "samples": sampler.samples,
-        "per_process_qps": per_process,
+        "per_process_tps": per_process,
+        "queries_per_task": SCALEOUT_TASK.queries,
+        "cut": waited.cut_at is not None,
         "cpus": os.cpu_count(),
         "load1": load1,
-        **_cpu_figures(before, after, seconds, sum(f["cpu_s"] for f in figures)),
+        **_cpu_figures(tuple(before), tuple(after), waited.seconds or math.nan, workers_after - workers_before),
     }
-    result.pool_stats = figures[0]["stats"]
     result.ok = True
     return result
 
 
 def _cpu_figures(before: tuple[Any, ...], after: tuple[Any, ...], seconds: float, workers_s: float) -> dict[str, Any]:
-    """The timed phase's CPU: machine busy share, and cores used by the workers, PgBouncer, the server, the rest."""
+    """The steady state's CPU: machine busy share, and cores used by the workers, PgBouncer, the server, the rest."""
     (machine, bouncer, server), (machine_end, bouncer_end, server_end) = before, after
     figures: dict[str, Any] = {"workers_cores": workers_s / seconds}
     busy = None
@@ -365,6 +333,9 @@ def run_scaleout(
         progress = Progress(len(names) * len(phases) * rounds)
     if not names:
         return []
+    if not celery_installed():
+        progress.skip(len(phases) * rounds)
+        return []
     dsn = env.servers[POSTGRES].dsn
     from psycopg.conninfo import make_conninfo
 
@@ -387,8 +358,11 @@ def run_scaleout(
     except Exception as exc:  # noqa: BLE001 - the direct runs still run
         bouncer = None
         print(f"  pgbouncer runs: not run ({describe_error(exc)})", flush=True)
+    broker = open_broker(env.celery_broker)
+    print(f"  broker: {broker.describe()}", flush=True)
     results: list[RunResult] = []
     try:
+        sender = TaskSender(broker)
         for round_no in range(1, rounds + 1):
             order = phases if round_no % 2 else phases[::-1]
             for phase in order:
@@ -400,17 +374,18 @@ def run_scaleout(
                 if route == "pgbouncer" and bouncer is not None:
                     tag = bouncer.application_name
                     client_dsn = make_conninfo(bouncer.dsn(dsn), application_name=tag)
-                    result = run_once(scenario, phase, round_no, client_dsn, tag, env, bouncer.pid)
+                    result = run_once(scenario, phase, round_no, client_dsn, tag, env, broker, sender, bouncer.pid)
                 else:
                     # A tag of its own: the previous run's backends may still be exiting.
                     tag = f"{run_tag}-{phase.replace(' ', '')}-{round_no}"
                     client_dsn = make_conninfo(dsn, application_name=tag)
-                    result = run_once(scenario, phase, round_no, client_dsn, tag, env)
+                    result = run_once(scenario, phase, round_no, client_dsn, tag, env, broker, sender)
                 results.append(result)
-                progress.after(result)
+                print(result_line(result), flush=True)
                 if result.ok:
                     print(extra_line(result), flush=True)
     finally:
+        broker.close()
         if bouncer is not None:
             bouncer.close()
     return results
@@ -439,13 +414,13 @@ def report_scaleout(
     names: Sequence[str],
     skipped: dict[str, str] | None = None,
 ) -> str:
-    """Table of a scale-out scenario: per route and process count, q/s against ``direct x1``, server
+    """Table of a scale-out scenario: per route and process count, tasks/s against ``direct x1``, server
     connections and CPU; then whether the targets hold, and why not."""
     headers = [
         "route",
         "processes",
         "server conns",
-        "q/s",
+        "tasks/s",
         f"vs {BASELINE}",
         "rounds",
         "p50 ms",
@@ -500,9 +475,9 @@ def report_scaleout(
         " default_pool_size)"
     )
     lines.append(
-        f"CPU busy: share of the machine's {os.cpu_count()} CPUs busy in the timed phase; workers, pgbouncer,"
+        f"CPU busy: share of the machine's {os.cpu_count()} CPUs busy in the steady state; workers, pgbouncer,"
         " server (the run's backends, when the server is local), other (the rest of the machine): cores used;"
-        " load: 1-minute load average at the start of the timed phase"
+        " load: 1-minute load average at the start of the steady state"
     )
     lines.append(PAIRED_LEGEND)
     lines += _error_lines(summaries)

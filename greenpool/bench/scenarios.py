@@ -9,7 +9,7 @@ connections expiring every few seconds, and with a long lifetime; only the
 contenders registered with ``storm=True`` take part. A scenario may leave a
 contender out (`Scenario.skip`, e.g. ``shared`` in ``scale``) unless
 ``--contender`` names it. ``scaleout`` runs greenpool in several worker
-processes, direct and through PgBouncer (`greenpool.bench.scaleout`);
+Celery worker processes, direct and through PgBouncer (`greenpool.bench.scaleout`);
 ``celery`` runs each contender in a real Celery worker
 (`greenpool.bench.celery_scenario`).
 """
@@ -53,6 +53,9 @@ CELERY_SETTINGS = (
     TaskSetting("light", "select pg_sleep(0.002)", 0.002, 3, tasks_scale=3),
     TaskSetting("pool-bound", "select pg_sleep(0.02)", 0.02, 3),
 )
+#: The ``scaleout`` scenario's task: what a pool-bound task does, so that the
+#: server connections, not the workers' CPU, set the pace.
+SCALEOUT_TASK = TaskSetting("scaleout", "select pg_sleep(0.02)", 0.02, 3)
 #: The contenders a ``celery`` scenario runs, each in its own worker.
 CELERY_CONTENDERS = ("greenpool", "psycopg_pool", "peewee-greenpool", "peewee-playhouse", "shared")
 
@@ -87,8 +90,8 @@ class Scenario:
     connect_delay: float = 0.0
     backend: str = POSTGRES
     skip: tuple[tuple[str, str], ...] = ()
-    #: A scale-out scenario: the numbers of worker processes it runs, each with
-    #: `greenlets` greenlets on a pool of `pool_size`, direct to the server and
+    #: A scale-out scenario: the numbers of Celery worker processes it runs, each
+    #: ``-c greenlets`` on a pool of `pool_size`, direct to the server and
     #: through PgBouncer (`greenpool.bench.scaleout`); only greenpool takes part.
     processes: tuple[int, ...] = ()
     #: A Celery scenario: the tasks of each `CELERY_SETTINGS` kind sent to a
@@ -127,9 +130,9 @@ class Scenario:
         if self.processes:
             counts = ", ".join(map(str, self.processes))
             return (
-                f"{counts} worker processes, each G={self.greenlets} greenlets on P={self.pool_size} connections,"
-                f" `{self.sql}` for {self.duration:g} s; direct, and through PgBouncer"
-                f" (default_pool_size {self.pool_size})"
+                f"{counts} Celery worker processes (-P gevent -c {self.greenlets}, P={self.pool_size} connections"
+                f" each), tasks of {SCALEOUT_TASK.queries} x `{self.sql}`, {self.duration:g} s each; direct,"
+                f" and through PgBouncer (default_pool_size {self.pool_size})"
             )
         if self.tasks is not None:
             kinds = "; ".join(
@@ -175,9 +178,9 @@ _STORM = Scenario(
     connect_delay=0.03,
 )
 _MYSQL_STEADY = replace(_STEADY, name="mysql-steady", sql=MYSQL_SLEEP_SQL, backend=MYSQL)
-# Each process gets P connections direct; through PgBouncer the P server
-# connections are shared by all of them (`greenpool.bench.scaleout`).
-_SCALEOUT = Scenario("scaleout", greenlets=50, pool_size=10, sql=SLEEP_SQL, duration=5.0, processes=(1, 2, 4))
+# Each Celery worker process gets P connections direct; through PgBouncer the
+# P server connections are shared by all of them (`greenpool.bench.scaleout`).
+_SCALEOUT = Scenario("scaleout", greenlets=50, pool_size=10, sql=SCALEOUT_TASK.sql, duration=5.0, processes=(1, 2, 4))
 # Each contender in its own real worker; `duration` caps each kind of task's
 # steady state (one shared connection does ~16 pool-bound tasks/s).
 _CELERY = Scenario("celery", greenlets=200, pool_size=10, sql=SLEEP_SQL, tasks=1000, duration=15.0)

@@ -51,6 +51,8 @@ logger = logging.getLogger("greenpool.celery")
 
 #: Set in the environment of a worker re-executed with `--pool=gevent`.
 REEXEC_MARKER = "GREENPOOL_CELERY_REEXECUTED"
+#: Seconds the start line's check waits for one of a pool's connections to ask the server its limit.
+SERVER_LIMIT_TIMEOUT = 5.0
 
 __all__ = ["Integration", "integration_for", "setup"]
 
@@ -135,14 +137,19 @@ class Member:
         self.engine.close()
 
     def server_limit(self) -> int | None:
-        """The server's `max_connections` minus its reserved ones, or None if unknown."""
+        """The server's `max_connections` minus its reserved ones, or None if unknown.
+
+        Asked on one of the pool's own connections, so that the question
+        never takes the server past the pool's `max_size`; a pool with
+        `min_size` 0 closes it afterwards rather than keep it idle.
+        """
         try:
-            conn = self.engine.driver.connect()
+            slot = self.engine.acquire(timeout=SERVER_LIMIT_TIMEOUT)
         except Exception as ex:
             logger.debug("couldn't ask %r's server its connection limit: %s", self.engine.name, ex)
             return None
         try:
-            module = type(conn).__module__
+            module = type(slot.conn).__module__
             if module.startswith(("psycopg", "greenpool")):
                 sql = (
                     "select current_setting('max_connections')::int"
@@ -152,7 +159,7 @@ class Member:
                 sql = "select @@max_connections"
             else:
                 return None
-            cur = conn.cursor()
+            cur = slot.conn.cursor()
             cur.execute(sql)
             row = cur.fetchone()
             return int(row[0]) if row else None
@@ -160,7 +167,10 @@ class Member:
             logger.debug("couldn't ask %r's server its connection limit: %s", self.engine.name, ex)
             return None
         finally:
-            self.engine.driver.close(conn)
+            if self.engine.min_size:
+                self.engine.release(slot)  # rolled back there if the query left a transaction open
+            else:
+                self.engine.discard(slot)  # a pool kept empty stays empty: no connection idles for this
 
 
 class Integration:

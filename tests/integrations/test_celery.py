@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import REPO_ROOT, skip_or_fail, tcp_reachable
+from helpers import unique, wait_until
 
 celery = pytest.importorskip("celery")
 
@@ -346,3 +347,38 @@ def test_the_example_app_runs(start_worker: Callable[..., Worker], pg_dsn: str, 
 
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("drop table if exists greenpool_celery_note")
+
+
+def test_the_start_check_asks_the_server_on_one_of_the_pools_connections(pg_dsn: str, monitor: Any) -> None:
+    """The start line's connection limit comes through a pooled connection: never one past `max_size`.
+
+    The role may open 2 connections, the pool has 2: a third connection for
+    the question would be refused, and the limit unknown.
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from greenpool import ConnectionPool
+    from greenpool.integrations.celery import Member
+
+    role = unique("gp_two")
+    monitor.execute(f"create role {role} login connection limit 2")
+    params = conninfo_to_dict(pg_dsn)
+    params.pop("password", None)
+    pool = ConnectionPool(make_conninfo("", **{**params, "user": role}), min_size=2, max_size=2, open=False)
+    try:
+        pool.open(wait=True, timeout=10)
+        expected = monitor.execute(
+            "select current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int"
+        ).fetchone()[0]
+        assert Member(pool).server_limit() == expected
+        # The connection comes back (rolled back in the background first).
+        wait_until(lambda: pool.get_stats()["pool_available"] == 2, 10, "the connection to come back")
+        pool.close()
+        # A pool kept empty (min_size 0) stays so: the question's connection is closed.
+        pool = ConnectionPool(make_conninfo("", **{**params, "user": role}), min_size=0, max_size=2, open=True)
+        assert Member(pool).server_limit() == expected
+        assert pool.get_stats()["pool_size"] == 0
+    finally:
+        pool.close()
+        monitor.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = %s", [role])
+        monitor.execute(f"drop role {role}")

@@ -84,7 +84,7 @@ def test_figures_cover_the_steady_state_between_warm_up_and_drain() -> None:
 
     scenario = replace(scenarios.SCENARIOS["celery"].full, greenlets=2, pool_size=1)
     result = RunResult("celery", "pool-bound", "greenpool", 1)
-    celery_scenario._record_run(result, _times(6), scenario, POOL_BOUND, 3, celery_scenario._Wait())
+    celery_scenario._record_run(result, _times(6), scenario, POOL_BOUND, 3, celery_scenario.Waited())
     # Warm-up: the first G = 2 tasks (done at 1, 2); drain: the last 2 (done at 5, 6).
     assert (result.seconds, result.queries, result.qps) == (2.0, 2, 1.0)
     assert (result.p50_ms, result.p99_ms) == (1000.0, 1000.0)
@@ -98,12 +98,12 @@ def test_a_cut_run_counts_up_to_the_cut() -> None:
 
     scenario = replace(scenarios.SCENARIOS["celery"].full, greenlets=2, pool_size=1)
     result = RunResult("celery", "pool-bound", "shared", 1)
-    wait = celery_scenario._Wait(cut_at=3.5, cpu_start=1.0, cpu_end=1.5, cpu_seconds=1.0)
+    wait = celery_scenario.Waited(cut_at=3.5, first=1.0, last=1.5, seconds=1.0)
     celery_scenario._record_run(result, _times(4), scenario, POOL_BOUND, 3, wait)
     assert (result.seconds, result.queries) == (1.5, 1)
     extra = result.extra or {}
     assert extra["cut"] and extra["busy"] == 1.0 and extra["worker_cores"] == 0.5
-    with pytest.raises(RuntimeError, match="only 2 tasks done"):
+    with pytest.raises(RuntimeError, match=r"only 2 tasks done in the time allowed \(warm-up: 2\)"):
         celery_scenario._record_run(result, _times(2), scenario, POOL_BOUND, 3, wait)
 
 

@@ -1,8 +1,8 @@
 """The benchmark's ``scaleout`` scenario (`greenpool.bench.scaleout`): its plan, its report, and one tiny real run.
 
 The plan and the report need no server. The real run is the CLI's
-``--scenario scaleout --quick`` on the server under test, with worker
-processes and a real PgBouncer (``apt-get install pgbouncer``: without it the
+``--scenario scaleout --quick`` on the server under test, with real Celery
+worker processes (on the default filesystem broker) and a real PgBouncer (``apt-get install pgbouncer``: without it the
 test skips, or fails in CI); it checks the run's shape and the one target a
 loaded machine can't spoil: through PgBouncer the server never sees more than
 its pool size. Throughput figures are not checked here.
@@ -33,7 +33,7 @@ def test_scaleout_is_out_of_the_default_run_and_in_full_and_quick() -> None:
     assert "scaleout" not in [e.scenario.name for e in planning.make_plan(planning.DEFAULT)]
     full = {e.scenario.name: e for e in planning.make_plan(planning.FULL)}["scaleout"]
     assert (full.scenario.processes, full.scenario.pool_size, full.scenario.greenlets) == ((1, 2, 4), 10, 50)
-    assert (full.scenario.sql, full.scenario.duration) == ("select pg_sleep(0.002)", 5.0)
+    assert (full.scenario.sql, full.scenario.duration) == ("select pg_sleep(0.02)", 5.0)
     assert full.contenders == ("greenpool",) and full.rounds == 3
     assert [p.name for p in full.scenario.phases] == [
         "direct x1",
@@ -58,7 +58,9 @@ def test_scenario_option_runs_it_at_full_size_with_greenpool_only() -> None:
     assert entry.contenders == () and entry.runs == 0
     assert scenarios.SCENARIOS["scaleout"].full.is_scaleout
     assert not scenarios.SCENARIOS["steady"].full.is_scaleout
-    assert "1, 2, 4 worker processes" in scenarios.SCENARIOS["scaleout"].full.describe()
+    assert "1, 2, 4 Celery worker processes (-P gevent -c 50, P=10 connections each)" in (
+        scenarios.SCENARIOS["scaleout"].full.describe()
+    )
 
 
 def test_route_of() -> None:
@@ -105,7 +107,7 @@ def test_report_table_and_targets_met() -> None:
     scenario = scenarios.SCENARIOS["scaleout"].full
     text = scaleout.report_scaleout(scenario, _results(950.0), ["greenpool"])
     lines = text.splitlines()
-    assert lines[0].split()[:6] == ["route", "processes", "server", "conns", "q/s", "vs"]
+    assert lines[0].split()[:6] == ["route", "processes", "server", "conns", "tasks/s", "vs"]
     rows = {tuple(line.split()[:2]): line.split() for line in lines[1:7]}
     assert rows[("direct", "4")][2:6] == ["40", "/", "40", "4000"]
     assert rows[("pgbouncer", "4")][2:7] == ["10", "/", "10", "950", "0.95x"]
@@ -173,6 +175,7 @@ def test_a_tiny_real_run(pg_dsn: str, tmp_path: Path) -> None:
     saved = tmp_path / "scaleout.json"
     env = dict(os.environ)
     env.pop("GREENPOOL_DSN", None)
+    env.pop("CELERY_BROKER_URL", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     done = subprocess.run(
         [sys.executable, "-m", "greenpool", "bench", "--scenario", "scaleout", "--quick"]
@@ -190,7 +193,8 @@ def test_a_tiny_real_run(pg_dsn: str, tmp_path: Path) -> None:
     assert any(re.fullmatch(started, line) for line in lines), done.stdout
     for number, phase in enumerate(["direct x1", "direct x2", "pgbouncer x1", "pgbouncer x2"], 1):
         at = lines.index(f"[{number}/4] scaleout · greenpool · {phase} · round 1/1 ...")
-        assert re.fullmatch(r"    \d+ q/s, p50 [\d.]+ ms, p99 [\d.]+ ms \(\d+ queries in [\d.]+ s\)", lines[at + 1])
+        run_line = r"    [\d.]+ tasks/s; task p50 \d+ ms, p99 \d+ ms; \d+ tasks in [\d.]+ s \(cut\)"
+        assert re.fullmatch(run_line, lines[at + 1]), lines[at + 1]
         assert lines[at + 2].startswith("    server connections: peak ")
     target = r"target: through PgBouncer the server saw at most [1-4] connections \(default_pool_size 4\): met"
     assert any(re.fullmatch(target, line) for line in lines), done.stdout
