@@ -4,7 +4,7 @@ What greenpool is for, measured the way it runs: a worker process started
 with ``python -m celery ... worker -P gevent -c G`` on the Celery app
 `greenpool.bench.celery_worker`, whose tasks borrow one connection from
 the contender's pool of P and run their queries on it
-(`greenpool.scenarios.CELERY_SETTINGS`):
+(`greenpool.bench.scenarios.CELERY_SETTINGS`):
 
 - ``light``: 3 x 2 ms queries per task; the pool has room to spare, Celery
   itself (receiving, scheduling, acknowledging tasks) is the ceiling. The
@@ -15,8 +15,8 @@ the contender's pool of P and run their queries on it
   in the worker at once a task takes G / throughput by Little's law.
 
 Each run is one worker for one contender and one kind of task. Before it
-starts, the parent sends G + N tasks to a queue of the run's own, so sending
-is not part of the measure; the worker opens its pool full at start, works
+starts, the parent sends G + N tasks (3 N light ones) to a queue of the
+run's own, so sending is not part of the measure; the worker opens its pool full at start, works
 through the queue, and appends each task's times to a file
 (`greenpool.bench.celery_worker`). The figures cover the steady state:
 from the moment the first G tasks are done (warm-up) to the moment only G
@@ -29,8 +29,13 @@ cover the steady state up to the cut.
 
 The broker is ``--broker`` (or ``$CELERY_BROKER_URL``), else a throw-away
 filesystem broker (kombu's ``filesystem://`` transport) in a temporary
-folder: no server needed, and the ceiling row shows it is not what limits
-the database runs.
+folder, so that the scenario runs where no broker server is. That transport
+lists its folder for every message it takes, a cost in the worker that
+grows with the backlog: the ceiling row shows what is left for the tasks,
+and figures worth keeping are taken with Redis (docs/benchmarks.md).
+
+The workers, the sender, the results files, the wait and the steady state
+serve the ``scaleout`` scenario too (`greenpool.bench.scaleout`).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ from .report import (
     _fmt,
     _qps_ratio,
     _table,
+    good_runs,
+    median_extra,
     median_ratio,
     paired_ratios,
     ratio_range,
@@ -555,19 +562,10 @@ def result_line(result: RunResult) -> str:
 # ---------------------------------------------------------------- report
 
 
-def _extra(runs: Sequence[RunResult], key: str) -> float:
-    values = [float(r.extra[key]) for r in runs if r.extra and r.extra.get(key) is not None]
-    return statistics.median(values) if values else math.nan
-
-
 def _p99_over_ideal(runs: Sequence[RunResult]) -> float:
     """Median over `runs` of task p99 over Little's law's ideal."""
     values = [r.p99_ms / r.extra["ideal_ms"] for r in runs if r.extra and r.extra.get("ideal_ms")]
     return statistics.median(values) if values else math.nan
-
-
-def _good(results: Sequence[RunResult], name: str, phase: str) -> list[RunResult]:
-    return [r for r in results if r.contender == name and r.phase == phase and r.ok and r.extra]
 
 
 def _capacity_ratio(run: RunResult, _: RunResult) -> float:
@@ -612,7 +610,7 @@ def report_celery(
             if s.rounds == 0:
                 continue
             summaries.append(s)
-            runs = _good(results, name, setting.name)
+            runs = good_runs(results, name, setting.name)
             if not runs:
                 rows.append([setting.name, name, f"ERROR {s.errors[0] if s.errors else ''}"])
                 continue
@@ -630,9 +628,9 @@ def report_celery(
                     _fmt(s.p50_ms, ".0f"),
                     _fmt(s.p99_ms, ".0f"),
                     _fmt(_p99_over_ideal(runs), ".2f", "x") if name != CEILING else "-",
-                    _fmt(_extra(runs, "hold_ms"), ".1f"),
-                    _fmt(_extra(runs, "busy") * 100, ".0f", " %"),
-                    _fmt(_extra(runs, "worker_cores"), ".2f"),
+                    _fmt(median_extra(runs, "hold_ms"), ".1f"),
+                    _fmt(median_extra(runs, "busy") * 100, ".0f", " %"),
+                    _fmt(median_extra(runs, "worker_cores"), ".2f"),
                     ", ".join(notes),
                 ]
             )
@@ -658,7 +656,7 @@ def verdict(scenario: Scenario, results: Sequence[RunResult], names: Sequence[st
     light, bound = CELERY_SETTINGS
     lines = []
     for name in (n for n in RIVALS if n in names):
-        runs = _good(results, name, bound.name)
+        runs = good_runs(results, name, bound.name)
         ratio = median_ratio(_ratios(results, name, bound.name)[0])
         if runs and not math.isnan(ratio):
             p99 = _p99_over_ideal(runs)
@@ -668,7 +666,8 @@ def verdict(scenario: Scenario, results: Sequence[RunResult], names: Sequence[st
                 f" {ratio:.2f}x, p99 {p99:.2f}x: {'met' if met else 'NOT met'}"
             )
             if not met:
-                query_ms, held, busy = _extra(runs, "query_ms"), _extra(runs, "hold_ms"), _extra(runs, "busy")
+                query_ms, held = median_extra(runs, "query_ms"), median_extra(runs, "hold_ms")
+                busy = median_extra(runs, "busy")
                 queries_ms = bound.queries * query_ms
                 # The server's own pace: the capacity at the query time measured on an idle connection.
                 measured = statistics.median(r.qps for r in runs) / (scenario.pool_size / queries_ms * 1000)

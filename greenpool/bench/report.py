@@ -52,6 +52,17 @@ def summarize(results: Sequence[RunResult], contender_name: str, phase: str) -> 
     return summary
 
 
+def good_runs(results: Sequence[RunResult], contender_name: str, phase: str) -> list[RunResult]:
+    """The successful runs of `contender_name` in `phase` that have a scenario's own figures (`extra`)."""
+    return [r for r in results if r.contender == contender_name and r.phase == phase and r.ok and r.extra]
+
+
+def median_extra(runs: Sequence[RunResult], key: str) -> float:
+    """The median over `runs` of their `extra[key]` (those having it); NaN if none has."""
+    values = [float(r.extra[key]) for r in runs if r.extra and r.extra.get(key) is not None]
+    return statistics.median(values) if values else math.nan
+
+
 def paired_ratios(
     results: Sequence[RunResult],
     name: str,

@@ -44,7 +44,6 @@ import math
 import os
 import secrets
 import shutil
-import statistics
 import tempfile
 import time
 import traceback
@@ -76,6 +75,8 @@ from .report import (
     _fmt,
     _qps_ratio,
     _table,
+    good_runs,
+    median_extra,
     median_ratio,
     paired_ratios,
     ratio_range,
@@ -394,15 +395,6 @@ def run_scaleout(
 # ---------------------------------------------------------------- report
 
 
-def _runs(results: Sequence[RunResult], phase: str) -> list[RunResult]:
-    return [r for r in results if r.phase == phase and r.ok and r.extra]
-
-
-def _median_extra(runs: Sequence[RunResult], key: str) -> float:
-    values = [float(r.extra[key]) for r in runs if r.extra and r.extra.get(key) is not None]
-    return statistics.median(values) if values else math.nan
-
-
 def _peak(runs: Sequence[RunResult]) -> int | None:
     peaks = [int(r.extra["server_peak"]) for r in runs if r.extra and r.extra.get("server_peak") is not None]
     return max(peaks) if peaks else None
@@ -442,7 +434,7 @@ def report_scaleout(
             rows.append([route, str(processes), "not run"])
             continue
         summaries.append(s)
-        runs = _runs(results, phase.name)
+        runs = good_runs(results, CONTENDER, phase.name)
         if not runs:
             rows.append([route, str(processes), f"ERROR {s.errors[0] if s.errors else ''}"])
             continue
@@ -458,12 +450,12 @@ def report_scaleout(
                 ratio_range(ratios) if phase.name != BASELINE else "-",
                 _fmt(s.p50_ms, ".2f"),
                 _fmt(s.p99_ms, ".2f"),
-                _percent(_median_extra(runs, "cpu_busy")),
-                _fmt(_median_extra(runs, "workers_cores"), ".2f"),
-                _fmt(_median_extra(runs, "pgbouncer_cores"), ".2f"),
-                _fmt(_median_extra(runs, "server_cores"), ".2f"),
-                _fmt(_median_extra(runs, "other_cores"), ".2f"),
-                _fmt(_median_extra(runs, "load1"), ".1f"),
+                _percent(median_extra(runs, "cpu_busy")),
+                _fmt(median_extra(runs, "workers_cores"), ".2f"),
+                _fmt(median_extra(runs, "pgbouncer_cores"), ".2f"),
+                _fmt(median_extra(runs, "server_cores"), ".2f"),
+                _fmt(median_extra(runs, "other_cores"), ".2f"),
+                _fmt(median_extra(runs, "load1"), ".1f"),
                 "" if s.rounds_ok == s.rounds else f"{s.rounds_ok}/{s.rounds} rounds ok",
             ]
         )
@@ -503,13 +495,13 @@ def verdict(scenario: Scenario, results: Sequence[RunResult]) -> list[str]:
         return lines
     met = "met" if ratio >= TARGET_RATIO else "NOT met"
     text = f"target: {most} / {BASELINE} = {ratio:.2f} (>= {TARGET_RATIO:g}): {met}"
-    runs = _runs(results, most)
-    busy = _median_extra(runs, "cpu_busy")
+    runs = good_runs(results, CONTENDER, most)
+    busy = median_extra(runs, "cpu_busy")
     if ratio < TARGET_RATIO and not math.isnan(busy) and busy >= CPU_BOUND:
         where = ", ".join(
-            f"{key} {_median_extra(runs, f'{key}_cores'):.2f}"
+            f"{key} {median_extra(runs, f'{key}_cores'):.2f}"
             for key in ("workers", "pgbouncer", "server", "other")
-            if not math.isnan(_median_extra(runs, f"{key}_cores"))
+            if not math.isnan(median_extra(runs, f"{key}_cores"))
         )
         text += f"; the machine's {os.cpu_count()} CPUs were {busy * 100:.0f} % busy ({where} cores): CPU-bound"
     lines.append(text)
