@@ -15,9 +15,10 @@ pools are also handed to `greenpool.celery.setup`, as the integration's
 users do. The one task, `run_task`, borrows a connection for the whole task
 (the way a task's code holds one), runs its queries on it, and appends one
 line to the results file: ``<start> <acquired> <released> <end>``
-(monotonic seconds of this process: the task's start, the connection's
-borrow and return, the task's end). One `os.write` of a short line to a file opened with ``O_APPEND``
-is atomic, so the 200 task greenlets need no lock. The scenario reads the
+(`time.monotonic()`, one clock for every process of the machine: the
+task's start, the connection's borrow and return, the task's end). One
+`os.write` of a short line to a file opened with ``O_APPEND`` is atomic,
+so the task greenlets need no lock. The scenario reads the
 lines; nothing goes through a result backend (``task_ignore_result``).
 """
 
@@ -74,11 +75,11 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 CONTENDER = _open_contender(CONFIG)
-_pooled = getattr(CONTENDER, "pool", None) or getattr(CONTENDER, "db", None)
 if CONFIG["contender"] in ("greenpool", "peewee-greenpool"):
     import greenpool.celery
 
-    greenpool.celery.setup(app, _pooled)
+    # As the integration's users run it: what a task leaves held is given back after it.
+    greenpool.celery.setup(app, CONTENDER.pool if CONFIG["contender"] == "greenpool" else CONTENDER.db)
 _RESULTS = os.open(CONFIG["results"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
 
