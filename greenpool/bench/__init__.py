@@ -10,7 +10,10 @@ compared, and how to add one), `backends` (PostgreSQL, MySQL, finding the
 servers), `workload` (what a run asks of a contender), `planning` (the default,
 --quick and --full runs; who runs where), `runner` (runs, rounds, progress,
 results), `report` (medians, ratios, tables), `document` (the JSON file and
-its Markdown), `plot` (the PNG chart), `errors`, `cli` (`main`).
+its Markdown), `plot` (the PNG chart), `errors`, `cli` (`main`);
+`celery_scenario` and `celery_worker` (the ``celery`` scenario: real Celery
+workers and their app), `scaleout` (the ``scaleout`` scenario: Celery
+workers in several processes, direct and through PgBouncer).
 """
 
 from __future__ import annotations

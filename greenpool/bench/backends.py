@@ -140,7 +140,7 @@ class PostgresBackend(Backend):
 
     def masked(self, dsn: str) -> str:
         """The DSN with its password replaced by ``***``."""
-        return _masked(dsn)
+        return masked_dsn(dsn)
 
 
 class MySQLBackend(Backend):
@@ -327,8 +327,8 @@ def resolve_connection_class() -> tuple[type[Any], str]:
     return GeventConnection, "greenpool.GeventConnection"
 
 
-def _masked(dsn: str) -> str:
-    """The DSN without its password, for printing and JSON."""
+def masked_dsn(dsn: str) -> str:
+    """The libpq DSN with its password replaced by ``***``, for printing and JSON (never raises)."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     try:

@@ -1570,16 +1570,10 @@ def _versions() -> dict[str, str]:
 
 
 def _masked(dsn: str) -> str:
-    """The DSN without its password."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    """The DSN without its password (the benchmark's helper; imported late, after the patch)."""
+    from greenpool.bench.backends import masked_dsn
 
-    try:
-        params = conninfo_to_dict(dsn)
-    except Exception:  # noqa: BLE001 - never fail on printing
-        return "(unparsable DSN)"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo("", **params)
+    return masked_dsn(dsn)
 
 
 # =============================================================================
