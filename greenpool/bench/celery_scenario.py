@@ -213,6 +213,18 @@ class ResultsFile:
         self.times += [tuple(float(t) for t in line.split()) for line in lines]
 
 
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds (user + system) process `pid` used so far, from /proc; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class CeleryWorker:
     """A Celery worker process on the benchmark's app, with its output in a temporary file."""
 
@@ -256,12 +268,7 @@ class CeleryWorker:
 
     def cpu_seconds(self) -> float | None:
         """CPU seconds (user + system) the worker used so far; None if unknown."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid)
 
     def _tail(self) -> str:
         try:

@@ -61,6 +61,7 @@ from .celery_scenario import (
     Waited,
     celery_installed,
     open_broker,
+    process_cpu_seconds,
     result_line,
     steady_state,
     wait_for_tasks,
@@ -128,22 +129,10 @@ def _server_seconds(pids: Sequence[int]) -> dict[int, float] | None:
                     return None  # another machine's (or container's) pids
         except OSError:
             continue  # gone since the sample, or not ours to see
-        used = _process_seconds(pid)
+        used = process_cpu_seconds(pid)
         if used is not None:
             seconds[pid] = used
     return seconds or None
-
-
-def _process_seconds(pid: int | None) -> float | None:
-    """CPU seconds (user + system) process `pid` used so far, from /proc; None if unknown."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- one run
@@ -231,7 +220,7 @@ def run_once(
                     load1 = os.getloadavg()[0]
                 return (
                     _machine_ticks(),
-                    _process_seconds(bouncer_pid),
+                    process_cpu_seconds(bouncer_pid),
                     _server_seconds(backends),
                     sum(worker.cpu_seconds() or 0.0 for worker in workers),
                 )
